@@ -1,0 +1,133 @@
+"""`loom` command line: train | prepare | flops."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from loom.config import ConfigError, load_config, validate
+
+    prog = "loom train"
+    if args.nproc is not None and args.nproc != 1:
+        return fail(prog, f"--nproc={args.nproc}: multi-process training is not available in this "
+                          f"version; allowed: 1")
+    try:
+        cfg = load_config(args.config, overrides)
+        model_cfg = validate(cfg)
+        if cfg.metrics.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(
+                    f"metrics.tensorboard={cfg.metrics.tensorboard!r} needs the tensorboard package "
+                    f"(pip install 'loom-train[tensorboard]'); allowed without it: ''"
+                )
+    except ConfigError as e:
+        return fail(prog, str(e))
+
+    from loom.train.trainer import Trainer, format_summary
+
+    trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
+    try:
+        summary = trainer.train()
+    except FloatingPointError as e:
+        return fail(prog, str(e))
+    print(format_summary(summary, cfg.metrics.jsonl, cfg.metrics.plot))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from loom.data.prepare import PrepareError, prepare
+
+    try:
+        meta = prepare(args.input, args.tokenizer, args.output, args.val_fraction, progress=not args.quiet)
+    except PrepareError as e:
+        return fail("loom prepare", str(e))
+    sp = meta["splits"]
+    print(f"wrote {args.output}: train {sp['train']['tokens']:,} tokens in {sp['train']['documents']:,} "
+          f"documents, validation {sp['val']['tokens']:,} tokens in {sp['val']['documents']:,} documents, "
+          f"vocabulary {meta['vocab_size']:,}")
+    return 0
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from loom.metrics.flops import CONVENTIONS, flops_per_token, param_counts
+    from loom.models.registry import UnknownModelError, get_model_config
+
+    prog = "loom flops"
+    try:
+        cfg = get_model_config(args.model)
+    except UnknownModelError as e:
+        return fail(prog, str(e).replace("model.name=", "--model="))
+    if args.seq_len <= 0:
+        return fail(prog, f"--seq-len={args.seq_len} must be a positive integer")
+    params = param_counts(cfg).total
+    fpt = {c: flops_per_token(cfg, args.seq_len, c) for c in CONVENTIONS}
+    if args.json:
+        print(json.dumps({"model": args.model, "params": params, "seq_len": args.seq_len,
+                          "flops_per_token": fpt}))
+        return 0
+    print(f"model            {args.model}")
+    print(f"parameters       {params:,}")
+    print(f"sequence length  {args.seq_len:,}")
+    for c in CONVENTIONS:
+        print(f"FLOPs/token      {fpt[c]:.6e}  ({c} convention, forward + backward)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="loom", description="Train Llama models at long context with 4D parallelism.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model (default: the embedded tiny demo on the Python stdlib)",
+        description="Train a model. Any config key can be overridden with --section.key=value, "
+                    "e.g. --train.steps=50 --model.name=small.",
+    )
+    train.add_argument("--config", help="a TOML config file (see configs/)")
+    train.add_argument("--nproc", type=int, help="processes to start on this node")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    prep = sub.add_parser("prepare", help="tokenize a folder of .txt/.jsonl files into a token dataset")
+    prep.add_argument("--input", required=True, help="a folder (or file) of .txt and .jsonl documents")
+    prep.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json")
+    prep.add_argument("--output", required=True, help="the dataset folder to create")
+    prep.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
+    prep.add_argument("--quiet", action="store_true")
+
+    flops = sub.add_parser("flops", help="parameters and model FLOPs per token of a named model")
+    flops.add_argument("--model", required=True)
+    flops.add_argument("--seq-len", type=int, required=True)
+    flops.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        return cmd_train(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "prepare":
+        return cmd_prepare(args)
+    return cmd_flops(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Run configuration: frozen dataclasses, one per section, loaded from TOML and overridden
+from the command line with `--section.key=value`. `validate` checks everything that can be
+checked before any work starts; every error is a `ConfigError` whose message is one line
+naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from loom.models.llama import LlamaConfig
+from loom.models.registry import MODELS, UnknownModelError, get_model_config
+
+BUILTIN_STDLIB = "builtin:python-stdlib"
+
+
+class ConfigError(ValueError):
+    """A bad setting. The message is one line: key, value, what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "tiny"
+    # Overrides of the registry entry's fields; None keeps the published value.
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    vocab_size: int | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    max_seq_len: int | None = None
+
+    def resolve(self) -> LlamaConfig:
+        base = get_model_config(self.name)
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) is not None
+        }
+        return dataclasses.replace(base, **overrides)
+
+
+PP_SCHEDULES = ("1f1b", "interleaved-1f1b", "zero-bubble", "gpipe")
+CP_COMMS = ("p2p", "allgather", "a2a")
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world size leaves after the other degrees
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    cp_comm: str = "p2p"
+    cp_load_balance: bool = True
+    sequence_parallel: bool = True
+
+
+DTYPES = ("float32", "bfloat16")
+RECOMPUTE = ("none", "full", "selective")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 160
+    seq_len: int = 256
+    micro_batch: int = 8
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    lr: float = 2e-3
+    warmup_steps: int = 16
+    min_lr: float = 2e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    dtype: str = "float32"
+    recompute: str = "none"
+    seed: int = 0
+    eval_every: int = 40  # steps between validation passes; 0: only at the end
+    eval_batches: int = 8  # micro-batches per validation pass
+    device: str = "auto"
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = BUILTIN_STDLIB
+    tokenizer: str = ""  # tokenizer.json; for a prepared dataset its own tokenizer is the default
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    dir: str = ""  # empty: no checkpoints
+    every: int = 0
+    keep: int = 2
+    resume: str = "auto"  # auto | never | a checkpoint path
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    jsonl: str = "runs/loom/metrics.jsonl"
+    tensorboard: str = ""  # a directory, or empty for none
+    plot: str = "runs/loom/loss.png"  # loss curve written at the end; empty for none
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_types(section_cls: type) -> dict[str, object]:
+    return typing.get_type_hints(section_cls)
+
+
+def _type_name(tp: object) -> str:
+    base = _strip_optional(tp)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+
+
+def _strip_optional(tp: object) -> type:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp  # type: ignore[return-value]
+
+
+def _coerce(key: str, value: object, tp: object, from_cli: bool) -> object:
+    """Convert a TOML value or a command-line string to the field's type, or raise ConfigError."""
+    base = _strip_optional(tp)
+    shown = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    if from_cli and isinstance(value, str):
+        text = value.strip()
+        if base is bool:
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+        elif base is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        elif base is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        elif base is str:
+            return text
+        raise ConfigError(f"{key}={value!r} is not {_type_name(tp)}")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={shown} is not {_type_name(tp)}")
+
+
+def _split_override(arg: str) -> tuple[str, str, str]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"argument {arg!r} is not an override; allowed form: --section.key=value")
+    name, value = arg[2:].split("=", 1)
+    if "." not in name:
+        raise ConfigError(f"argument {arg!r} names no section; allowed form: --section.key=value")
+    section, key = name.split(".", 1)
+    return section, key, value
+
+
+def _check_section(section: str, origin: str) -> type:
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"unknown section [{section}] in {origin}{_did_you_mean(section, SECTIONS)}; "
+            f"allowed: {', '.join(SECTIONS)}"
+        )
+    return SECTIONS[section]
+
+
+def _check_key(section: str, key: str, origin: str) -> object:
+    types_ = _field_types(SECTIONS[section])
+    if key not in types_:
+        raise ConfigError(
+            f"unknown key {section}.{key} in {origin}{_did_you_mean(key, types_)}; "
+            f"allowed: {', '.join(types_)}"
+        )
+    return types_[key]
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file, then `--section.key=value` overrides. Not yet validated."""
+    values: dict[str, dict[str, object]] = {name: {} for name in SECTIONS}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config={path!r}: no such file")
+        try:
+            data = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config={path!r} is not valid TOML: {e}") from None
+        for section, table in data.items():
+            _check_section(section, path)
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}] in {path} must be a table of keys, got {table!r}")
+            for key, value in table.items():
+                tp = _check_key(section, key, path)
+                values[section][key] = _coerce(f"{section}.{key}", value, tp, from_cli=False)
+    for arg in overrides:
+        section, key, value = _split_override(arg)
+        _check_section(section, "the command line")
+        tp = _check_key(section, key, "the command line")
+        values[section][key] = _coerce(f"{section}.{key}", value, tp, from_cli=True)
+    return Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _need(
+        value in allowed,
+        f"{key}={value!r} is not allowed{_did_you_mean(value, allowed)}; allowed: {', '.join(allowed)}",
+    )
+
+
+def data_vocab_size(data: DataSection) -> int:
+    """Vocabulary size of the configured dataset's tokenizer, read without tokenizing anything."""
+    from loom.data.dataset import read_meta
+    from loom.data.stdlib import BUILTIN_VOCAB_SIZE
+
+    if data.path == BUILTIN_STDLIB:
+        return BUILTIN_VOCAB_SIZE
+    return int(read_meta(data.path)["vocab_size"])
+
+
+def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
+    """Check every setting; return the resolved model config. Raises ConfigError."""
+    try:
+        model = cfg.model.resolve()
+    except UnknownModelError as e:
+        raise ConfigError(str(e)) from None
+    for f in dataclasses.fields(cfg.model):
+        v = getattr(cfg.model, f.name)
+        if f.name != "name" and v is not None:
+            _need(v > 0, f"model.{f.name}={v} must be positive")
+    _need(
+        model.dim % model.n_heads == 0,
+        f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}",
+    )
+    _need(
+        model.n_heads % model.n_kv_heads == 0,
+        f"model.n_kv_heads={model.n_kv_heads} does not divide model.n_heads={model.n_heads}",
+    )
+    _need(model.head_dim % 2 == 0, f"model.dim / model.n_heads = {model.head_dim} must be even for RoPE")
+
+    t = cfg.train
+    _need(t.steps > 0, f"train.steps={t.steps} must be a positive integer")
+    _need(t.seq_len > 0, f"train.seq_len={t.seq_len} must be a positive integer")
+    _need(t.micro_batch > 0, f"train.micro_batch={t.micro_batch} must be a positive integer")
+    _need(t.global_batch > 0, f"train.global_batch={t.global_batch} must be a positive integer")
+    _need(t.lr > 0, f"train.lr={t.lr} must be positive")
+    _need(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    _need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be 0 or more")
+    _need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be 0 or more")
+    _need(0 <= t.beta1 < 1, f"train.beta1={t.beta1} must be in [0, 1)")
+    _need(0 <= t.beta2 < 1, f"train.beta2={t.beta2} must be in [0, 1)")
+    _need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be 0 (off) or positive")
+    _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be 0 (end only) or positive")
+    _need(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be a positive integer")
+    _one_of("train.dtype", t.dtype, DTYPES)
+    _one_of("train.recompute", t.recompute, RECOMPUTE)
+    _one_of("train.device", t.device, DEVICES)
+
+    p = cfg.parallel
+    for key in ("dp_replicate", "tp", "cp", "pp", "pp_virtual_stages"):
+        v = getattr(p, key)
+        _need(v >= 1, f"parallel.{key}={v} must be a positive integer")
+    _need(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 (fill) or a positive integer")
+    _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
+    _one_of("parallel.cp_comm", p.cp_comm, CP_COMMS)
+    _need(
+        model.n_kv_heads % p.tp == 0,
+        f"parallel.tp={p.tp} does not divide model.n_kv_heads={model.n_kv_heads}",
+    )
+    _need(
+        model.n_layers >= p.pp * p.pp_virtual_stages,
+        f"parallel.pp={p.pp} x parallel.pp_virtual_stages={p.pp_virtual_stages} stages exceed "
+        f"model.n_layers={model.n_layers}",
+    )
+    _need(
+        t.seq_len % (2 * p.cp if p.cp_load_balance and p.cp > 1 else p.cp) == 0,
+        f"train.seq_len={t.seq_len} is not divisible by "
+        f"{'2 x ' if p.cp_load_balance and p.cp > 1 else ''}parallel.cp={p.cp}",
+    )
+    dp = p.dp_replicate * (1 if p.dp_shard == -1 else p.dp_shard)
+    _need(
+        t.global_batch % (t.micro_batch * dp) == 0,
+        f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
+        + (f" x data-parallel degree {dp}" if dp > 1 else ""),
+    )
+    for key in ("dp_replicate", "dp_shard", "tp", "cp", "pp"):
+        v = getattr(p, key)
+        _need(
+            v in (1, -1),
+            f"parallel.{key}={v}: parallel degrees above 1 are not available in this version "
+            f"(single-process training only); allowed: 1",
+        )
+    if world_size is not None:
+        _need(world_size == 1, f"world size {world_size} does not match the layout's 1 rank")
+
+    d = cfg.data
+    if d.path != BUILTIN_STDLIB:
+        _need(
+            Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
+            f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
+            f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`",
+        )
+    if d.tokenizer:
+        _need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
+    vocab = data_vocab_size(d)
+    _need(
+        model.vocab_size >= vocab,
+        f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of "
+        f"data.path={d.path!r}",
+    )
+
+    c = cfg.checkpoint
+    _need(c.every >= 0, f"checkpoint.every={c.every} must be 0 or positive")
+    _need(c.keep >= 1, f"checkpoint.keep={c.keep} must be a positive integer")
+    _need(
+        not c.dir,
+        f"checkpoint.dir={c.dir!r}: checkpointing is not available in this version; allowed: ''",
+    )
+
+    m = cfg.metrics
+    _need(m.log_every > 0, f"metrics.log_every={m.log_every} must be a positive integer")
+    _need(bool(m.jsonl), "metrics.jsonl='' must name a file")
+    return model
+
+
+__all__ = [
+    "BUILTIN_STDLIB", "Config", "ConfigError", "load_config", "validate", "MODELS",
+]

@@ -1,0 +1,147 @@
+"""Step timing, throughput, model TFLOP/s, MFU and memory; accelerator peaks; CPU calibration."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Dense peak FLOP/s per device by compute dtype, from the vendors' data sheets (no sparsity).
+# `float32` is the plain fp32 rate; `tf32` applies when torch allows TF32 matmuls.
+ACCELERATOR_PEAKS: dict[str, dict[str, float]] = {
+    "h100-sxm": {"bfloat16": 989.4e12, "float16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "h100-pcie": {"bfloat16": 756.0e12, "float16": 756.0e12, "fp8": 1513.0e12, "tf32": 378.0e12, "float32": 51.2e12},
+    "h100-nvl": {"bfloat16": 835.5e12, "float16": 835.5e12, "fp8": 1670.5e12, "tf32": 417.5e12, "float32": 60.0e12},
+    "h200": {"bfloat16": 989.4e12, "float16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "float32": 66.9e12},
+    "a100": {"bfloat16": 312.0e12, "float16": 312.0e12, "tf32": 156.0e12, "float32": 19.5e12},
+    "b200": {"bfloat16": 2250.0e12, "float16": 2250.0e12, "fp8": 4500.0e12, "tf32": 1100.0e12, "float32": 80.0e12},
+    "l40s": {"bfloat16": 362.05e12, "float16": 362.05e12, "fp8": 733.0e12, "tf32": 183.0e12, "float32": 91.6e12},
+}
+
+
+def accelerator_name(device_name: str) -> str | None:
+    """Map a CUDA device name (e.g. 'NVIDIA H100 80GB HBM3') to a key of ACCELERATOR_PEAKS."""
+    n = device_name.lower()
+    if "h200" in n or "gh200" in n:
+        return "h200"
+    if "h100" in n:
+        if "nvl" in n:
+            return "h100-nvl"
+        return "h100-pcie" if "pcie" in n else "h100-sxm"
+    for key in ("a100", "b200", "l40s"):
+        if key in n:
+            return key
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "loom"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    """Best FLOP/s of an n x n x n matmul on CPU with the current thread count."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up: first call sizes buffers and picks kernels
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def cpu_peak_flops(dtype: torch.dtype, cache: Path | None = None) -> float:
+    """This machine's matmul rate in `dtype` at the current thread count, measured once and cached."""
+    cache = cache or cache_dir() / "cpu_peak.json"
+    key = f"{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    table: dict[str, float] = {}
+    if cache.exists():
+        try:
+            table = json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            table = {}
+    if key not in table:
+        table[key] = measure_matmul_flops(dtype)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, cache)
+    return table[key]
+
+
+@dataclass(frozen=True)
+class Peak:
+    flops: float | None  # per device; None where unknown
+    source: str  # e.g. "h100-sxm bfloat16 data sheet", "cpu calibration (2 threads, bfloat16)"
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
+    dtype_name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        key = accelerator_name(name)
+        if key is None:
+            return Peak(None, f"unknown accelerator {name!r}")
+        if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            dtype_name = "tf32"
+        flops = ACCELERATOR_PEAKS[key].get(dtype_name)
+        return Peak(flops, f"{key} {dtype_name} data sheet")
+    if device.type == "cpu":
+        flops = cpu_peak_flops(dtype)
+        return Peak(flops, f"cpu matmul calibration ({torch.get_num_threads()} threads, {dtype_name})")
+    return Peak(None, f"no peak known for device type {device.type!r}")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocator peak on CUDA, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+@dataclass
+class StepMetrics:
+    step_time_s: float
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    tflops_per_device: float
+    mfu: float | None
+
+
+class ThroughputMeter:
+    """Turns a step's wall time into the throughput figures of the metrics contract.
+
+    Per-device figures are global figures divided by the number of devices (world size).
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int, peak: Peak):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak
+
+    def step(self, step_time_s: float) -> StepMetrics:
+        tps = self.tokens_per_step / step_time_s
+        per_device = tps / self.world_size
+        flops = per_device * self.flops_per_token
+        mfu = flops / self.peak.flops if self.peak.flops else None
+        return StepMetrics(step_time_s, tps, per_device, flops / 1e12, mfu)

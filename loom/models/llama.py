@@ -1,0 +1,217 @@
+"""Llama (2, 3, 3.1) as plain single-device PyTorch. No torch.distributed here: parallelism is
+applied from outside, after construction (see loom.parallel).
+
+Build on the meta device, then materialize and initialize:
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+
+Shapes: B batch, L local sequence length, D model dim, H query heads, K kv heads, E head dim,
+F feed-forward dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.models.attention import CoreAttention
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling: long wavelengths are stretched by `factor`, short ones kept,
+    and the band between is interpolated smoothly."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 4096  # the published context length; longer sequences still run
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies [E/2] in fp32, with the Llama 3.1 scaling when configured."""
+    e = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.float64) / e))
+    s = cfg.rope_scaling
+    if s is not None:
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+        high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+        smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        interpolated = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen > low_freq_wavelen,
+            inv_freq / s.factor,
+            torch.where(wavelen < high_freq_wavelen, inv_freq, interpolated),
+        )
+    return inv_freq.float()
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [L] (global token positions) -> cos, sin [L, E/2] in fp32."""
+    angles = positions.to(torch.float32)[:, None] * rope_inv_freq(cfg).to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + E/2]) by the position's angle (the Hugging Face layout, so
+    published checkpoints load without permuting). x [B, L, H, E]; cos, sin [L, E/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 whatever the compute dtype: bf16 sums of squares lose too much.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.core_attention = CoreAttention()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, l, _ = x.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(b, l, -1, self.head_dim)
+        k = self.wk(x).view(b, l, -1, self.head_dim)
+        v = self.wv(x).view(b, l, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(b, l, -1))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(w.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w in (self.w1, self.w3):
+            nn.init.trunc_normal_(w.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attention.init_weights(std, out_std)
+        self.feed_forward.init_weights(std, out_std)
+
+
+class Transformer(nn.Module):
+    """tokens [B, L] -> logits [B, L, V]."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A dict keyed by layer index, so that a pipeline stage can drop layers and keep the
+        # parameter names (and so checkpoints) of the full model.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, L] int64; positions [L] global positions (default 0..L-1)."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Initialize every parameter from `seed`, independently of where the model lives.
+
+        Output projections of each block are scaled by 1/sqrt(2 * n_layers) (GPT-2 / Megatron),
+        so the residual stream does not grow with depth.
+        """
+        cuda = sorted({p.device.index or 0 for p in self.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            out_std = std / math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(self.tok_embeddings.weight, std=std)
+            for layer in self.layers.values():
+                layer.init_weights(std, out_std)
+            self.norm.init_weights()
+            final_std = self.cfg.dim**-0.5
+            nn.init.trunc_normal_(
+                self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std
+            )
+
+
+def build_model(cfg: LlamaConfig, device: torch.device | str = "meta") -> Transformer:
+    """Construct without allocating (on meta) or directly on a device, uninitialized."""
+    with torch.device(device):
+        return Transformer(cfg)

@@ -1,0 +1,246 @@
+"""Single-process trainer (CPU or one GPU): build on meta, materialize, init, step loop."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loom.config import BUILTIN_STDLIB, Config
+from loom.data.dataset import BatchSchedule, TokenDataset
+from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
+from loom.metrics.meter import ThroughputMeter, device_peak, peak_memory_bytes
+from loom.models.llama import LlamaConfig, Transformer, build_model
+from loom.train.recompute import apply_recompute
+from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
+from loom.train.schedule import lr_at
+
+FLOPS_CONVENTION = "megatron"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss in fp32. logits [B, L, V], labels [B, L]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm gains are vectors and are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True
+    )
+
+
+def materialize(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Transformer:
+    model = build_model(model_cfg, "meta")
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model_cfg: LlamaConfig, progress: bool = True):
+        self.cfg, self.model_cfg, self.progress = cfg, model_cfg, progress
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.dtype = DTYPES[t.dtype]
+        torch.manual_seed(t.seed)
+        self.model = materialize(model_cfg, self.device, t.seed)
+        apply_recompute(list(self.model.layers.values()), t.recompute)
+        if t.compile:
+            for block in self.model.layers.values():
+                block.compile()
+        self.optimizer = build_optimizer(self.model, t)
+
+        data_path = cfg.data.path
+        if data_path == BUILTIN_STDLIB:
+            from loom.data.stdlib import builtin_dataset
+
+            data_path = builtin_dataset(progress=progress)
+        self.train_data = TokenDataset(data_path, "train", t.seq_len)
+        self.val_data = TokenDataset(data_path, "val", t.seq_len)
+        self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
+        self.n_micro = t.global_batch // t.micro_batch
+        self.tokens_per_step = t.global_batch * t.seq_len
+        self.world_size = 1
+
+    # -- one step -------------------------------------------------------------------------
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        # fp32 master weights and optimizer; matmuls and attention in bf16 (see README).
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(inputs.to(self.device))
+        return cross_entropy(logits, labels.to(self.device))
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float]:
+        """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
+        total = torch.zeros((), device=self.device)
+        for inputs, labels in micro_batches:
+            loss = self.forward_loss(inputs, labels) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item(), grad_norm.item()
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.schedule.global_indices(step)
+        mb = self.cfg.train.micro_batch
+        return [self.train_data.sequences(idx[i : i + mb]) for i in range(0, len(idx), mb)]
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        mb = self.cfg.train.micro_batch
+        n = min(self.cfg.train.eval_batches * mb, self.val_data.n_sequences)
+        losses, counts = [], []
+        for i in range(0, n, mb):
+            inputs, labels = self.val_data.sequences(np.arange(i, min(i + mb, n)))
+            losses.append(self.forward_loss(inputs, labels).item())
+            counts.append(len(inputs))
+        return float(np.average(losses, weights=counts))
+
+    # -- the run --------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, t = self.cfg, self.cfg.train
+        fpt = flops_per_token(self.model_cfg, t.seq_len, FLOPS_CONVENTION)
+        hw_fpt = hardware_flops_per_token(self.model_cfg, t.seq_len, t.recompute, FLOPS_CONVENTION)
+        peak = device_peak(self.device, self.dtype)
+        meter = ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak)
+        writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=True)
+        layout = {k: (1 if v == -1 else v) for k, v in dataclasses.asdict(cfg.parallel).items()
+                  if k in ("dp_replicate", "dp_shard", "tp", "cp", "pp")}
+        layout["world_size"] = self.world_size
+
+        val_curve = [(0, self.validation_loss())]
+        train_curve: list[tuple[int, float]] = []
+        step_times: list[float] = []
+        window: list[float] = []
+        bar = tqdm(total=t.steps, desc="training", unit="step", disable=not self.progress or None,
+                   file=sys.stderr, dynamic_ncols=True)
+        run_start = time.perf_counter()
+        for step in range(1, t.steps + 1):
+            lr = lr_at(step - 1, t.lr, t.min_lr, t.warmup_steps, t.steps)
+            t0 = time.perf_counter()
+            batches = self.micro_batches(step - 1)
+            loss, grad_norm = self.train_step(batches, lr)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"loss is {loss} at step {step}; stopping")
+            step_times.append(dt)
+            window.append(dt)
+            train_curve.append((step, loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+            val_loss = None
+            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                val_loss = self.validation_loss()
+                val_curve.append((step, val_loss))
+            if step % cfg.metrics.log_every == 0 or step == t.steps or val_loss is not None or step == 1:
+                m = meter.step(sum(window) / len(window))
+                window = []
+                row = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": m.tokens_per_s,
+                    "tokens_per_s_per_device": m.tokens_per_s_per_device,
+                    "tflops_per_device": m.tflops_per_device,
+                    "hw_tflops_per_device": m.tflops_per_device * hw_fpt / fpt,
+                    "mfu": m.mfu,
+                    "peak_memory_bytes": peak_memory_bytes(self.device),
+                    "step_time_s": m.step_time_s,
+                    "val_loss": val_loss,
+                }
+                if step == 1:
+                    row = {**row, "layout": layout, "flops_convention": FLOPS_CONVENTION}
+                writer.write(row)
+                bar.write(log_line(row, t.steps), file=sys.stdout)
+        bar.close()
+        writer.close()
+        wall = time.perf_counter() - run_start
+
+        # Throughput over the steady state: the first steps pay for allocation and warm-up.
+        steady = step_times[min(3, len(step_times) - 1):]
+        m = meter.step(sum(steady) / len(steady))
+        pc = param_counts(self.model_cfg)
+        summary = {
+            "model": cfg.model.name,
+            "params": pc.total,
+            "layout": layout,
+            "steps": t.steps,
+            "tokens": t.steps * self.tokens_per_step,
+            "wall_time_s": wall,
+            "step_time_s": m.step_time_s,
+            "tokens_per_s": m.tokens_per_s,
+            "tokens_per_s_per_device": m.tokens_per_s_per_device,
+            "tflops_per_device": m.tflops_per_device,
+            "mfu": m.mfu,
+            "peak_flops": peak.flops,
+            "peak_source": peak.source,
+            "flops_convention": FLOPS_CONVENTION,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "first_loss": train_curve[0][1],
+            "final_loss": train_curve[-1][1],
+            "initial_val_loss": val_curve[0][1],
+            "final_val_loss": val_curve[-1][1],
+            "dtype": t.dtype,
+            "recompute": t.recompute,
+            "device": str(self.device),
+        }
+        if cfg.metrics.plot:
+            plot_losses(cfg.metrics.plot, train_curve, val_curve,
+                        f"loom: {cfg.model.name} ({format_count(pc.total)} params), {t.dtype}")
+        return summary
+
+
+def format_summary(s: dict, jsonl: str, plot: str) -> str:
+    layout = " x ".join(f"{k}={v}" for k, v in s["layout"].items() if k != "world_size" and v > 1) or "single process"
+    items = [
+        ("model", f"{s['model']} ({format_count(s['params'])} params)"),
+        ("layout", f"{layout} ({s['layout']['world_size']} rank(s), {s['device']}, {s['dtype']})"),
+        ("steps / tokens", f"{s['steps']} / {format_count(s['tokens'])}"),
+        ("wall time", f"{s['wall_time_s']:.1f} s"),
+        ("train loss", f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}"),
+        ("validation loss", f"{s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}"),
+        ("tokens/s (global)", f"{s['tokens_per_s']:,.0f}"),
+        ("tokens/s per device", f"{s['tokens_per_s_per_device']:,.0f}"),
+        ("model TFLOP/s per device", f"{s['tflops_per_device']:.4f} ({s['flops_convention']} convention)"),
+        ("peak FLOP/s", f"{s['peak_flops'] / 1e12:.4f} TFLOP/s, {s['peak_source']}" if s["peak_flops"] else s["peak_source"]),
+        ("MFU", f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a"),
+        ("peak memory per device", format_bytes(s["peak_memory_bytes"])),
+        ("metrics", jsonl + (f", loss curve {plot}" if plot else "")),
+    ]
+    return summary_table(items)
