@@ -55,11 +55,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, warmup_s: float = 0.5) -> float:
     """Best FLOP/s of an n x n x n matmul on CPU with the current thread count."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    torch.mm(a, b)  # warm-up: first call sizes buffers and picks kernels
+    # Warm up for a while, not once: the first half second of matmuls runs measurably slower
+    # here (clock ramp-up, page faults), which would understate the peak and inflate MFU.
+    t_end = time.perf_counter() + warmup_s
+    while time.perf_counter() < t_end:
+        torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -53,7 +53,7 @@ class LlamaConfig:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies [E/2] in fp32, with the Llama 3.1 scaling when configured."""
+    """Inverse frequencies [E/2] in fp64, with the Llama 3.1 scaling when configured."""
     e = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, e, 2, dtype=torch.float64) / e))
     s = cfg.rope_scaling
@@ -70,13 +70,17 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
             inv_freq / s.factor,
             torch.where(wavelen < high_freq_wavelen, inv_freq, interpolated),
         )
-    return inv_freq.float()
+    return inv_freq
 
 
 def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [L] (global token positions) -> cos, sin [L, E/2] in fp32."""
-    angles = positions.to(torch.float32)[:, None] * rope_inv_freq(cfg).to(positions.device)
-    return angles.cos(), angles.sin()
+    """positions [L] (global token positions) -> cos, sin [L, E/2] in fp32.
+
+    Angles are formed in fp64: at position 10^6 an fp32 angle is off by up to 0.06 rad, which
+    would blur exactly the long-context positions loom is built for.
+    """
+    angles = positions.to(torch.float64)[:, None] * rope_inv_freq(cfg).to(positions.device)
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

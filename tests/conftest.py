@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from loom.models.llama import LlamaConfig
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def micro_cfg() -> LlamaConfig:
+    """A model small enough for many steps in a test."""
+    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """A folder of .txt and .jsonl documents and a small BPE tokenizer trained on them."""
+    import json
+
+    from loom.data.stdlib import train_bpe
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [f"def function_{i}(x):\n    return x * {i} + {i * i}  # number {i}\n" * (3 + i % 5) for i in range(60)]
+    (root / "a").mkdir()
+    for i, d in enumerate(docs[:40]):
+        (root / "a" / f"doc{i:03d}.txt").write_text(d)
+    with open(root / "more.jsonl", "w") as f:
+        for d in docs[40:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    tok = train_bpe(docs, vocab_size=300)
+    tok_path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(tok_path))
+    return root, tok_path, docs

@@ -1,0 +1,113 @@
+"""Bad input ends with one line naming the setting, its value and what is allowed."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from loom.cli import main
+from loom.config import Config, load_config, validate
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+BAD = [
+    # (arguments, words the one-line message must contain)
+    (["--train.steps=-5"], ["train.steps=-5", "positive"]),
+    (["--train.steps=abc"], ["train.steps='abc'", "integer"]),
+    (["--train.lr=fast"], ["train.lr='fast'", "number"]),
+    (["--parallel.cp_load_balance=maybe"], ["parallel.cp_load_balance='maybe'", "true or false"]),
+    (["--train.stpes=10"], ["train.stpes", "did you mean 'steps'"]),
+    (["--trian.steps=10"], ["[trian]", "did you mean 'train'"]),
+    (["--parallel.tp=3"], ["parallel.tp=3", "does not divide", "n_kv_heads=4"]),
+    (["--parallel.tp=2"], ["parallel.tp=2", "allowed: 1"]),
+    (["--parallel.pp=8"], ["parallel.pp=8", "n_layers=4"]),
+    (["--parallel.pp_schedule=1f1c"], ["parallel.pp_schedule='1f1c'", "did you mean '1f1b'", "zero-bubble"]),
+    (["--model.name=llama3-9b"], ["model.name='llama3-9b'", "llama3-8b"]),
+    (["--train.dtype=float16"], ["train.dtype='float16'", "bfloat16"]),
+    (["--train.recompute=some"], ["train.recompute='some'", "selective"]),
+    (["--train.global_batch=12", "--train.micro_batch=8"], ["train.global_batch=12", "micro_batch=8"]),
+    (["--train.min_lr=1.0"], ["train.min_lr=1.0", "train.lr"]),
+    (["--data.path=/no/such/data"], ["data.path='/no/such/data'", "loom prepare"]),
+    (["--data.tokenizer=/no/tok.json"], ["data.tokenizer='/no/tok.json'", "no such file"]),
+    (["--config=/no/such.toml"], ["/no/such.toml", "no such file"]),
+    (["--model.vocab_size=100"], ["model.vocab_size=100", "8192"]),
+    (["--nproc=4"], ["--nproc=4", "allowed: 1"]),
+    (["train.steps=5"], ["train.steps=5", "--section.key=value"]),
+    (["--checkpoint.dir=ckpt"], ["checkpoint.dir='ckpt'", "allowed"]),
+]
+
+
+@pytest.mark.parametrize("args,words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_settings_fail_in_one_line(args, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", *args], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("loom train: error: ")
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_bad_toml_files(tmp_path, capsys):
+    cases = {
+        "syntax.toml": ("[train\nsteps = 3\n", ["not valid TOML"]),
+        "type.toml": ("[train]\nsteps = 'many'\n", ["train.steps='many'", "integer"]),
+        "bool.toml": ("[parallel]\nsequence_parallel = 1\n", ["parallel.sequence_parallel=1", "true or false"]),
+        "key.toml": ("[model]\nnam = 'tiny'\n", ["model.nam", "did you mean 'name'"]),
+    }
+    for name, (text, words) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        code, err = run_cli(["train", "--config", str(path)], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, (name, err)
+        for w in words:
+            assert w in err, (name, w, err)
+
+
+def test_errors_from_a_real_process_have_no_traceback(tmp_path):
+    for args in (["--train.steps=-1"], ["--parallel.tp=3"], ["--bogus"]):
+        r = subprocess.run([sys.executable, "-m", "loom", "train", *args], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=120)
+        assert r.returncode == 2, r
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_precedence_defaults_file_cli(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent("""
+        [model]
+        name = "small"
+        n_layers = 2
+        [train]
+        steps = 7
+        lr = 1
+    """))
+    cfg = load_config(str(path), ["--train.steps=9", "--parallel.sequence_parallel=false"])
+    assert cfg.model.name == "small" and cfg.model.n_layers == 2
+    assert cfg.train.steps == 9 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.parallel.sequence_parallel is False
+    assert cfg.train.seq_len == Config().train.seq_len
+    model = validate(load_config(str(path), ["--train.lr=1e-3", "--train.min_lr=1e-4"]))
+    assert model.n_layers == 2 and model.dim == 512
+    with pytest.raises(Exception):
+        cfg.train.steps = 3  # frozen
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu.toml", "llama2_7b.toml", "llama3_8b.toml", "llama3_70b.toml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / name
+    cfg = load_config(str(path))
+    assert cfg.model.name
+    if name == "tiny_cpu.toml":
+        assert cfg == Config()  # the file spells out the embedded default
+        validate(cfg)
+    else:
+        assert cfg.train.seq_len == 8192

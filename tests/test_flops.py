@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loom.cli import main
+from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
+from loom.metrics.meter import ThroughputMeter, Peak, accelerator_name, cpu_peak_flops
+from loom.models.registry import MODELS
+
+
+def test_llama2_7b_flops_by_hand():
+    # 32 layers x (4 * 4096^2 attention + 3 * 4096 * 11008 MLP) matmul weights, plus the
+    # 32000 x 4096 output layer; attention 12 * 32 * 4096 * 4096 at seq 4096.
+    block_matmuls = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    output = 32000 * 4096
+    attention = 12 * 32 * 4096 * 4096
+    assert flops_per_token(MODELS["llama2-7b"], 4096, "megatron") == 6 * (block_matmuls + output) + attention
+    assert flops_per_token(MODELS["llama2-7b"], 4096, "causal") == 6 * (block_matmuls + output) + attention / 2
+    assert 6 * (block_matmuls + output) == 6 * 6_607_077_376
+
+
+def test_llama3_8b_flops_by_hand():
+    # GQA: wk and wv are 4096 x 1024 (8 KV heads of 128).
+    attn_w = 4096 * 4096 * 2 + 4096 * 1024 * 2
+    block_matmuls = 32 * (attn_w + 3 * 4096 * 14336)
+    output = 128256 * 4096
+    attention = 12 * 32 * 4096 * 8192
+    assert flops_per_token(MODELS["llama3-8b"], 8192, "megatron") == 6 * (block_matmuls + output) + attention
+    assert flops_per_token(MODELS["llama3-8b"], 8192, "causal") == 6 * (block_matmuls + output) + attention / 2
+    # Without embedding and norms, which are not matmuls: 8.03e9 - 525M - 266K.
+    assert block_matmuls + output == 8_030_261_248 - 128256 * 4096 - 65 * 4096
+
+
+def test_hardware_flops_add_recompute_only():
+    cfg = MODELS["llama3-8b"]
+    model = flops_per_token(cfg, 8192)
+    assert hardware_flops_per_token(cfg, 8192, "none") == model
+    assert hardware_flops_per_token(cfg, 8192, "selective") == model
+    full = hardware_flops_per_token(cfg, 8192, "full")
+    block_fwd = 2 * param_counts(cfg).block_matmuls + 4 * 32 * 4096 * 8192
+    assert full == model + block_fwd
+
+
+def test_flops_cli_json(capsys):
+    assert main(["flops", "--model", "llama3-8b", "--seq-len", "8192", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {
+        "model": "llama3-8b", "params": 8_030_261_248, "seq_len": 8192,
+        "flops_per_token": {"megatron": flops_per_token(MODELS["llama3-8b"], 8192, "megatron"),
+                            "causal": flops_per_token(MODELS["llama3-8b"], 8192, "causal")},
+    }
+
+
+def test_flops_cli_text_and_errors(capsys):
+    assert main(["flops", "--model", "llama2-7b", "--seq-len", "4096"]) == 0
+    assert "6,738,415,616" in capsys.readouterr().out
+    assert main(["flops", "--model", "llama3-9b", "--seq-len", "4096"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model='llama3-9b'" in err and "did you mean" in err
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "loom", "flops", "--model", "tiny", "--seq-len", "256", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["params"] == param_counts(MODELS["tiny"]).total
+
+
+def test_meter_figures():
+    meter = ThroughputMeter(tokens_per_step=8192, flops_per_token=1e9, world_size=4, peak=Peak(1e12, "test"))
+    m = meter.step(2.0)
+    assert m.tokens_per_s == 4096 and m.tokens_per_s_per_device == 1024
+    assert m.tflops_per_device == pytest.approx(1024 * 1e9 / 1e12)
+    assert m.mfu == pytest.approx(1024 * 1e9 / 1e12)
+    assert ThroughputMeter(1, 1, 1, Peak(None, "?")).step(1.0).mfu is None
+
+
+def test_accelerator_names():
+    assert accelerator_name("NVIDIA H100 80GB HBM3") == "h100-sxm"
+    assert accelerator_name("NVIDIA H100 PCIe") == "h100-pcie"
+    assert accelerator_name("NVIDIA H100 NVL") == "h100-nvl"
+    assert accelerator_name("NVIDIA H200") == "h200"
+    assert accelerator_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert accelerator_name("Some GPU") is None
+
+
+def test_cpu_calibration_is_cached(tmp_path):
+    cache = tmp_path / "peak.json"
+    first = cpu_peak_flops(torch.float32, cache)
+    assert first > 1e9 and cache.exists()
+    assert cpu_peak_flops(torch.float32, cache) == first  # read back, not measured again

@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+
+from loom.metrics.flops import param_counts
+from loom.models.attention import CoreAttention, attention_backward, attention_forward
+from loom.models.llama import LlamaConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
+from loom.models.registry import MODELS
+from loom.train.recompute import apply_recompute
+from loom.train.trainer import cross_entropy, materialize
+
+# Published parameter counts (model cards / Hugging Face safetensors index totals).
+PUBLISHED = {
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "llama3.1-8b": 8_030_261_248,
+    "llama3.1-70b": 70_553_706_496,
+    "llama3.1-405b": 405_853_388_800,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_counts_match_published(name):
+    cfg = MODELS[name]
+    assert param_counts(cfg).total == PUBLISHED[name]
+    model = build_model(cfg, "meta")  # no memory, even for 405B
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_cpu_models_counted_from_modules(name):
+    cfg = MODELS[name]
+    model = build_model(cfg, "meta")
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg).total
+    assert 1e6 < param_counts(cfg).total < 1e8
+
+
+def test_rope_matches_reference_formula():
+    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab_size=10, rope_theta=500.0)
+    e = cfg.head_dim
+    x = torch.randn(1, 8, 2, e, dtype=torch.float64)
+    positions = torch.tensor([0, 1, 2, 5, 11, 100, 4097, 1_048_575])
+    cos, sin = rope_cos_sin(cfg, positions)
+    got = apply_rope(x.float(), cos, sin).double()
+    want = torch.empty_like(x)
+    for j, m in enumerate(positions.tolist()):
+        for i in range(e // 2):
+            theta = m * 500.0 ** (-2 * i / e)
+            a, b = x[0, j, :, i], x[0, j, :, i + e // 2]
+            want[0, j, :, i] = a * math.cos(theta) - b * math.sin(theta)
+            want[0, j, :, i + e // 2] = b * math.cos(theta) + a * math.sin(theta)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # A rotation keeps each pair's length and makes q.k depend only on the offset.
+    q, k = torch.randn(1, 1, 1, e), torch.randn(1, 1, 1, e)
+    def dot(mq, mk):
+        cq, sq = rope_cos_sin(cfg, torch.tensor([mq]))
+        ck, sk = rope_cos_sin(cfg, torch.tensor([mk]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+    torch.testing.assert_close(dot(10, 3), dot(107, 100), rtol=1e-4, atol=1e-5)
+
+
+def test_llama31_rope_scaling_matches_published_rule():
+    cfg = MODELS["llama3.1-8b"]
+    s: RopeScaling = cfg.rope_scaling
+    got = rope_inv_freq(cfg).double()
+    e = cfg.head_dim
+    for i in range(e // 2):
+        f = 1.0 / cfg.rope_theta ** (2 * i / e)
+        wavelen = 2 * math.pi / f
+        if wavelen < s.original_max_seq_len / s.high_freq_factor:
+            want = f
+        elif wavelen > s.original_max_seq_len / s.low_freq_factor:
+            want = f / s.factor
+        else:
+            smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            want = (1 - smooth) * f / s.factor + smooth * f
+        assert got[i].item() == pytest.approx(want, rel=1e-6)
+    assert got[0] == pytest.approx(1.0) and got[-1] < 1.0 / cfg.rope_theta ** ((e - 2) / e)
+
+
+def _reference_attention(q, k, v):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def test_attention_kernel_forward_backward_with_gqa():
+    q = torch.randn(2, 8, 96, 16, requires_grad=True)
+    k = torch.randn(2, 2, 96, 16, requires_grad=True)
+    v = torch.randn(2, 2, 96, 16, requires_grad=True)
+    out = CoreAttention()(q, k, v)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _reference_attention(*ref_inputs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    for got, want in zip((q, k, v), ref_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
+    # The log-sum-exp the interface exposes is that of the masked scores.
+    _, lse = attention_forward(q.detach(), k.detach(), v.detach(), True, 16**-0.5)
+    s = (q.detach() @ k.detach().repeat_interleave(4, 1).transpose(-1, -2)) * 16**-0.5
+    s = s.masked_fill(~torch.ones(96, 96, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+    dq, dk, dv = attention_backward(g, q.detach(), k.detach(), v.detach(), out.detach(), lse, True, 16**-0.5)
+    assert dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_init_is_deterministic_and_device_rng_untouched(micro_cfg):
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = materialize(micro_cfg, torch.device("cpu"), seed=5)
+    after = torch.rand(1)
+    b = materialize(micro_cfg, torch.device("cpu"), seed=5)
+    assert torch.equal(before, after)  # init does not consume the caller's random stream
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    assert all(torch.isfinite(p).all() for p in a.parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_gives_identical_gradients(micro_cfg, mode):
+    tokens = torch.randint(0, micro_cfg.vocab_size, (2, 33))
+    grads = {}
+    for m in ("none", mode):
+        model = materialize(micro_cfg, torch.device("cpu"), seed=1)
+        apply_recompute(list(model.layers.values()), m)
+        cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        grads[m] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        names = [n for n, _ in model.named_parameters()]
+    assert names == [n for n, _ in materialize(micro_cfg, torch.device("cpu"), 1).named_parameters()]
+    for n in grads["none"]:
+        torch.testing.assert_close(grads[mode][n], grads["none"][n], rtol=1e-6, atol=1e-7)
+
+
+def test_matches_transformers_llama(micro_cfg):
+    transformers = pytest.importorskip("transformers")
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97,
+                      rope_theta=500000.0, rope_scaling=MODELS["llama3.1-8b"].rope_scaling, norm_eps=1e-5)
+    ours = materialize(cfg, torch.device("cpu"), seed=3)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=131072, tie_word_embeddings=False, attention_bias=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    names = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    hf_params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            key = n.removesuffix(".weight")
+            if key.startswith("layers."):
+                _, i, rest = key.split(".", 2)
+                hf_key = f"model.layers.{i}.{names[rest]}.weight"
+            else:
+                hf_key = f"{names[key]}.weight"
+            hf_params[hf_key].copy_(p)
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
