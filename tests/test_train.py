@@ -1,0 +1,102 @@
+import json
+import math
+
+import pytest
+import torch
+
+from loom.cli import main
+from loom.config import load_config, validate
+from loom.data.prepare import prepare
+from loom.train.schedule import lr_at
+from loom.train.trainer import Trainer
+
+MICRO = ["--model.name=tiny", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
+         "--model.n_kv_heads=2", "--model.ffn_dim=128", "--model.vocab_size=300"]
+
+
+@pytest.fixture(scope="module")
+def dataset(text_corpus, tmp_path_factory):
+    root, tok_path, _ = text_corpus
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(root, tok_path, out, val_fraction=0.2, progress=False)
+    return out
+
+
+def make_trainer(dataset, tmp_path, *extra):
+    cfg = load_config(None, [*MICRO, f"--data.path={dataset}", "--train.seq_len=32",
+                             f"--metrics.jsonl={tmp_path}/m.jsonl", f"--metrics.plot={tmp_path}/loss.png",
+                             *extra])
+    return Trainer(cfg, validate(cfg), progress=False)
+
+
+def test_overfits_a_tiny_batch(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path, "--train.weight_decay=0", "--train.micro_batch=4",
+                           "--train.global_batch=4")
+    batch = trainer.micro_batches(0)
+    losses = [trainer.train_step(batch, lr=3e-3)[0] for _ in range(120)]
+    assert losses[0] > 4.0  # about ln(300) at init
+    assert losses[-1] < 0.3, losses[-10:]
+
+
+def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
+    grads = {}
+    for mb in (8, 2):
+        trainer = make_trainer(dataset, tmp_path, f"--train.micro_batch={mb}", "--train.global_batch=8")
+        batches = trainer.micro_batches(0)
+        assert len(batches) == 8 // mb
+        loss = sum(trainer.forward_loss(x, y) / len(batches) for x, y in batches)
+        loss.backward()
+        grads[mb] = [p.grad.clone() for p in trainer.model.parameters()]
+    for a, b in zip(grads[8], grads[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_lr_schedule():
+    vals = [lr_at(s, 1.0, 0.1, 4, 20) for s in range(20)]
+    assert vals[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert vals[4] == pytest.approx(1.0) and vals[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(vals[4:], vals[5:]))
+    assert lr_at(12, 1.0, 0.1, 4, 20) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 15)))
+
+
+def test_train_cli_writes_metrics_plot_and_summary(dataset, tmp_path, capsys):
+    tb = tmp_path / "tb"
+    args = ["train", *MICRO, f"--data.path={dataset}", "--train.seq_len=32", "--train.steps=12",
+            "--train.micro_batch=2", "--train.global_batch=4", "--train.eval_every=6",
+            "--metrics.log_every=5", f"--metrics.jsonl={tmp_path}/run/m.jsonl",
+            f"--metrics.plot={tmp_path}/run/loss.png", f"--metrics.tensorboard={tb}", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for words in ("tokens/s per device", "model TFLOP/s per device", "MFU", "cpu matmul calibration",
+                  "validation loss"):
+        assert words in out
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "m.jsonl")]
+    assert [r["step"] for r in rows] == [1, 5, 6, 10, 12]
+    assert rows[0]["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "cp": 1, "pp": 1, "world_size": 1}
+    assert rows[0]["flops_convention"] == "megatron"
+    assert all("layout" not in r for r in rows[1:])
+    keys = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device",
+            "tflops_per_device", "mfu", "peak_memory_bytes", "step_time_s"}
+    for r in rows:
+        assert keys <= r.keys()
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s_per_device"] == r["tokens_per_s"]
+        assert 0 < r["mfu"] < 1.5 and r["peak_memory_bytes"] > 10 * 2**20 and r["step_time_s"] > 0
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
+    assert [r["val_loss"] is not None for r in rows] == [False, False, True, False, True]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(p.name.startswith("events.out.tfevents") for p in tb.iterdir())
+    # A second run starts a new metrics file rather than mixing runs.
+    assert main(args[:-1] + ["--train.steps=2", "--quiet"]) == 0
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "m.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_bf16_tracks_fp32(dataset, tmp_path, recompute):
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = make_trainer(dataset, tmp_path, f"--train.dtype={dtype}", f"--train.recompute={recompute}",
+                               "--train.micro_batch=4", "--train.global_batch=4")
+        losses[dtype] = [trainer.train_step(trainer.micro_batches(s), lr=1e-3)[0] for s in range(4)]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
+    for a, b in zip(losses["float32"], losses["bfloat16"]):
+        assert b == pytest.approx(a, rel=1e-2)
