@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -25,9 +26,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.nproc is not None and args.nproc != 1:
         return fail(prog, f"--nproc={args.nproc}: multi-process training is not available in this "
                           f"version; allowed: 1")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     try:
         cfg = load_config(args.config, overrides)
-        model_cfg = validate(cfg)
+        model_cfg = validate(cfg, world_size=world_size)
         if cfg.metrics.tensorboard:
             import importlib.util
 

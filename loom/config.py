@@ -78,7 +78,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = 160
+    steps: int = 120
     seq_len: int = 256
     micro_batch: int = 8
     global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
@@ -92,8 +92,8 @@ class TrainSection:
     dtype: str = "float32"
     recompute: str = "none"
     seed: int = 0
-    eval_every: int = 40  # steps between validation passes; 0: only at the end
-    eval_batches: int = 8  # micro-batches per validation pass
+    eval_every: int = 30  # steps between validation passes; 0: only at the end
+    eval_batches: int = 4  # micro-batches per validation pass
     device: str = "auto"
     compile: bool = False
 
@@ -338,7 +338,11 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
             f"(single-process training only); allowed: 1",
         )
     if world_size is not None:
-        _need(world_size == 1, f"world size {world_size} does not match the layout's 1 rank")
+        _need(
+            world_size == 1,
+            f"world size {world_size} (from torchrun) does not match the layout's 1 rank; "
+            f"multi-process training is not available in this version",
+        )
 
     d = cfg.data
     if d.path != BUILTIN_STDLIB:

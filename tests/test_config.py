@@ -111,3 +111,11 @@ def test_shipped_configs_load(name):
         validate(cfg)
     else:
         assert cfg.train.seq_len == 8192
+
+
+def test_under_torchrun_a_bigger_world_is_refused(monkeypatch, capsys, tmp_path):
+    """Never a silent single-process run per rank."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, err = run_cli(["train"], capsys)
+    assert code == 2 and "world size 4" in err and len(err.splitlines()) == 1
