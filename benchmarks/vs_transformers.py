@@ -20,16 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from loom.metrics.flops import flops_per_token
-from loom.metrics.meter import cpu_peak_flops
+from loom.metrics.meter import cpu_peak_flops, measure_matmul_flops
+from loom.models.hf import hf_param_name
 from loom.models.llama import LlamaConfig
 from loom.train.trainer import materialize
-
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-            "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
-
 
 def hf_model(cfg: LlamaConfig, loom_model):
     import transformers
@@ -45,13 +39,7 @@ def hf_model(cfg: LlamaConfig, loom_model):
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in loom_model.named_parameters():
-            key = name.removesuffix(".weight")
-            if key.startswith("layers."):
-                _, i, rest = key.split(".", 2)
-                params[f"model.layers.{i}.{HF_NAMES[rest]}.weight"].copy_(p)
-            else:
-                params[{"tok_embeddings": "model.embed_tokens", "norm": "model.norm",
-                        "output": "lm_head"}[key] + ".weight"].copy_(p)
+            params[hf_param_name(name)].copy_(p)
     return model.train()
 
 
@@ -75,7 +63,9 @@ def make_step(model, forward, dtype: torch.dtype):
 
 
 def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, blocks: int, steps: int,
-            with_hf: bool = True) -> dict:
+            with_hf: bool = True, with_peak: bool = False) -> dict:
+    """Median tokens/s of each runner; with_peak also measures the matmul peak in every block,
+    so that the fraction of peak compares figures taken under the same machine load."""
     ours = materialize(cfg, torch.device("cpu"), seed=0)
     runners = {"loom": make_step(ours, ours, dtype)}
     if with_hf:
@@ -88,15 +78,27 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
     for run in runners.values():
         run(inputs, labels)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    block_ratios: list[float] = []
+    peaks: list[float] = []
+    tokens_per_step = batch * seq_len
     for _ in range(blocks):
         for name, run in runners.items():
+            block = []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 run(inputs, labels)
-                times[name].append(time.perf_counter() - t0)
-    tokens_per_step = batch * seq_len
+                block.append(time.perf_counter() - t0)
+            times[name] += block
+        if with_peak:
+            peak = measure_matmul_flops(dtype, repeats=5, warmup_s=0.2)
+            achieved = tokens_per_step / statistics.median(block) * flops_per_token(cfg, seq_len, "megatron")
+            peaks.append(peak)
+            block_ratios.append(achieved / peak)
     out = {name: tokens_per_step / statistics.median(ts) for name, ts in times.items()}
     out["first_loss"] = first
+    if with_peak:
+        out["peak"] = statistics.median(peaks)
+        out["fraction_of_peak"] = statistics.median(block_ratios)
     return out
 
 
@@ -124,15 +126,15 @@ def main() -> None:
     big = LlamaConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=args.vocab)
     print(f"\n## loom achieved model FLOP/s vs measured matmul peak: hidden 1024, 4 layers, 16 heads, "
           f"ffn 2816, seq 1024, batch 1")
-    print("| dtype | tokens/s | model TFLOP/s | matmul peak TFLOP/s | fraction of peak |")
-    print("|---|---:|---:|---:|---:|")
+    print("(peak: a 2048^3 matmul measured after every block of model steps; fraction: median over blocks)")
+    print("| dtype | tokens/s | model TFLOP/s | matmul peak TFLOP/s (same run) | fraction of peak | cached calibration |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in dtypes:
         dtype = getattr(torch, name)
-        r = compare(big, 1024, 1, dtype, max(2, args.blocks // 2), args.steps, with_hf=False)
+        r = compare(big, 1024, 1, dtype, args.blocks, max(2, args.steps // 2), with_hf=False, with_peak=True)
         achieved = r["loom"] * flops_per_token(big, 1024, "megatron")
-        peak = cpu_peak_flops(dtype)
-        print(f"| {name} | {r['loom']:,.0f} | {achieved / 1e12:.4f} | {peak / 1e12:.4f} | {achieved / peak:.1%} |",
-              flush=True)
+        print(f"| {name} | {r['loom']:,.0f} | {achieved / 1e12:.4f} | {r['peak'] / 1e12:.4f} | "
+              f"{r['fraction_of_peak']:.1%} | {cpu_peak_flops(dtype) / 1e12:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from loom.metrics.flops import param_counts
 from loom.models.attention import CoreAttention, attention_backward, attention_forward
 from loom.models.llama import LlamaConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
+from loom.models.hf import hf_param_name
 from loom.models.registry import MODELS
 from loom.train.recompute import apply_recompute
 from loom.train.trainer import cross_entropy, materialize
@@ -153,22 +154,11 @@ def test_matches_transformers_llama(micro_cfg):
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    names = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
     hf_params = dict(hf.named_parameters())
     with torch.no_grad():
         for n, p in ours.named_parameters():
-            key = n.removesuffix(".weight")
-            if key.startswith("layers."):
-                _, i, rest = key.split(".", 2)
-                hf_key = f"model.layers.{i}.{names[rest]}.weight"
-            else:
-                hf_key = f"{names[key]}.weight"
-            hf_params[hf_key].copy_(p)
+            hf_params[hf_param_name(n)].copy_(p)
+    assert len(hf_params) == len(list(ours.parameters()))
     tokens = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
