@@ -1,0 +1,82 @@
+"""Memory-mapped token files and deterministic batches.
+
+A prepared dataset is a folder:
+    meta.json          {"vocab_size", "dtype", "eos_id", "splits": {"train": {...}, "val": {...}}}
+    train.bin, val.bin token ids, documents back to back, each ended by eos_id
+    train.docs.npy ... int64 start offset of every document (the index of boundaries)
+    tokenizer.json     the tokenizer that produced the ids
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+class TokenDataset:
+    """One split of a prepared dataset, cut into windows of seq_len + 1 tokens.
+
+    Sequence i is tokens[i * seq_len : (i + 1) * seq_len + 1]: inputs are its first seq_len
+    tokens, labels its last seq_len. Windows run across document boundaries (standard
+    pretraining packing); `doc_starts` says where documents begin.
+    """
+
+    def __init__(self, path: str | Path, split: str, seq_len: int):
+        self.path = Path(path)
+        meta = read_meta(self.path)
+        if split not in meta["splits"]:
+            raise ValueError(f"dataset {self.path} has no split {split!r}")
+        self.meta = meta
+        self.seq_len = seq_len
+        self.tokens = np.memmap(self.path / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+        self.doc_starts = np.load(self.path / f"{split}.docs.npy")
+        self.n_sequences = max(0, (len(self.tokens) - 1) // seq_len)
+        if self.n_sequences == 0:
+            raise ValueError(
+                f"split {split!r} of {self.path} has {len(self.tokens)} tokens, too few for one "
+                f"sequence of train.seq_len={seq_len}"
+            )
+
+    def sequences(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """indices [N] -> (inputs [N, S], labels [N, S]) int64."""
+        s = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[i * s : i * s + s + 1]) for i in indices])
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+
+class BatchSchedule:
+    """Which sequences make up each global batch: a fresh seeded permutation every epoch.
+
+    Sample g of the run (g = step * global_batch + j) is sequence perm_e[g mod n] of epoch
+    e = g // n, so the order depends only on (seed, n, global_batch) and any step can be
+    reproduced without replaying the ones before it.
+    """
+
+    def __init__(self, n_sequences: int, global_batch: int, seed: int):
+        self.n = n_sequences
+        self.global_batch = global_batch
+        self.seed = seed
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perm_cache[epoch]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Sequence indices [global_batch] of optimizer step `step` (0-based)."""
+        g = step * self.global_batch + np.arange(self.global_batch)
+        epochs, offsets = np.divmod(g, self.n)
+        return np.array([self._perm(int(e))[int(o)] for e, o in zip(epochs, offsets)])
+
+    def rank_indices(self, step: int, rank: int, n_ranks: int) -> np.ndarray:
+        """This data-parallel rank's disjoint, contiguous slice of the global batch."""
+        per_rank = self.global_batch // n_ranks
+        return self.global_indices(step)[rank * per_rank : (rank + 1) * per_rank]

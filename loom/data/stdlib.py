@@ -1,0 +1,75 @@
+"""The embedded default corpus `builtin:python-stdlib`: the running Python's own standard
+library sources, tokenized by a byte-level BPE trained on them on first use. Both are cached
+under the user's cache folder; nothing is fetched from the network.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import sys
+import sysconfig
+from pathlib import Path
+
+from loom.data.prepare import write_dataset
+from loom.metrics.meter import cache_dir
+
+BUILTIN_VOCAB_SIZE = 8192
+VAL_FRACTION = 0.02
+EOS = "<|endoftext|>"
+# Test suites and bundled tools are skipped: they are large, repetitive and full of odd strings.
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])
+    )
+    return root, files
+
+
+def _corpus_key(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
+    v = sys.version_info
+    return f"python{v.major}.{v.minor}.{v.micro}-{h.hexdigest()[:12]}-v{BUILTIN_VOCAB_SIZE}"
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tokenizer
+
+
+def builtin_dataset(progress: bool = True) -> Path:
+    """Path of the prepared stdlib dataset, building it (about half a minute) if not cached."""
+    root, files = stdlib_files()
+    path = cache_dir() / "data" / _corpus_key(root, files)
+    if (path / "meta.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes may start at once: one builds, the others wait for it.
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "meta.json").is_file():
+            return path
+        if progress:
+            print(f"loom: building the builtin corpus from {len(files)} files under {root} "
+                  f"(once; cached in {path})", file=sys.stderr)
+        docs = [(p.relative_to(root).as_posix(), p.read_text(encoding="utf-8", errors="replace"))
+                for p in files]
+        tokenizer = train_bpe([text for _, text in docs], BUILTIN_VOCAB_SIZE)
+        write_dataset(docs, tokenizer, path, VAL_FRACTION, source=f"builtin:python-stdlib ({root})",
+                      progress=progress)
+    return path
