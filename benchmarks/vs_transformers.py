@@ -43,17 +43,17 @@ def hf_model(cfg: LlamaConfig, loom_model):
     return model.train()
 
 
-def make_step(model, forward, dtype: torch.dtype):
+def make_step(model, loss_fn, dtype: torch.dtype):
+    """One training step: loss_fn(inputs, labels) -> mean loss, backward, AdamW."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else None
 
     def step(inputs, labels):
         if ctx:
             with ctx():
-                logits = forward(inputs)
+                loss = loss_fn(inputs, labels)
         else:
-            logits = forward(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            loss = loss_fn(inputs, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -67,10 +67,16 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
     """Median tokens/s of each runner; with_peak also measures the matmul peak in every block,
     so that the fraction of peak compares figures taken under the same machine load."""
     ours = materialize(cfg, torch.device("cpu"), seed=0)
-    runners = {"loom": make_step(ours, ours, dtype)}
+    # Each library's own training path: loom's fused output layer + loss; for transformers the
+    # logits, then fp32 cross-entropy (its `labels=` path would add a shifted copy on top).
+    runners = {"loom": make_step(ours, lambda x, y: ours(x, labels=y), dtype)}
     if with_hf:
         theirs = hf_model(cfg, ours)
-        runners["transformers"] = make_step(theirs, lambda x: theirs(input_ids=x).logits, dtype)
+        runners["transformers"] = make_step(
+            theirs,
+            lambda x, y: F.cross_entropy(theirs(input_ids=x).logits.flatten(0, 1).float(), y.flatten()),
+            dtype,
+        )
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]

@@ -35,3 +35,11 @@ def text_corpus(tmp_path_factory):
     tok_path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(tok_path))
     return root, tok_path, docs
+
+
+def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    """max |got - want| <= rel * max |want|: the relative tolerance of our parity rule, measured
+    against the tensor's scale so that entries near zero do not turn float noise into failures."""
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3e} > {rel:g} x max |want| {scale:.3e}"

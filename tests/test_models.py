@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
+from conftest import assert_rel_close
 from loom.metrics.flops import param_counts
 from loom.models.attention import CoreAttention, attention_backward, attention_forward
 from loom.models.llama import LlamaConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
 from loom.models.hf import hf_param_name
 from loom.models.registry import MODELS
 from loom.train.recompute import apply_recompute
-from loom.train.trainer import cross_entropy, materialize
+from loom.models.loss import IGNORE_INDEX, linear_cross_entropy
+from loom.train.trainer import materialize
 
 # Published parameter counts (model cards / Hugging Face safetensors index totals).
 PUBLISHED = {
@@ -133,7 +135,7 @@ def test_recompute_gives_identical_gradients(micro_cfg, mode):
     for m in ("none", mode):
         model = materialize(micro_cfg, torch.device("cpu"), seed=1)
         apply_recompute(list(model.layers.values()), m)
-        cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
         grads[m] = {n: p.grad.clone() for n, p in model.named_parameters()}
         names = [n for n, _ in model.named_parameters()]
     assert names == [n for n, _ in materialize(micro_cfg, torch.device("cpu"), 1).named_parameters()]
@@ -162,3 +164,43 @@ def test_matches_transformers_llama(micro_cfg):
     tokens = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_equals_cross_entropy_of_logits(dtype):
+    # vocabulary 40000 makes the CPU chunk 64 tokens, so 300 tokens take 5 chunks.
+    h = torch.randn(3, 100, 32, requires_grad=True)
+    w = (0.1 * torch.randn(40000, 32)).requires_grad_()
+    labels = torch.randint(0, 40000, (3, 100))
+    labels[0, :9] = IGNORE_INDEX
+    grads = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if fused:
+                loss = linear_cross_entropy(h, w, labels)
+            else:
+                loss = torch.nn.functional.cross_entropy(
+                    torch.nn.functional.linear(h, w).float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+        h.grad = w.grad = None
+    for got, want in zip(*grads):
+        assert_rel_close(got, want, 1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.float32:  # evaluation path: no gradient buffers, same value
+        with torch.no_grad():
+            assert_rel_close(linear_cross_entropy(h, w, labels), grads[1][0], 1e-6)
+
+
+def test_model_loss_path_equals_logits_path(micro_cfg):
+    model = materialize(micro_cfg, torch.device("cpu"), seed=2)
+    tokens = torch.randint(0, micro_cfg.vocab_size, (2, 25))
+    fused = model(tokens[:, :-1], labels=tokens[:, 1:])
+    fused.backward()
+    g_fused = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits = model(tokens[:, :-1])
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    ref.backward()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    for a, p in zip(g_fused, model.parameters()):
+        assert_rel_close(a, p.grad, 1e-5)

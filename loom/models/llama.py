@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.models.attention import CoreAttention
+from loom.models.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, L] -> logits [B, L, V]."""
+    """tokens [B, L] -> logits [B, L, V], or with labels [B, L] -> mean loss (fp32 scalar)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -184,15 +185,27 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, L] int64; positions [L] global positions (default 0..L-1)."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens [B, L] int64; positions [L] global positions (default 0..L-1).
+
+        Without labels: logits [B, L, V]. With labels [B, L]: the mean cross-entropy, computed
+        by the fused, chunked output layer so that the logits are never materialized.
+        """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rope_cos_sin(self.cfg, positions)
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        return linear_cross_entropy(h, self.output.weight, labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

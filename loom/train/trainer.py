@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from loom.config import BUILTIN_STDLIB, Config
 from loom.data.dataset import BatchSchedule, TokenDataset
@@ -30,11 +29,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device='cuda' but no CUDA device is available")
     return torch.device(name)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32. logits [B, L, V], labels [B, L]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -91,8 +85,7 @@ class Trainer:
 
     def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            logits = self.model(inputs.to(self.device))
-        return cross_entropy(logits, labels.to(self.device))
+            return self.model(inputs.to(self.device), labels=labels.to(self.device))
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float]:
         """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
