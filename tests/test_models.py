@@ -204,3 +204,10 @@ def test_model_loss_path_equals_logits_path(micro_cfg):
     torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
     for a, p in zip(g_fused, model.parameters()):
         assert_rel_close(a, p.grad, 1e-5)
+
+
+def test_rope_gradient_is_the_inverse_rotation():
+    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32, vocab_size=10)
+    cos, sin = rope_cos_sin(cfg, torch.arange(9) * 37)
+    x = torch.randn(2, 9, 2, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))

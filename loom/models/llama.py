@@ -84,13 +84,32 @@ def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tenso
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + E/2]) by the position's angle (the Hugging Face layout, so
-    published checkpoints load without permuting). x [B, L, H, E]; cos, sin [L, E/2]."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     cos = cos[:, None, :].to(x.dtype)
     sin = sin[:, None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class _Rope(torch.autograd.Function):
+    """A rotation's gradient is the rotation by the opposite angle, so nothing of x is saved
+    (autograd through the formula would keep q and k before rotation in every layer)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + E/2]) by the position's angle (the Hugging Face layout, so
+    published checkpoints load without permuting). x [B, L, H, E]; cos, sin [L, E/2]."""
+    return _Rope.apply(x, cos, sin)
 
 
 class RMSNorm(nn.Module):

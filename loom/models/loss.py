@@ -37,14 +37,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             end = min(n, start + step)
             hc, lc, vc = h[start:end], labels[start:end], valid[start:end]
             logits = (hc @ w.t()).float()  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            target = logits.gather(1, lc.clamp(min=0)[:, None]).squeeze(1)
-            loss += ((lse - target) * vc).sum()
+            target = logits.gather(1, lc.clamp(min=0)[:, None])  # [c, 1]
+            # One exp pass serves both the log-sum-exp and the softmax, in place.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=-1, keepdim=True)
+            lse = row_max + row_sum.log()
+            loss += ((lse - target).squeeze(1) * vc).sum()
             if want_grads:
                 # d(sum of losses)/d logits = softmax - one_hot(label), zero for ignored tokens.
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs.scatter_add_(1, lc.clamp(min=0)[:, None], -torch.ones_like(target)[:, None])
-                probs.mul_(vc[:, None])
+                probs.div_(row_sum)
+                probs.scatter_add_(1, lc.clamp(min=0)[:, None], -torch.ones_like(target))
+                if not vc.all():
+                    probs.mul_(vc[:, None])
                 g = probs.to(compute_dtype)
                 grad_h[start:end] = g @ w
                 grad_w.add_(g.t() @ hc)
