@@ -211,3 +211,20 @@ def test_rope_gradient_is_the_inverse_rotation():
     cos, sin = rope_cos_sin(cfg, torch.arange(9) * 37)
     x = torch.randn(2, 9, 2, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
+
+
+def test_rmsnorm_matches_formula_and_gradcheck():
+    from loom.models.llama import RMSNorm
+
+    norm = RMSNorm(8, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8))
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), want)
+    assert torch.autograd.gradcheck(norm, (x,))
+    # bf16 input: computed in fp32, returned in bf16.
+    xb = x.detach().to(torch.bfloat16)
+    out = RMSNorm(8, 1e-5)
+    out.init_weights()
+    assert out(xb).dtype == torch.bfloat16

