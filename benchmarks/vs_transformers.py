@@ -84,10 +84,12 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
     for run in runners.values():
         run(inputs, labels)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    block_ratios: list[float] = []
+    block_ratios: list[float] = []  # loom / transformers, per block pair run back to back
+    peak_fractions: list[float] = []
     peaks: list[float] = []
     tokens_per_step = batch * seq_len
     for _ in range(blocks):
+        block_rate = {}
         for name, run in runners.items():
             block = []
             for _ in range(steps):
@@ -95,24 +97,29 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
                 run(inputs, labels)
                 block.append(time.perf_counter() - t0)
             times[name] += block
+            block_rate[name] = tokens_per_step / statistics.median(block)
+        if with_hf:
+            block_ratios.append(block_rate["loom"] / block_rate["transformers"])
         if with_peak:
             peak = measure_matmul_flops(dtype, repeats=5, warmup_s=0.2)
-            achieved = tokens_per_step / statistics.median(block) * flops_per_token(cfg, seq_len, "megatron")
             peaks.append(peak)
-            block_ratios.append(achieved / peak)
+            peak_fractions.append(block_rate["loom"] * flops_per_token(cfg, seq_len, "megatron") / peak)
     out = {name: tokens_per_step / statistics.median(ts) for name, ts in times.items()}
     out["first_loss"] = first
+    if with_hf:
+        out["ratio"] = statistics.median(block_ratios)
+        out["ratio_range"] = (min(block_ratios), max(block_ratios))
     if with_peak:
         out["peak"] = statistics.median(peaks)
-        out["fraction_of_peak"] = statistics.median(block_ratios)
+        out["fraction_of_peak"] = statistics.median(peak_fractions)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both")
-    ap.add_argument("--blocks", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--blocks", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=8192)
     args = ap.parse_args()
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
@@ -121,12 +128,14 @@ def main() -> None:
     shape = LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768, vocab_size=args.vocab)
     print(f"\n## loom vs transformers: 4 layers, hidden 256, 8 heads, ffn 768, vocab {args.vocab}, "
           f"seq 1024, batch 1, AdamW")
+    print("(ratio: median over blocks of loom / transformers, each block pair run back to back; range in brackets)")
     print("| dtype | loom tokens/s | transformers tokens/s | ratio | first loss (loom / hf) |")
     print("|---|---:|---:|---:|---|")
     for name in dtypes:
         r = compare(shape, 1024, 1, getattr(torch, name), args.blocks, args.steps)
         fl = r["first_loss"]
-        print(f"| {name} | {r['loom']:,.0f} | {r['transformers']:,.0f} | {r['loom'] / r['transformers']:.2f}x "
+        lo, hi = r["ratio_range"]
+        print(f"| {name} | {r['loom']:,.0f} | {r['transformers']:,.0f} | {r['ratio']:.2f}x [{lo:.2f}-{hi:.2f}] "
               f"| {fl['loom']:.4f} / {fl['transformers']:.4f} |", flush=True)
 
     big = LlamaConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=args.vocab)
@@ -137,7 +146,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name in dtypes:
         dtype = getattr(torch, name)
-        r = compare(big, 1024, 1, dtype, args.blocks, max(2, args.steps // 2), with_hf=False, with_peak=True)
+        r = compare(big, 1024, 1, dtype, max(4, args.blocks // 2), 2, with_hf=False, with_peak=True)
         achieved = r["loom"] * flops_per_token(big, 1024, "megatron")
         print(f"| {name} | {r['loom']:,.0f} | {achieved / 1e12:.4f} | {r['peak'] / 1e12:.4f} | "
               f"{r['fraction_of_peak']:.1%} | {cpu_peak_flops(dtype) / 1e12:.4f} |", flush=True)
