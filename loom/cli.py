@@ -41,9 +41,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except ConfigError as e:
         return fail(prog, str(e))
 
+    from loom.data.dataset import DataError
     from loom.train.trainer import Trainer, format_summary
 
-    trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
+    try:
+        trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
+    except DataError as e:  # only knowable once the builtin corpus exists
+        return fail(prog, str(e))
     try:
         summary = trainer.train()
     except FloatingPointError as e:

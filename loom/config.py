@@ -255,9 +255,14 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     )
 
 
+def read_meta(path: str) -> dict:
+    from loom.data.dataset import read_meta as _read
+
+    return _read(path)
+
+
 def data_vocab_size(data: DataSection) -> int:
     """Vocabulary size of the configured dataset's tokenizer, read without tokenizing anything."""
-    from loom.data.dataset import read_meta
     from loom.data.stdlib import BUILTIN_VOCAB_SIZE
 
     if data.path == BUILTIN_STDLIB:
@@ -302,6 +307,10 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
     _one_of("train.dtype", t.dtype, DTYPES)
     _one_of("train.recompute", t.recompute, RECOMPUTE)
     _one_of("train.device", t.device, DEVICES)
+    if t.device == "cuda":
+        import torch
+
+        _need(torch.cuda.is_available(), "train.device='cuda' but this machine has no CUDA device; allowed: 'auto', 'cpu'")
 
     p = cfg.parallel
     for key in ("dp_replicate", "tp", "cp", "pp", "pp_virtual_stages"):
@@ -353,6 +362,13 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
         )
     if d.tokenizer:
         _need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
+    if d.path != BUILTIN_STDLIB:
+        for split, info in read_meta(d.path)["splits"].items():
+            _need(
+                info["tokens"] > t.seq_len,
+                f"train.seq_len={t.seq_len} is longer than the {split} split of data.path={d.path!r} "
+                f"({info['tokens']} tokens)",
+            )
     vocab = data_vocab_size(d)
     _need(
         model.vocab_size >= vocab,

@@ -15,6 +15,10 @@ import numpy as np
 import torch
 
 
+class DataError(ValueError):
+    """A dataset that cannot serve the run; the message is one line."""
+
+
 def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
@@ -31,16 +35,16 @@ class TokenDataset:
         self.path = Path(path)
         meta = read_meta(self.path)
         if split not in meta["splits"]:
-            raise ValueError(f"dataset {self.path} has no split {split!r}")
+            raise DataError(f"dataset {self.path} has no split {split!r}")
         self.meta = meta
         self.seq_len = seq_len
         self.tokens = np.memmap(self.path / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
         self.doc_starts = np.load(self.path / f"{split}.docs.npy")
         self.n_sequences = max(0, (len(self.tokens) - 1) // seq_len)
         if self.n_sequences == 0:
-            raise ValueError(
-                f"split {split!r} of {self.path} has {len(self.tokens)} tokens, too few for one "
-                f"sequence of train.seq_len={seq_len}"
+            raise DataError(
+                f"train.seq_len={seq_len} is longer than the {split!r} split of {self.path} "
+                f"({len(self.tokens)} tokens)"
             )
 
     def sequences(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,6 @@ class Trainer:
         self.train_data = TokenDataset(data_path, "train", t.seq_len)
         self.val_data = TokenDataset(data_path, "val", t.seq_len)
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
-        self.n_micro = t.global_batch // t.micro_batch
         self.tokens_per_step = t.global_batch * t.seq_len
         self.world_size = 1
 
