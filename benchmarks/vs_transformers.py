@@ -139,8 +139,8 @@ def main() -> None:
               f"| {fl['loom']:.4f} / {fl['transformers']:.4f} |", flush=True)
 
     big = LlamaConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=args.vocab)
-    print(f"\n## loom achieved model FLOP/s vs measured matmul peak: hidden 1024, 4 layers, 16 heads, "
-          f"ffn 2816, seq 1024, batch 1")
+    print("\n## loom achieved model FLOP/s vs measured matmul peak: hidden 1024, 4 layers, 16 heads, "
+          "ffn 2816, seq 1024, batch 1")
     print("(peak: a 2048^3 matmul measured after every block of model steps; fraction: median over blocks)")
     print("| dtype | tokens/s | model TFLOP/s | matmul peak TFLOP/s (same run) | fraction of peak | cached calibration |")
     print("|---|---:|---:|---:|---:|---:|")
