@@ -23,12 +23,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from loom.config import ConfigError, load_config, validate
 
     prog = "loom train"
-    if args.nproc is not None and args.nproc != 1:
-        return fail(prog, f"--nproc={args.nproc}: multi-process training is not available in this "
-                          f"version; allowed: 1")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    under_torchrun = "WORLD_SIZE" in os.environ
+    if args.nproc is not None and args.nproc < 1:
+        return fail(prog, f"--nproc={args.nproc} must be a positive integer")
+    if under_torchrun and args.nproc is not None:
+        return fail(prog, f"--nproc={args.nproc} under torchrun: torchrun already started the ranks; "
+                          f"allowed: no --nproc")
     try:
         cfg = load_config(args.config, overrides)
+        world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc
         model_cfg = validate(cfg, world_size=world_size)
         if cfg.metrics.tensorboard:
             import importlib.util
@@ -41,6 +44,17 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except ConfigError as e:
         return fail(prog, str(e))
 
+    if not under_torchrun:
+        from loom.parallel.dims import ParallelDims
+
+        p = cfg.parallel
+        nproc = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size).world_size
+        if nproc > 1:
+            from loom.launch import launch_local
+
+            worker_args = (["--config", args.config] if args.config else []) + overrides
+            return launch_local(nproc, worker_args, args.max_restarts, quiet=args.quiet)
+
     from loom.data.dataset import DataError
     from loom.train.trainer import Trainer, format_summary
 
@@ -52,7 +66,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         summary = trainer.train()
     except FloatingPointError as e:
         return fail(prog, str(e))
-    print(format_summary(summary, cfg.metrics.jsonl, cfg.metrics.plot))
+    finally:
+        trainer.close()
+    if trainer.rank == 0:
+        print(format_summary(summary, cfg.metrics.jsonl, cfg.metrics.plot))
     return 0
 
 
@@ -106,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. --train.steps=50 --model.name=small.",
     )
     train.add_argument("--config", help="a TOML config file (see configs/)")
-    train.add_argument("--nproc", type=int, help="processes to start on this node")
+    train.add_argument("--nproc", type=int, help="processes to start on this node (through torchrun); "
+                       "default: as many as the layout needs")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="with --nproc: restarts of the whole job after a worker fails (torchrun's)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     prep = sub.add_parser("prepare", help="tokenize a folder of .txt/.jsonl files into a token dataset")

@@ -271,7 +271,11 @@ def data_vocab_size(data: DataSection) -> int:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
-    """Check every setting; return the resolved model config. Raises ConfigError."""
+    """Check every setting; return the resolved model config. Raises ConfigError.
+
+    world_size: the ranks the job has (torchrun's WORLD_SIZE, or --nproc), or None where the
+    layout decides (parallel.dp_shard=-1 then counts as 1).
+    """
     try:
         model = cfg.model.resolve()
     except UnknownModelError as e:
@@ -333,24 +337,23 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
         f"train.seq_len={t.seq_len} is not divisible by "
         f"{'2 x ' if p.cp_load_balance and p.cp > 1 else ''}parallel.cp={p.cp}",
     )
-    dp = p.dp_replicate * (1 if p.dp_shard == -1 else p.dp_shard)
+    from loom.parallel.dims import LayoutError, ParallelDims
+
+    try:
+        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
     _need(
-        t.global_batch % (t.micro_batch * dp) == 0,
+        t.global_batch % (t.micro_batch * dims.dp) == 0,
         f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
-        + (f" x data-parallel degree {dp}" if dp > 1 else ""),
+        + (f" x data-parallel degree {dims.dp}" if dims.dp > 1 else ""),
     )
-    for key in ("dp_replicate", "dp_shard", "tp", "cp", "pp"):
+    for key in ("tp", "cp", "pp"):
         v = getattr(p, key)
         _need(
-            v in (1, -1),
-            f"parallel.{key}={v}: parallel degrees above 1 are not available in this version "
-            f"(single-process training only); allowed: 1",
-        )
-    if world_size is not None:
-        _need(
-            world_size == 1,
-            f"world size {world_size} (from torchrun) does not match the layout's 1 rank; "
-            f"multi-process training is not available in this version",
+            v == 1,
+            f"parallel.{key}={v}: tensor, context and pipeline parallelism are not available in this "
+            f"version; allowed: 1 (data parallelism: parallel.dp_shard, parallel.dp_replicate)",
         )
 
     d = cfg.data

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -13,8 +13,9 @@ import torch
 from loom.config import BUILTIN_STDLIB, Config
 from loom.data.dataset import BatchSchedule, TokenDataset
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
-from loom.metrics.meter import ThroughputMeter, device_peak, peak_memory_bytes
+from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.llama import LlamaConfig, Transformer, build_model
+from loom.parallel.dims import ParallelDims
 from loom.train.recompute import apply_recompute
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.schedule import lr_at
@@ -24,11 +25,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available")
-    return torch.device(name)
+    """CPU, or this rank's GPU (LOCAL_RANK under torchrun)."""
+    use_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
@@ -51,14 +52,39 @@ def materialize(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Tran
 
 
 class Trainer:
+    """Single process, or one rank of a torchrun job (WORLD_SIZE > 1) with the configured layout."""
+
     def __init__(self, cfg: Config, model_cfg: LlamaConfig, progress: bool = True):
-        self.cfg, self.model_cfg, self.progress = cfg, model_cfg, progress
-        t = cfg.train
+        self.cfg, self.model_cfg = cfg, model_cfg
+        t, p = cfg.train, cfg.parallel
         self.device = resolve_device(t.device)
         self.dtype = DTYPES[t.dtype]
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, self.world_size)
+        self.mesh = None
+        self.rank = self.dp_rank = 0
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+            self.mesh = self.dims.build_mesh(self.device.type)
+            self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.progress = progress and self.rank == 0
+
         torch.manual_seed(t.seed)
+        # Every rank initializes the full model from the seed before sharding, so each layout
+        # starts from exactly the single-process weights.
         self.model = materialize(model_cfg, self.device, t.seed)
         apply_recompute(list(self.model.layers.values()), t.recompute)
+        self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
+        if self.fsdp:
+            from loom.parallel.data import apply_data_parallel
+
+            apply_data_parallel(self.model, self.dims, self.mesh, self.dtype)
         if t.compile:
             for block in self.model.layers.values():
                 block.compile()
@@ -68,12 +94,19 @@ class Trainer:
         if data_path == BUILTIN_STDLIB:
             from loom.data.stdlib import builtin_dataset
 
-            data_path = builtin_dataset(progress=progress)
+            data_path = builtin_dataset(progress=self.progress)
         self.train_data = TokenDataset(data_path, "train", t.seq_len)
         self.val_data = TokenDataset(data_path, "val", t.seq_len)
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
         self.tokens_per_step = t.global_batch * t.seq_len
-        self.world_size = 1
+
+    def close(self) -> None:
+        """Leave the process group (a torchrun worker must, before it exits)."""
+        if self.mesh is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     # -- one step -------------------------------------------------------------------------
     def autocast(self):
@@ -86,25 +119,61 @@ class Trainer:
         with self.autocast():
             return self.model(inputs.to(self.device), labels=labels.to(self.device))
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float]:
-        """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
+    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate this rank's gradients; returns its mean loss (a detached scalar)."""
         total = torch.zeros((), device=self.device)
-        for inputs, labels in micro_batches:
+        for i, (inputs, labels) in enumerate(micro_batches):
+            if self.fsdp:  # reduce gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             loss = self.forward_loss(inputs, labels) / len(micro_batches)
             loss.backward()
             total += loss.detach()
+        return total
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clip, step, zero the gradients; returns the global gradient norm before clipping."""
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), grad_norm.item()
+        return grad_norm.item()
+
+    def mean_over_data_ranks(self, value: torch.Tensor) -> float:
+        """The mean of a per-rank scalar over the ranks that hold different tokens."""
+        if self.mesh is None or self.dims.dp * self.dims.cp == 1:
+            return value.item()
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value, group=self.mesh["dp_cp"].get_group())  # gloo has no AVG
+        return value.item() / (self.dims.dp * self.dims.cp)
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float]:
+        """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
+        loss = self.forward_backward(micro_batches)
+        grad_norm = self.optimizer_step(lr)
+        return self.mean_over_data_ranks(loss), grad_norm
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self.schedule.global_indices(step)
+        """This rank's share of optimizer step `step`, cut into micro-batches."""
+        idx = self.schedule.rank_indices(step, self.dp_rank, self.dims.dp)
         mb = self.cfg.train.micro_batch
         return [self.train_data.sequences(idx[i : i + mb]) for i in range(0, len(idx), mb)]
+
+    def peak_memory(self) -> int:
+        """The largest peak over all ranks."""
+        peak = peak_memory_bytes(self.device)
+        if self.mesh is None:
+            return peak
+        import torch.distributed as dist
+
+        t = torch.tensor([peak], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -124,12 +193,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         fpt = flops_per_token(self.model_cfg, t.seq_len, FLOPS_CONVENTION)
         hw_fpt = hardware_flops_per_token(self.model_cfg, t.seq_len, t.recompute, FLOPS_CONVENTION)
-        peak = device_peak(self.device, self.dtype)
+        # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
+        peak = device_peak(self.device, self.dtype) if self.rank == 0 else Peak(None, "not rank 0")
         meter = ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak)
-        writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=True)
-        layout = {k: (1 if v == -1 else v) for k, v in dataclasses.asdict(cfg.parallel).items()
-                  if k in ("dp_replicate", "dp_shard", "tp", "cp", "pp")}
-        layout["world_size"] = self.world_size
+        writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=True) if self.rank == 0 else None
+        layout = {**self.dims.degrees(), "world_size": self.world_size}
 
         val_curve = [(0, self.validation_loss())]
         train_curve: list[tuple[int, float]] = []
@@ -172,16 +240,18 @@ class Trainer:
                     "tflops_per_device": m.tflops_per_device,
                     "hw_tflops_per_device": m.tflops_per_device * hw_fpt / fpt,
                     "mfu": m.mfu,
-                    "peak_memory_bytes": peak_memory_bytes(self.device),
+                    "peak_memory_bytes": self.peak_memory(),
                     "step_time_s": m.step_time_s,
                     "val_loss": val_loss,
                 }
                 if step == 1:
                     row = {**row, "layout": layout, "flops_convention": FLOPS_CONVENTION}
-                writer.write(row)
-                bar.write(log_line(row, t.steps), file=sys.stdout)
+                if writer is not None:
+                    writer.write(row)
+                    bar.write(log_line(row, t.steps), file=sys.stdout)
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         wall = time.perf_counter() - run_start
 
         # Throughput over the steady state: the first steps pay for allocation and warm-up.
@@ -203,7 +273,7 @@ class Trainer:
             "peak_flops": peak.flops,
             "peak_source": peak.source,
             "flops_convention": FLOPS_CONVENTION,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": self.peak_memory(),
             "first_loss": train_curve[0][1],
             "final_loss": train_curve[-1][1],
             "initial_val_loss": val_curve[0][1],
@@ -212,7 +282,7 @@ class Trainer:
             "recompute": t.recompute,
             "device": str(self.device),
         }
-        if cfg.metrics.plot:
+        if cfg.metrics.plot and self.rank == 0:
             plot_losses(cfg.metrics.plot, train_curve, val_curve,
                         f"loom: {cfg.model.name} ({format_count(pc.total)} params), {t.dtype}")
         return summary

@@ -1,0 +1,97 @@
+"""The parallel layout: degrees, their validation, and the one DeviceMesh they describe.
+
+Mesh axes, outer to inner: pp, dp_replicate, dp_shard, cp, tp (tp innermost so that on GPUs it
+stays inside a node). Every axis exists, degree 1 included, so code can always name it.
+Flattened axes:
+    dp          = (dp_replicate, dp_shard)   ranks that read different data
+    dp_shard_cp = (dp_shard, cp)             FSDP shards parameters over these
+    dp_cp       = (dp_replicate, dp_shard, cp)  ranks whose gradients and losses are averaged
+    hsdp        = 2-D (dp_replicate, dp_shard_cp)  FSDP's mesh: replicate outer, shard inner
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run; the message is one line naming the setting and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+
+    @classmethod
+    def resolve(cls, pp: int, dp_replicate: int, dp_shard: int, cp: int, tp: int,
+                world_size: int | None) -> "ParallelDims":
+        """Fill dp_shard=-1 with what the world size leaves (1 when the world size is unknown)
+        and check that the degrees multiply to the world size."""
+        others = pp * dp_replicate * cp * tp
+        if dp_shard == -1:
+            if world_size is None:
+                dp_shard = 1
+            elif world_size % others:
+                raise LayoutError(
+                    f"world size {world_size} is not divisible by parallel.pp x dp_replicate x cp x tp "
+                    f"= {pp} x {dp_replicate} x {cp} x {tp} = {others}"
+                )
+            else:
+                dp_shard = world_size // others
+        dims = cls(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
+        if world_size is not None and dims.world_size != world_size:
+            raise LayoutError(
+                f"the layout pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x cp={cp} x tp={tp} "
+                f"needs {dims.world_size} ranks, but the world size is {world_size}"
+            )
+        return dims
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Ranks that read different data."""
+        return self.dp_replicate * self.dp_shard
+
+    def degrees(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def build_mesh(self, device_type: str) -> "LayoutMesh":
+        """One DeviceMesh with every axis named, plus the flattened axes of the module docstring."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        root = init_device_mesh(
+            device_type, tuple(getattr(self, a) for a in MESH_AXES), mesh_dim_names=MESH_AXES
+        )
+        # No public flatten in torch 2.13: DeviceMesh._flatten is wrapped here and nowhere else,
+        # and its results are kept (torch deprecates slicing flattened axes from the root).
+        flat = {
+            "dp": root["dp_replicate", "dp_shard"]._flatten("dp"),
+            "dp_shard_cp": root["dp_shard", "cp"]._flatten("dp_shard_cp"),
+            "dp_cp": root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+        }
+        # FSDP's 2-D mesh (replicate, shard) for HSDP, carved from dp_cp in the same rank order.
+        flat["hsdp"] = flat["dp_cp"]._unflatten(
+            0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp")
+        )
+        return LayoutMesh(root, flat)
+
+
+class LayoutMesh:
+    """The root DeviceMesh and its flattened axes, all reachable by name: mesh["tp"], mesh["dp"]."""
+
+    def __init__(self, root, flattened: dict):
+        self.root = root
+        self._flat = flattened
+
+    def __getitem__(self, name: str | tuple[str, ...]):
+        if isinstance(name, str) and name in self._flat:
+            return self._flat[name]
+        return self.root[name]
