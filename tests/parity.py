@@ -1,0 +1,48 @@
+"""Run a few training steps under a layout and record what parity compares.
+
+In-process (world size 1) it is the reference; under torchrun it is one rank of a layout:
+    torchrun --nproc-per-node N tests/parity.py OUT.pt CASE=--a.b=1,--c.d=2 CASE2=...
+Rank 0 saves {case: {"losses": [...], "grads": {name: full tensor after step 1}}}.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from loom.config import load_config, validate
+from loom.train.trainer import Trainer
+
+
+def run_case(overrides: list[str], steps: int) -> dict:
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, validate(cfg, world_size=None if "WORLD_SIZE" not in __import__("os").environ
+                                    else int(__import__("os").environ["WORLD_SIZE"])), progress=False)
+    loss = trainer.forward_backward(trainer.micro_batches(0))
+    grads = {}
+    for name, p in trainer.model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name] = g.detach().float().cpu().clone()
+    losses = [trainer.mean_over_data_ranks(loss)]
+    trainer.optimizer_step(cfg.train.lr)
+    for step in range(1, steps):
+        losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
+    return {"losses": losses, "grads": grads, "trainer": trainer}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out, cases = sys.argv[1], sys.argv[2:]
+    results, trainer = {}, None
+    for case in cases:
+        name, _, args = case.partition("=")
+        r = run_case(args.split(","), steps=4)
+        trainer = r.pop("trainer")
+        results[name] = r
+    if trainer.rank == 0:
+        torch.save(results, out)
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()
