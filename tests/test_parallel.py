@@ -82,3 +82,20 @@ def test_data_parallel_layouts_match_single_process(world, dataset, reference, t
         assert got["grads"].keys() == ref["grads"].keys()
         for pname, g in got["grads"].items():
             assert_rel_close(g, ref["grads"][pname], rel), (name, pname)
+
+
+def test_nproc_launches_torchrun_and_rank0_reports(dataset, tmp_path):
+    import json
+
+    jsonl = tmp_path / "m.jsonl"
+    args = MODEL + TRAIN + [f"--data.path={dataset}", f"--metrics.jsonl={jsonl}",
+                            f"--metrics.plot={tmp_path}/loss.png", "--train.steps=3", "--metrics.log_every=1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "loom", "train", "--nproc", "2", "--quiet", *args],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(line) for line in open(jsonl)]
+    assert [row["step"] for row in rows] == [1, 2, 3]  # written once, by rank 0
+    assert rows[0]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1, "world_size": 2}
+    assert rows[0]["tokens_per_s_per_device"] == pytest.approx(rows[0]["tokens_per_s"] / 2)
+    assert r.stdout.count("tokens/s per device") == 1 and "dp_shard=2" in r.stdout
