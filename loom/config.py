@@ -348,12 +348,22 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
         f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
         + (f" x data-parallel degree {dims.dp}" if dims.dp > 1 else ""),
     )
-    for key in ("tp", "cp", "pp"):
+    if p.tp > 1:
+        for key in ("vocab_size", "ffn_dim"):
+            v = getattr(model, key)
+            _need(v % p.tp == 0, f"parallel.tp={p.tp} does not divide model.{key}={v}")
+        if p.sequence_parallel:
+            _need(
+                t.seq_len % p.tp == 0,
+                f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} "
+                f"(sequence parallelism shards the sequence)",
+            )
+    for key in ("cp", "pp"):
         v = getattr(p, key)
         _need(
             v == 1,
-            f"parallel.{key}={v}: tensor, context and pipeline parallelism are not available in this "
-            f"version; allowed: 1 (data parallelism: parallel.dp_shard, parallel.dp_replicate)",
+            f"parallel.{key}={v}: context and pipeline parallelism are not available in this "
+            f"version; allowed: 1 (parallel.dp_shard, parallel.dp_replicate and parallel.tp are)",
         )
 
     d = cfg.data

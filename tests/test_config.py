@@ -26,7 +26,7 @@ BAD = [
     (["--train.stpes=10"], ["train.stpes", "did you mean 'steps'"]),
     (["--trian.steps=10"], ["[trian]", "did you mean 'train'"]),
     (["--parallel.tp=3"], ["parallel.tp=3", "does not divide", "n_kv_heads=4"]),
-    (["--parallel.tp=2"], ["parallel.tp=2", "allowed: 1"]),
+    (["--parallel.cp=2"], ["parallel.cp=2", "allowed: 1"]),
     (["--parallel.dp_shard=2", "--nproc=4"], ["dp_shard=2", "needs 2 ranks", "world size is 4"]),
     (["--parallel.pp=8"], ["parallel.pp=8", "n_layers=4"]),
     (["--parallel.pp_schedule=1f1c"], ["parallel.pp_schedule='1f1c'", "did you mean '1f1b'", "zero-bubble"]),

@@ -25,10 +25,16 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "dp_shard2": ["--parallel.dp_shard=2"],
         "dp_replicate2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
         "dp_shard2_bf16": ["--parallel.dp_shard=2", "--train.dtype=bfloat16"],
+        "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"],
+        "tp2_no_sp": ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"],
+        "tp2_bf16_selective": ["--parallel.tp=2", "--parallel.dp_shard=1", "--train.dtype=bfloat16",
+                               "--train.recompute=selective"],
     },
     4: {
         "dp_replicate2_dp_shard2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
         "dp_shard4": ["--parallel.dp_shard=4", "--train.micro_batch=1"],
+        "dp_shard2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
+        "dp_shard2_tp2_full_recompute": ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.recompute=full"],
     },
 }
 

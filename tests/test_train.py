@@ -100,3 +100,18 @@ def test_bf16_tracks_fp32(dataset, tmp_path, recompute):
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
     for a, b in zip(losses["float32"], losses["bfloat16"]):
         assert b == pytest.approx(a, rel=1e-2)
+
+
+def test_clip_grad_norm_matches_torch():
+    from loom.train.trainer import clip_grad_norm
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(twins, 0.5).item()
+    assert clip_grad_norm(params, 0.5) == pytest.approx(want, rel=1e-6)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert clip_grad_norm(params, 100.0) == pytest.approx(0.5, rel=1e-5)  # no scaling below the bound

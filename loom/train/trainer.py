@@ -44,6 +44,34 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     )
 
 
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale gradients so that their global 2-norm is at most max_norm; returns the norm before.
+
+    Gradients may be plain tensors and DTensors on different meshes at once (norm gains left
+    unsharded beside tensor-parallel matrices, FSDP's 1-D and 2-D shards): torch's clip_grad_norm_
+    refuses such a mix, so the norm is taken per mesh, gathered, and combined here.
+    """
+    groups: dict[int, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        squares.append(_local(norm).double() ** 2)
+    total = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef)
+    return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a replicated DTensor (the loss under tensor parallelism)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def materialize(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Transformer:
     model = build_model(model_cfg, "meta")
     model.to_empty(device=device)
@@ -79,6 +107,11 @@ class Trainer:
         # Every rank initializes the full model from the seed before sharding, so each layout
         # starts from exactly the single-process weights.
         self.model = materialize(model_cfg, self.device, t.seed)
+        self.tp = self.mesh is not None and self.dims.tp > 1
+        if self.tp:
+            from loom.parallel.tensor import apply_tensor_parallel
+
+            apply_tensor_parallel(self.model, self.mesh["tp"], p.sequence_parallel)
         apply_recompute(list(self.model.layers.values()), t.recompute)
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         if self.fsdp:
@@ -115,9 +148,23 @@ class Trainer:
         # fp32 master weights and optimizer; matmuls and attention in bf16 (see README).
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def loss_context(self):
+        """Under tensor parallelism the logits stay vocabulary-sharded: the loss, and its
+        backward, must run inside `loss_parallel`."""
+        if self.tp:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
     def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a micro-batch. Call inside `loss_context()`."""
+        inputs, labels = inputs.to(self.device), labels.to(self.device)
         with self.autocast():
-            return self.model(inputs.to(self.device), labels=labels.to(self.device))
+            if not self.tp:
+                return self.model(inputs, labels=labels)  # fused output layer + loss
+            logits = self.model(inputs)  # [B, L, V/tp] sharded DTensor
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Accumulate this rank's gradients; returns its mean loss (a detached scalar)."""
@@ -125,22 +172,21 @@ class Trainer:
         for i, (inputs, labels) in enumerate(micro_batches):
             if self.fsdp:  # reduce gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            loss = self.forward_loss(inputs, labels) / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
+            with self.loss_context():
+                loss = self.forward_loss(inputs, labels) / len(micro_batches)
+                loss.backward()
+            total += _local(loss.detach())
         return total
 
     def optimizer_step(self, lr: float) -> float:
         """Clip, step, zero the gradients; returns the global gradient norm before clipping."""
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(self.model.parameters(), clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
+        return grad_norm
 
     def mean_over_data_ranks(self, value: torch.Tensor) -> float:
         """The mean of a per-rank scalar over the ranks that hold different tokens."""
@@ -182,7 +228,8 @@ class Trainer:
         losses, counts = [], []
         for i in range(0, n, mb):
             inputs, labels = self.val_data.sequences(np.arange(i, min(i + mb, n)))
-            losses.append(self.forward_loss(inputs, labels).item())
+            with self.loss_context():
+                losses.append(_local(self.forward_loss(inputs, labels)).item())
             counts.append(len(inputs))
         return float(np.average(losses, weights=counts))
 

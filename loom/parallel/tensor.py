@@ -1,0 +1,51 @@
+"""Tensor parallelism with sequence parallelism (Megatron-style), on the mesh's `tp` axis.
+
+Per block: column-parallel wq, wk, wv and w1, w3 (each rank computes a slice of the heads and of
+the hidden units), row-parallel wo and w2. With sequence parallelism the residual stream and the
+norms between them are sharded along the sequence: [B, L/tp, D] on each rank, all-gathered
+before the column-parallel matmuls and reduce-scattered after the row-parallel ones. The
+embedding is vocabulary-parallel; the output layer is column-parallel over the vocabulary and its
+logits stay sharded ([B, L, V/tp]) for `loss_parallel`, so the full logits are never gathered.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Shard `model` in place over tp_mesh (a 1-D DeviceMesh)."""
+    # Between blocks: sequence-sharded with SP, replicated without.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    top = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+        "output": ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False),
+    }
+    if sequence_parallel:
+        top["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        plan = {
+            "attention": PrepareModuleInput(
+                input_layouts=(stream, None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+            "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
