@@ -358,13 +358,30 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
                 f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} "
                 f"(sequence parallelism shards the sequence)",
             )
-    for key in ("cp", "pp"):
-        v = getattr(p, key)
+    if p.pp > 1:
+        n_micro = t.global_batch // (t.micro_batch * dims.dp)
         _need(
-            v == 1,
-            f"parallel.{key}={v}: context and pipeline parallelism are not available in this "
-            f"version; allowed: 1 (parallel.dp_shard, parallel.dp_replicate and parallel.tp are)",
+            n_micro >= p.pp,
+            f"parallel.pp={p.pp} needs at least {p.pp} micro-batches per step, but train.global_batch="
+            f"{t.global_batch} / (train.micro_batch={t.micro_batch} x data-parallel degree {dims.dp}) "
+            f"gives {n_micro}",
         )
+        if p.pp_schedule in ("interleaved-1f1b", "zero-bubble"):
+            _need(
+                n_micro % p.pp == 0,
+                f"parallel.pp_schedule={p.pp_schedule!r} needs micro-batches per step ({n_micro}) "
+                f"divisible by parallel.pp={p.pp}",
+            )
+    if p.pp_virtual_stages > 1:
+        _need(
+            p.pp_schedule in ("interleaved-1f1b", "zero-bubble"),
+            f"parallel.pp_virtual_stages={p.pp_virtual_stages} needs parallel.pp_schedule "
+            f"'interleaved-1f1b' or 'zero-bubble', not {p.pp_schedule!r}",
+        )
+    _need(
+        p.cp == 1,
+        f"parallel.cp={p.cp}: context parallelism is not available in this version; allowed: 1",
+    )
 
     d = cfg.data
     if d.path != BUILTIN_STDLIB:

@@ -20,9 +20,15 @@ def run_case(overrides: list[str], steps: int) -> dict:
                                     else int(__import__("os").environ["WORLD_SIZE"])), progress=False)
     loss = trainer.forward_backward(trainer.micro_batches(0))
     grads = {}
-    for name, p in trainer.model.named_parameters():
+    for name, p in trainer.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.detach().float().cpu().clone()
+    if trainer.pp:  # each pipeline rank holds some stages: collect them all
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, grads)
+        grads = {k: v for part in parts for k, v in part.items()}
     losses = [trainer.mean_over_data_ranks(loss)]
     trainer.optimizer_step(cfg.train.lr)
     for step in range(1, steps):

@@ -29,6 +29,8 @@ BAD = [
     (["--parallel.cp=2"], ["parallel.cp=2", "allowed: 1"]),
     (["--parallel.dp_shard=2", "--nproc=4"], ["dp_shard=2", "needs 2 ranks", "world size is 4"]),
     (["--parallel.pp=8"], ["parallel.pp=8", "n_layers=4"]),
+    (["--parallel.pp=2", "--parallel.dp_shard=1", "--nproc=2"], ["parallel.pp=2", "micro-batches", "gives 1"]),
+    (["--parallel.pp_virtual_stages=2"], ["pp_virtual_stages=2", "interleaved-1f1b"]),
     (["--parallel.pp_schedule=1f1c"], ["parallel.pp_schedule='1f1c'", "did you mean '1f1b'", "zero-bubble"]),
     (["--model.name=llama3-9b"], ["model.name='llama3-9b'", "llama3-8b"]),
     (["--train.dtype=float16"], ["train.dtype='float16'", "bfloat16"]),

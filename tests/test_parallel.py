@@ -15,7 +15,7 @@ from conftest import assert_rel_close
 from loom.data.prepare import prepare
 
 HERE = Path(__file__).parent
-MODEL = ["--model.dim=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
+MODEL = ["--model.dim=64", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2",
          "--model.ffn_dim=128", "--model.vocab_size=300"]
 TRAIN = ["--train.seq_len=32", "--train.global_batch=8", "--train.micro_batch=2", "--train.lr=1e-3",
          "--train.warmup_steps=0"]
@@ -29,12 +29,24 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "tp2_no_sp": ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"],
         "tp2_bf16_selective": ["--parallel.tp=2", "--parallel.dp_shard=1", "--train.dtype=bfloat16",
                                "--train.recompute=selective"],
+        "pp2_gpipe": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=gpipe"],
+        "pp2_1f1b": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=1f1b"],
+        "pp2_interleaved": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2",
+                            "--parallel.pp_schedule=interleaved-1f1b"],
+        "pp2_zero_bubble": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2",
+                            "--parallel.pp_schedule=zero-bubble"],
     },
     4: {
         "dp_replicate2_dp_shard2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
         "dp_shard4": ["--parallel.dp_shard=4", "--train.micro_batch=1"],
         "dp_shard2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
         "dp_shard2_tp2_full_recompute": ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.recompute=full"],
+        "dp_shard2_pp2": ["--parallel.dp_shard=2", "--parallel.pp=2"],
+        "tp2_pp2": ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2"],
+        "tp2_pp2_bf16": ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2", "--train.dtype=bfloat16"],
+    },
+    8: {
+        "dp_shard2_tp2_pp2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"],
     },
 }
 
@@ -105,3 +117,12 @@ def test_nproc_launches_torchrun_and_rank0_reports(dataset, tmp_path):
     assert rows[0]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1, "world_size": 2}
     assert rows[0]["tokens_per_s_per_device"] == pytest.approx(rows[0]["tokens_per_s"] / 2)
     assert r.stdout.count("tokens/s per device") == 1 and "dp_shard=2" in r.stdout
+
+
+def test_stage_split_is_balanced_not_refused():
+    from loom.parallel.pipeline import local_stage_ids, stage_layers
+
+    assert stage_layers(4, 2) == [[0, 1], [2, 3]]
+    assert stage_layers(5, 2) == [[0, 1, 2], [3, 4]]  # uneven: the output layer's stage gets fewer
+    assert stage_layers(7, 4) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert local_stage_ids(1, 2, 3) == [1, 3, 5]

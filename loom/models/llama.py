@@ -155,6 +155,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        self.cfg = cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -162,12 +163,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.core_attention = CoreAttention()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x [B, L, D]; rope (cos, sin) [L, E/2], or None for positions 0..L-1 of this x."""
         b, l, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, l, -1, self.head_dim)
         k = self.wk(x).view(b, l, -1, self.head_dim)
         v = self.wv(x).view(b, l, -1, self.head_dim)
+        # Derived here, not upstream: a later pipeline stage under sequence parallelism only sees
+        # its shard of the sequence, while attention sees the gathered whole.
+        cos, sin = rope if rope is not None else rope_cos_sin(self.cfg, torch.arange(l, device=q.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
@@ -204,8 +209,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -234,17 +239,20 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, L] int64; positions [L] global positions (default 0..L-1).
+        """tokens [B, L] int64; positions [L] global positions (default: 0..L-1 of the sequence
+        attention sees).
 
         Without labels: logits [B, L, V]. With labels [B, L]: the mean cross-entropy, computed
         by the fused, chunked output layer so that the logits are never materialized.
+        A pipeline stage lacks some parts (set to None): without the embedding it takes hidden
+        states [B, L, D]; without the output layer it returns them.
         """
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(self.cfg, positions)
-        h = self.tok_embeddings(tokens)
+        rope = rope_cos_sin(self.cfg, positions) if positions is not None else None
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, rope)
+        if self.output is None:
+            return h
         h = self.norm(h)
         if labels is None:
             return self.output(h)

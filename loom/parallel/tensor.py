@@ -34,7 +34,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     for block in model.layers.values():
         plan = {
             "attention": PrepareModuleInput(
-                input_layouts=(stream, None, None), desired_input_layouts=(Replicate(), None, None)
+                input_layouts=(stream, None), desired_input_layouts=(Replicate(), None)
             ),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),

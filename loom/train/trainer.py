@@ -44,7 +44,7 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     )
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
     """Scale gradients so that their global 2-norm is at most max_norm; returns the norm before.
 
     Gradients may be plain tensors and DTensors on different meshes at once (norm gains left
@@ -55,11 +55,17 @@ def clip_grad_norm(params, max_norm: float) -> float:
     for p in params:
         if p.grad is not None:
             groups.setdefault(id(getattr(p.grad, "device_mesh", None)), []).append(p.grad)
-    squares = []
+    squares = torch.zeros((), dtype=torch.float64)
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        squares.append(_local(norm).double() ** 2)
-    total = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+        squares = squares + _local(norm).double().cpu() ** 2
+    if pp_group is not None:  # each pipeline rank holds different parameters
+        import torch.distributed as dist
+
+        dev = next(iter(groups.values()))[0].device if groups else torch.device("cpu")
+        squares = squares.to(dev)
+        dist.all_reduce(squares, group=pp_group)
+    total = squares.sqrt().item()
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for grads in groups.values():
@@ -107,20 +113,39 @@ class Trainer:
         # Every rank initializes the full model from the seed before sharding, so each layout
         # starts from exactly the single-process weights.
         self.model = materialize(model_cfg, self.device, t.seed)
+        self.pp = self.mesh is not None and self.dims.pp > 1
+        if self.pp:
+            from loom.parallel import pipeline
+
+            self.n_stages = self.dims.pp * p.pp_virtual_stages
+            self.stage_ids = pipeline.local_stage_ids(self.mesh["pp"].get_local_rank(), self.dims.pp,
+                                                      p.pp_virtual_stages)
+            modules = [pipeline.stage_module(self.model, i, self.n_stages) for i in self.stage_ids]
+        else:
+            modules = [self.model]
         self.tp = self.mesh is not None and self.dims.tp > 1
-        if self.tp:
-            from loom.parallel.tensor import apply_tensor_parallel
-
-            apply_tensor_parallel(self.model, self.mesh["tp"], p.sequence_parallel)
-        apply_recompute(list(self.model.layers.values()), t.recompute)
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
-        if self.fsdp:
-            from loom.parallel.data import apply_data_parallel
+        for module in modules:
+            if self.tp:
+                from loom.parallel.tensor import apply_tensor_parallel
 
-            apply_data_parallel(self.model, self.dims, self.mesh, self.dtype)
+                apply_tensor_parallel(module, self.mesh["tp"], p.sequence_parallel)
+            apply_recompute(list(module.layers.values()), t.recompute)
+            if self.fsdp:
+                from loom.parallel.data import apply_data_parallel
+
+                apply_data_parallel(module, self.dims, self.mesh, self.dtype)
+        if self.pp:
+            self.model = torch.nn.ModuleList(modules)  # what the optimizer and clipping see
+            n_micro = t.global_batch // self.dims.dp // t.micro_batch
+            self.pp_schedule = pipeline.build_schedule(
+                modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(), self.device,
+                p.pp_schedule, n_micro, self._pipeline_loss,
+            )
         if t.compile:
-            for block in self.model.layers.values():
-                block.compile()
+            for module in modules:
+                for block in module.layers.values():
+                    block.compile()
         self.optimizer = build_optimizer(self.model, t)
 
         data_path = cfg.data.path
@@ -166,8 +191,43 @@ class Trainer:
             logits = self.model(inputs)  # [B, L, V/tp] sharded DTensor
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
+    def named_parameters(self):
+        """(full-model name, parameter) of this rank's parameters (a pipeline stage keeps the
+        names of the whole model)."""
+        modules = list(self.model) if self.pp else [self.model]
+        for module in modules:
+            yield from module.named_parameters()
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+    def _pipeline_run(self, micro_batches, train: bool) -> torch.Tensor:
+        """One pass of the schedule over this rank's micro-batches; returns the mean loss on every
+        pipeline rank (it is known on the last stage only)."""
+        import torch.distributed as dist
+
+        inputs = torch.cat([x for x, _ in micro_batches]).to(self.device)
+        labels = torch.cat([y for _, y in micro_batches]).to(self.device)
+        first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
+        losses: list[torch.Tensor] = []
+        run = self.pp_schedule.step if train else self.pp_schedule.eval
+        with self.loss_context(), self.autocast():
+            args = (inputs,) if first else ()
+            if last:
+                run(*args, target=labels, losses=losses)
+            else:
+                run(*args)
+        if last:
+            loss = torch.stack([_local(x).detach().float() for x in losses]).mean()
+        else:
+            loss = torch.zeros((), device=self.device)
+        dist.all_reduce(loss, group=self.mesh["pp"].get_group())
+        return loss
+
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Accumulate this rank's gradients; returns its mean loss (a detached scalar)."""
+        if self.pp:
+            return self._pipeline_run(micro_batches, train=True)
         total = torch.zeros((), device=self.device)
         for i, (inputs, labels) in enumerate(micro_batches):
             if self.fsdp:  # reduce gradients once, after the last micro-batch
@@ -181,7 +241,8 @@ class Trainer:
     def optimizer_step(self, lr: float) -> float:
         """Clip, step, zero the gradients; returns the global gradient norm before clipping."""
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(self.model.parameters(), clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), clip,
+                                   self.mesh["pp"].get_group() if self.pp else None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -228,8 +289,12 @@ class Trainer:
         losses, counts = [], []
         for i in range(0, n, mb):
             inputs, labels = self.val_data.sequences(np.arange(i, min(i + mb, n)))
-            with self.loss_context():
-                losses.append(_local(self.forward_loss(inputs, labels)).item())
+            if self.pp:  # the schedule wants its micro-batch count: repeat this one
+                repeats = self.pp_schedule._n_microbatches
+                losses.append(self._pipeline_run([(inputs, labels)] * repeats, train=False).item())
+            else:
+                with self.loss_context():
+                    losses.append(_local(self.forward_loss(inputs, labels)).item())
             counts.append(len(inputs))
         return float(np.average(losses, weights=counts))
 
