@@ -26,6 +26,11 @@ LAYOUTS = [  # (label, overrides)
     ("tp=2", ["--parallel.tp=2", "--parallel.dp_shard=1"]),
     ("tp=4", ["--parallel.tp=4", "--parallel.dp_shard=1"]),
     ("dp_shard=2 x tp=2", ["--parallel.dp_shard=2", "--parallel.tp=2"]),
+    ("pp=2 (1f1b)", ["--parallel.pp=2", "--parallel.dp_shard=1"]),
+    ("pp=2 (interleaved, 2 virtual)", ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2",
+                                       "--parallel.pp_schedule=interleaved-1f1b"]),
+    ("tp=2 x pp=2", ["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=1"]),
+    ("dp_shard=2 x tp=2 x pp=2", ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"]),
 ]
 
 
@@ -53,7 +58,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=2)  # pp needs >= pp micro-batches per rank
     args = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
