@@ -37,6 +37,17 @@ def text_corpus(tmp_path_factory):
     return root, tok_path, docs
 
 
+@pytest.fixture(scope="session")
+def dataset(text_corpus, tmp_path_factory):
+    """The text corpus prepared as a loom dataset (20% of the documents held out)."""
+    from loom.data.prepare import prepare
+
+    root, tok_path, _ = text_corpus
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare(root, tok_path, out, val_fraction=0.2, progress=False)
+    return out
+
+
 def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
     """max |got - want| <= rel * max |want|: the relative tolerance of our parity rule, measured
     against the tensor's scale so that entries near zero do not turn float noise into failures."""

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from conftest import assert_rel_close
-from loom.data.prepare import prepare
 
 HERE = Path(__file__).parent
 MODEL = ["--model.dim=64", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2",
@@ -49,14 +48,6 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "dp_shard2_tp2_pp2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"],
     },
 }
-
-
-@pytest.fixture(scope="module")
-def dataset(text_corpus, tmp_path_factory):
-    root, tok_path, _ = text_corpus
-    out = tmp_path_factory.mktemp("pdata") / "ds"
-    prepare(root, tok_path, out, val_fraction=0.2, progress=False)
-    return out
 
 
 def common(dataset, tmp):

@@ -6,20 +6,11 @@ import torch
 
 from loom.cli import main
 from loom.config import load_config, validate
-from loom.data.prepare import prepare
 from loom.train.schedule import lr_at
 from loom.train.trainer import Trainer
 
 MICRO = ["--model.name=tiny", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
          "--model.n_kv_heads=2", "--model.ffn_dim=128", "--model.vocab_size=300"]
-
-
-@pytest.fixture(scope="module")
-def dataset(text_corpus, tmp_path_factory):
-    root, tok_path, _ = text_corpus
-    out = tmp_path_factory.mktemp("data") / "ds"
-    prepare(root, tok_path, out, val_fraction=0.2, progress=False)
-    return out
 
 
 def make_trainer(dataset, tmp_path, *extra):
