@@ -39,7 +39,8 @@ def run(label: str, overrides: list[str], args, tmp: Path) -> dict:
     cmd = [sys.executable, "-m", "loom", "train", "--quiet", f"--model.name={args.model}",
            f"--train.seq_len={args.seq_len}", f"--train.steps={args.steps}", "--train.global_batch=8",
            f"--train.micro_batch={args.micro_batch}", "--train.eval_every=0", "--train.eval_batches=1",
-           "--metrics.log_every=1", f"--metrics.jsonl={jsonl}", "--metrics.plot=", *overrides]
+           "--metrics.log_every=1", f"--metrics.jsonl={jsonl}", "--metrics.plot=",
+           "--parallel.dp_shard=1", "--parallel.pp=1", *overrides]  # one process unless the layout says
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:

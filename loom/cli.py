@@ -44,8 +44,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except ConfigError as e:
         return fail(prog, str(e))
 
+    from loom.data.dataset import DataError, open_splits
+
     if not under_torchrun:
         from loom.parallel.dims import ParallelDims
+
+        try:  # in this process, before any worker: builds the builtin corpus once, checks sizes
+            open_splits(cfg.data.path, cfg.train.seq_len, progress=not args.quiet)
+        except DataError as e:
+            return fail(prog, str(e))
 
         p = cfg.parallel
         nproc = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size).world_size
@@ -55,7 +62,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             worker_args = (["--config", args.config] if args.config else []) + overrides
             return launch_local(nproc, worker_args, args.max_restarts, quiet=args.quiet)
 
-    from loom.data.dataset import DataError
     from loom.train.trainer import Trainer, format_summary
 
     try:

@@ -59,11 +59,12 @@ CP_COMMS = ("p2p", "allgather", "a2a")
 
 @dataclass(frozen=True)
 class ParallelSection:
+    # The embedded default runs 4 ranks on a laptop: FSDP over 2 x a 2-stage pipeline.
     dp_replicate: int = 1
-    dp_shard: int = -1  # -1: whatever the world size leaves after the other degrees
+    dp_shard: int = 2  # -1: whatever the world size leaves after the other degrees
     tp: int = 1
     cp: int = 1
-    pp: int = 1
+    pp: int = 2
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
     cp_comm: str = "p2p"
@@ -80,7 +81,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class TrainSection:
     steps: int = 120
     seq_len: int = 256
-    micro_batch: int = 8
+    micro_batch: int = 2
     global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
     lr: float = 2e-3
     warmup_steps: int = 16

@@ -27,9 +27,10 @@ BAD = [
     (["--trian.steps=10"], ["[trian]", "did you mean 'train'"]),
     (["--parallel.tp=3"], ["parallel.tp=3", "does not divide", "n_kv_heads=4"]),
     (["--parallel.cp=2"], ["parallel.cp=2", "allowed: 1"]),
-    (["--parallel.dp_shard=2", "--nproc=4"], ["dp_shard=2", "needs 2 ranks", "world size is 4"]),
+    (["--parallel.dp_shard=1", "--nproc=4"], ["dp_shard=1", "needs 2 ranks", "world size is 4"]),
+    (["--parallel.dp_shard=-1", "--nproc=3"], ["world size 3", "not divisible", "= 2"]),
     (["--parallel.pp=8"], ["parallel.pp=8", "n_layers=4"]),
-    (["--parallel.pp=2", "--parallel.dp_shard=1", "--nproc=2"], ["parallel.pp=2", "micro-batches", "gives 1"]),
+    (["--parallel.dp_shard=1", "--train.micro_batch=8"], ["parallel.pp=2", "micro-batches", "gives 1"]),
     (["--parallel.pp_virtual_stages=2"], ["pp_virtual_stages=2", "interleaved-1f1b"]),
     (["--parallel.pp_schedule=1f1c"], ["parallel.pp_schedule='1f1c'", "did you mean '1f1b'", "zero-bubble"]),
     (["--model.name=llama3-9b"], ["model.name='llama3-9b'", "llama3-8b"]),
@@ -41,8 +42,8 @@ BAD = [
     (["--data.tokenizer=/no/tok.json"], ["data.tokenizer='/no/tok.json'", "no such file"]),
     (["--config=/no/such.toml"], ["/no/such.toml", "no such file"]),
     (["--model.vocab_size=100"], ["model.vocab_size=100", "8192"]),
-    (["--nproc=3", "--parallel.dp_replicate=2"], ["world size 3", "not divisible", "= 2"]),
-    (["--nproc=2"], ["train.global_batch=8", "data-parallel degree 2"]),
+    (["--nproc=3", "--parallel.dp_replicate=2"], ["needs 8 ranks", "world size is 3"]),
+    (["--parallel.pp=1", "--train.micro_batch=8"], ["train.global_batch=8", "data-parallel degree 2"]),
     (["--nproc=0"], ["--nproc=0", "positive"]),
     (["train.steps=5"], ["train.steps=5", "--section.key=value"]),
     (["--checkpoint.dir=ckpt"], ["checkpoint.dir='ckpt'", "allowed"]),
@@ -128,5 +129,5 @@ def test_under_torchrun_a_bigger_world_is_refused(monkeypatch, capsys, tmp_path)
     """Never a silent single-process run per rank."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "4")
-    code, err = run_cli(["train", "--parallel.dp_shard=2"], capsys)
+    code, err = run_cli(["train", "--parallel.dp_shard=1"], capsys)
     assert code == 2 and "world size is 4" in err and len(err.splitlines()) == 1

@@ -14,7 +14,7 @@ import torch
 from conftest import assert_rel_close
 
 HERE = Path(__file__).parent
-MODEL = ["--model.dim=64", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2",
+MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2",
          "--model.ffn_dim=128", "--model.vocab_size=300"]
 TRAIN = ["--train.seq_len=32", "--train.global_batch=8", "--train.micro_batch=2", "--train.lr=1e-3",
          "--train.warmup_steps=0"]
@@ -98,7 +98,8 @@ def test_nproc_launches_torchrun_and_rank0_reports(dataset, tmp_path):
 
     jsonl = tmp_path / "m.jsonl"
     args = MODEL + TRAIN + [f"--data.path={dataset}", f"--metrics.jsonl={jsonl}",
-                            f"--metrics.plot={tmp_path}/loss.png", "--train.steps=3", "--metrics.log_every=1"]
+                            f"--metrics.plot={tmp_path}/loss.png", "--train.steps=3", "--metrics.log_every=1",
+                            "--parallel.dp_shard=2"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     r = subprocess.run([sys.executable, "-m", "loom", "train", "--nproc", "2", "--quiet", *args],
                        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

@@ -9,7 +9,7 @@ from loom.config import load_config, validate
 from loom.train.schedule import lr_at
 from loom.train.trainer import Trainer
 
-MICRO = ["--model.name=tiny", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
+MICRO = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.name=tiny", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=4",
          "--model.n_kv_heads=2", "--model.ffn_dim=128", "--model.vocab_size=300"]
 
 

@@ -55,6 +55,18 @@ class TokenDataset:
         return rows[:, :-1], rows[:, 1:]
 
 
+def open_splits(path: str | Path, seq_len: int, progress: bool = True) -> tuple[TokenDataset, TokenDataset]:
+    """(train, validation) of a prepared dataset or of `builtin:python-stdlib` (built on first
+    use). Raises DataError when a split is too short for seq_len."""
+    from loom.config import BUILTIN_STDLIB
+
+    if str(path) == BUILTIN_STDLIB:
+        from loom.data.stdlib import builtin_dataset
+
+        path = builtin_dataset(progress=progress)
+    return TokenDataset(path, "train", seq_len), TokenDataset(path, "val", seq_len)
+
+
 class BatchSchedule:
     """Which sequences make up each global batch: a fresh seeded permutation every epoch.
 

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import torch
 
-from loom.config import BUILTIN_STDLIB, Config
-from loom.data.dataset import BatchSchedule, TokenDataset
+from loom.config import Config
+from loom.data.dataset import BatchSchedule, open_splits
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.llama import LlamaConfig, Transformer, build_model
@@ -148,13 +148,7 @@ class Trainer:
                     block.compile()
         self.optimizer = build_optimizer(self.model, t)
 
-        data_path = cfg.data.path
-        if data_path == BUILTIN_STDLIB:
-            from loom.data.stdlib import builtin_dataset
-
-            data_path = builtin_dataset(progress=self.progress)
-        self.train_data = TokenDataset(data_path, "train", t.seq_len)
-        self.val_data = TokenDataset(data_path, "val", t.seq_len)
+        self.train_data, self.val_data = open_splits(cfg.data.path, t.seq_len, progress=self.progress)
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
         self.tokens_per_step = t.global_batch * t.seq_len
 
