@@ -79,7 +79,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class TrainSection:
-    steps: int = 120
+    steps: int = 100
     seq_len: int = 256
     micro_batch: int = 2
     global_batch: int = 8  # sequences per optimizer step, over all data-parallel ranks
@@ -93,7 +93,7 @@ class TrainSection:
     dtype: str = "float32"
     recompute: str = "none"
     seed: int = 0
-    eval_every: int = 30  # steps between validation passes; 0: only at the end
+    eval_every: int = 25  # steps between validation passes; 0: only at the end
     eval_batches: int = 4  # micro-batches per validation pass
     device: str = "auto"
     compile: bool = False
