@@ -14,7 +14,7 @@ import torch
 from conftest import assert_rel_close
 
 HERE = Path(__file__).parent
-MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=2",
+MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", "--model.n_layers=4", "--model.n_heads=8", "--model.n_kv_heads=4",
          "--model.ffn_dim=128", "--model.vocab_size=300"]
 TRAIN = ["--train.seq_len=32", "--train.global_batch=8", "--train.micro_batch=2", "--train.lr=1e-3",
          "--train.warmup_steps=0"]
@@ -40,9 +40,11 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "dp_shard4": ["--parallel.dp_shard=4", "--train.micro_batch=1"],
         "dp_shard2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
         "dp_shard2_tp2_full_recompute": ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.recompute=full"],
-        "dp_shard2_pp2": ["--parallel.dp_shard=2", "--parallel.pp=2"],
+        "tp4": ["--parallel.dp_shard=1", "--parallel.tp=4"],
+        "dp_shard2_pp2_full_recompute": ["--parallel.dp_shard=2", "--parallel.pp=2", "--train.recompute=full"],
         "tp2_pp2": ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2"],
-        "tp2_pp2_bf16": ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2", "--train.dtype=bfloat16"],
+        "tp2_pp2_bf16_selective": ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2",
+                                   "--train.dtype=bfloat16", "--train.recompute=selective"],
     },
     8: {
         "dp_shard2_tp2_pp2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"],
