@@ -54,8 +54,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         except DataError as e:
             return fail(prog, str(e))
 
-        p = cfg.parallel
-        nproc = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size).world_size
+        nproc = ParallelDims.from_section(cfg.parallel, world_size).world_size
         if nproc > 1:
             from loom.launch import launch_local
 

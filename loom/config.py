@@ -19,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from loom.data.dataset import read_meta
 from loom.models.llama import LlamaConfig
 from loom.models.registry import MODELS, UnknownModelError, get_model_config
 
@@ -256,12 +257,6 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     )
 
 
-def read_meta(path: str) -> dict:
-    from loom.data.dataset import read_meta as _read
-
-    return _read(path)
-
-
 def data_vocab_size(data: DataSection) -> int:
     """Vocabulary size of the configured dataset's tokenizer, read without tokenizing anything."""
     from loom.data.stdlib import BUILTIN_VOCAB_SIZE
@@ -341,7 +336,7 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
     from loom.parallel.dims import LayoutError, ParallelDims
 
     try:
-        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size)
+        dims = ParallelDims.from_section(p, world_size)
     except LayoutError as e:
         raise ConfigError(str(e)) from None
     _need(

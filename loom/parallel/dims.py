@@ -51,6 +51,12 @@ class ParallelDims:
             )
         return dims
 
+    @classmethod
+    def from_section(cls, parallel, world_size: int | None) -> "ParallelDims":
+        """`resolve` with the degrees of a config's [parallel] section."""
+        p = parallel
+        return cls.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size)
+
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
