@@ -1,4 +1,4 @@
-"""Single-process trainer (CPU or one GPU): build on meta, materialize, init, step loop."""
+"""Trainer for one process or one torchrun rank: materialize, init, apply the layout, step loop."""
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +15,8 @@ from loom.data.dataset import BatchSchedule, open_splits
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.llama import LlamaConfig, Transformer, build_model
+from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
-from loom.train.recompute import apply_recompute
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.schedule import lr_at
 
@@ -73,6 +73,12 @@ def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
     return total
 
 
+def _logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean fp32 cross-entropy of logits [B, L, V] (vocabulary-sharded under tensor parallelism,
+    where the fused output-layer loss cannot run) against labels [B, L]."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a replicated DTensor (the loss under tensor parallelism)."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -94,7 +100,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.dtype = DTYPES[t.dtype]
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, self.world_size)
+        self.dims = ParallelDims.from_section(p, self.world_size)
         self.mesh = None
         self.rank = self.dp_rank = 0
         if self.world_size > 1:
@@ -114,33 +120,18 @@ class Trainer:
         # starts from exactly the single-process weights.
         self.model = materialize(model_cfg, self.device, t.seed)
         self.pp = self.mesh is not None and self.dims.pp > 1
-        if self.pp:
-            from loom.parallel import pipeline
-
-            self.n_stages = self.dims.pp * p.pp_virtual_stages
-            self.stage_ids = pipeline.local_stage_ids(self.mesh["pp"].get_local_rank(), self.dims.pp,
-                                                      p.pp_virtual_stages)
-            modules = [pipeline.stage_module(self.model, i, self.n_stages) for i in self.stage_ids]
-        else:
-            modules = [self.model]
         self.tp = self.mesh is not None and self.dims.tp > 1
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
-        for module in modules:
-            if self.tp:
-                from loom.parallel.tensor import apply_tensor_parallel
-
-                apply_tensor_parallel(module, self.mesh["tp"], p.sequence_parallel)
-            apply_recompute(list(module.layers.values()), t.recompute)
-            if self.fsdp:
-                from loom.parallel.data import apply_data_parallel
-
-                apply_data_parallel(module, self.dims, self.mesh, self.dtype)
+        modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
         if self.pp:
+            from loom.parallel.pipeline import build_schedule
+
             self.model = torch.nn.ModuleList(modules)  # what the optimizer and clipping see
+            self.n_stages = self.dims.pp * p.pp_virtual_stages
             n_micro = t.global_batch // self.dims.dp // t.micro_batch
-            self.pp_schedule = pipeline.build_schedule(
+            self.pp_schedule = build_schedule(
                 modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(), self.device,
-                p.pp_schedule, n_micro, self._pipeline_loss,
+                p.pp_schedule, n_micro, _logits_loss,
             )
         if t.compile:
             for module in modules:
@@ -183,7 +174,7 @@ class Trainer:
             if not self.tp:
                 return self.model(inputs, labels=labels)  # fused output layer + loss
             logits = self.model(inputs)  # [B, L, V/tp] sharded DTensor
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        return _logits_loss(logits, labels)
 
     def named_parameters(self):
         """(full-model name, parameter) of this rank's parameters (a pipeline stage keeps the
@@ -191,9 +182,6 @@ class Trainer:
         modules = list(self.model) if self.pp else [self.model]
         for module in modules:
             yield from module.named_parameters()
-
-    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     def _pipeline_run(self, micro_batches, train: bool) -> torch.Tensor:
         """One pass of the schedule over this rank's micro-batches; returns the mean loss on every

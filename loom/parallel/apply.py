@@ -1,0 +1,33 @@
+"""Apply a layout to a materialized model, in loom's fixed order:
+pipeline split, then tensor parallelism, recomputation, and FSDP on each stage."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.parallel.data import apply_data_parallel
+from loom.parallel.dims import LayoutMesh, ParallelDims
+from loom.parallel.pipeline import local_stage_ids, stage_module
+from loom.parallel.tensor import apply_tensor_parallel
+from loom.train.recompute import apply_recompute
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, parallel,
+                recompute: str, param_dtype: torch.dtype) -> tuple[list[nn.Module], list[int]]:
+    """Returns (modules, stage ids): the pipeline stages this rank holds, or ([model], [0]).
+
+    `parallel` is the config's [parallel] section; mesh is None for a single process.
+    """
+    if mesh is not None and dims.pp > 1:
+        n_stages = dims.pp * parallel.pp_virtual_stages
+        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, parallel.pp_virtual_stages)
+        modules = [stage_module(model, i, n_stages) for i in stage_ids]
+    else:
+        modules, stage_ids = [model], [0]
+    for module in modules:
+        if mesh is not None and dims.tp > 1:
+            apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
+        apply_recompute(list(module.layers.values()), recompute)
+        if mesh is not None and dims.dp * dims.cp > 1:
+            apply_data_parallel(module, dims, mesh, param_dtype)
+    return modules, stage_ids
