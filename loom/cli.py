@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     try:
         trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
-    except DataError as e:  # only knowable once the builtin corpus exists
+    except DataError as e:  # a worker of a torchrun started by hand: the data is first opened here
         return fail(prog, str(e))
     try:
         summary = trainer.train()
