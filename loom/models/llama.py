@@ -75,19 +75,19 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [L] (global token positions) -> cos, sin [L, E/2] in fp32.
+    """positions [L] or [B, L] (global token positions) -> cos, sin [L, E/2] or [B, L, E/2], fp32.
 
     Angles are formed in fp64: at position 10^6 an fp32 angle is off by up to 0.06 rad, which
     would blur exactly the long-context positions loom is built for.
     """
-    angles = positions.to(torch.float64)[:, None] * rope_inv_freq(cfg).to(positions.device)
+    angles = positions.to(torch.float64)[..., None] * rope_inv_freq(cfg).to(positions.device)
     return angles.cos().float(), angles.sin().float()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    cos = cos.unsqueeze(-2).to(x.dtype)  # [(B,) L, 1, E/2] against x [B, L, H, E/2]
+    sin = sin.unsqueeze(-2).to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -108,7 +108,8 @@ class _Rope(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[i], x[i + E/2]) by the position's angle (the Hugging Face layout, so
-    published checkpoints load without permuting). x [B, L, H, E]; cos, sin [L, E/2]."""
+    published checkpoints load without permuting). x [B, L, H, E]; cos, sin [L, E/2] or
+    [B, L, E/2]."""
     return _Rope.apply(x, cos, sin)
 
 
@@ -163,8 +164,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.core_attention = CoreAttention()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """x [B, L, D]; rope (cos, sin) [L, E/2], or None for positions 0..L-1 of this x."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, D]; rope (cos, sin) [(B,) L, E/2], or None for positions 0..L-1 of this x;
+        documents [B, S] document ids of the whole sequence (packed documents) or None."""
         b, l, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, l, -1, self.head_dim)
@@ -174,7 +177,7 @@ class Attention(nn.Module):
         # its shard of the sequence, while attention sees the gathered whole.
         cos, sin = rope if rope is not None else rope_cos_sin(self.cfg, torch.arange(l, device=q.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -209,8 +212,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, documents=documents)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -238,9 +242,12 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, L] int64; positions [L] global positions (default: 0..L-1 of the sequence
-        attention sees).
+        """tokens [B, L] int64; positions [L] or [B, L] global positions (default: 0..L-1 of the
+        sequence attention sees); documents [B, S] int, a document id per token of the whole
+        sequence (S = L, or L x cp under context parallelism), for packed documents: attention
+        never crosses a document boundary. None: one causal sequence.
 
         Without labels: logits [B, L, V]. With labels [B, L]: the mean cross-entropy, computed
         by the fused, chunked output layer so that the logits are never materialized.
@@ -250,7 +257,7 @@ class Transformer(nn.Module):
         rope = rope_cos_sin(self.cfg, positions) if positions is not None else None
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, documents)
         if self.output is None:
             return h
         h = self.norm(h)

@@ -1,0 +1,78 @@
+"""Ulysses all-to-all attention (`cp_comm="a2a"`, DeepSpeed-Ulysses): trade the sequence shard
+for a head shard, attend over the whole sequence with 1/cp of the heads, and trade back.
+
+    q [B, Hq, L, D] (L = S / cp, all local heads)  --all-to-all-->  [B, Hq / cp, S, D]
+    attention over the whole sequence for Hq / cp heads (K and V likewise with Hkv / cp heads)
+    out [B, Hq / cp, S, D]  --all-to-all-->  [B, Hq, L, D]
+
+Needs the local query and KV head counts divisible by cp. After the exchange the sequence is in
+rank order; under load balancing that is a permutation of the global order, so it is put back in
+global order (one gather) and the plain single-device attention runs on it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from loom.models.attention import Span, plan_tiles, tiled_attention
+from loom.parallel.context.group import CPGroup
+
+
+def _seq_to_heads(x: torch.Tensor, cp: CPGroup) -> torch.Tensor:
+    """[B, H, L, D] (sequence shard) -> [B, H / cp, cp * L, D] (head shard, rank-order sequence)."""
+    b, h, l, d = x.shape
+    send = x.reshape(b, cp.size, h // cp.size, l, d).transpose(0, 1).contiguous()  # [cp, B, H/cp, L, D]
+    recv = torch.empty_like(send)  # recv[j]: rank j's tokens, for my heads
+    dist.all_to_all_single(recv, send, group=cp.group)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, h // cp.size, cp.size * l, d)
+
+
+def _heads_to_seq(x: torch.Tensor, cp: CPGroup) -> torch.Tensor:
+    """Inverse of `_seq_to_heads`: [B, H / cp, cp * L, D] -> [B, H, L, D]."""
+    b, hh, s, d = x.shape
+    send = x.reshape(b, hh, cp.size, s // cp.size, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)  # recv[j]: my tokens, for rank j's heads
+    dist.all_to_all_single(recv, send, group=cp.group)
+    return recv.transpose(0, 1).reshape(b, cp.size * hh, s // cp.size, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp: CPGroup):
+        ctx.cp = cp
+        return _seq_to_heads(x, cp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad.contiguous(), ctx.cp), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp: CPGroup):
+        ctx.cp = cp
+        return _heads_to_seq(x, cp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad.contiguous(), ctx.cp), None
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPGroup,
+                      spans: list[list[Span]], doc_starts: list[list[int]] | None) -> torch.Tensor:
+    """Causal attention of this rank's queries to the whole sequence's keys -> [B, Hq, L, D]."""
+    if q.shape[1] % cp.size or k.shape[1] % cp.size:
+        raise ValueError(f"a2a context parallelism needs the local query heads ({q.shape[1]}) and KV "
+                         f"heads ({k.shape[1]}) divisible by cp={cp.size}")
+    q, k, v = (_SeqToHeads.apply(t, cp) for t in (q, k, v))
+    seq_len = q.shape[2]
+    tiles = plan_tiles([(0, seq_len)], [(0, seq_len)], doc_starts)
+    flat = [s for rank in spans for s in rank]
+    if flat == sorted(flat):  # contiguous sharding: rank order is global order
+        out = tiled_attention(q, k, v, tiles)
+    else:  # load-balanced: the token at index i has global position order[i]
+        order = torch.cat([torch.arange(s, e, device=q.device) for s, e in flat])
+        to_global = torch.argsort(order)
+        q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
+        out = tiled_attention(q, k, v, tiles).index_select(2, order)
+    return _HeadsToSeq.apply(out, cp)
