@@ -104,6 +104,9 @@ class TrainSection:
 class DataSection:
     path: str = BUILTIN_STDLIB
     tokenizer: str = ""  # tokenizer.json; for a prepared dataset its own tokenizer is the default
+    # Attention stays inside each document of a packed sequence, and RoPE positions restart at
+    # every document (Megatron's reset_attention_mask + reset_position_ids).
+    pack_documents: bool = False
 
 
 @dataclass(frozen=True)
@@ -328,11 +331,6 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
         f"parallel.pp={p.pp} x parallel.pp_virtual_stages={p.pp_virtual_stages} stages exceed "
         f"model.n_layers={model.n_layers}",
     )
-    _need(
-        t.seq_len % (2 * p.cp if p.cp_load_balance and p.cp > 1 else p.cp) == 0,
-        f"train.seq_len={t.seq_len} is not divisible by "
-        f"{'2 x ' if p.cp_load_balance and p.cp > 1 else ''}parallel.cp={p.cp}",
-    )
     from loom.parallel.dims import LayoutError, ParallelDims
 
     try:
@@ -348,11 +346,23 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
         for key in ("vocab_size", "ffn_dim"):
             v = getattr(model, key)
             _need(v % p.tp == 0, f"parallel.tp={p.tp} does not divide model.{key}={v}")
-        if p.sequence_parallel:
+    # Context parallelism cuts the sequence into chunks (two per rank when load-balanced), and
+    # sequence parallelism then cuts each rank's share over tp.
+    chunks = 2 * p.cp if p.cp_load_balance and p.cp > 1 else p.cp
+    sp = p.tp if p.tp > 1 and p.sequence_parallel else 1
+    parts = [f"{'2 x ' if chunks == 2 * p.cp else ''}parallel.cp={p.cp}"] if p.cp > 1 else []
+    parts += [f"parallel.tp={p.tp} (sequence parallelism)"] if sp > 1 else []
+    _need(
+        t.seq_len % (chunks * sp) == 0,
+        f"train.seq_len={t.seq_len} is not divisible by {' x '.join(parts)} = {chunks * sp}",
+    )
+    if p.cp > 1 and p.cp_comm == "a2a":
+        for key in ("n_heads", "n_kv_heads"):
+            v = getattr(model, key)
             _need(
-                t.seq_len % p.tp == 0,
-                f"train.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp} "
-                f"(sequence parallelism shards the sequence)",
+                v % (p.tp * p.cp) == 0,
+                f"parallel.cp_comm='a2a' needs model.{key}={v} divisible by parallel.tp x parallel.cp "
+                f"= {p.tp * p.cp} (Ulysses shards heads over cp); allowed: cp_comm 'p2p' or 'allgather'",
             )
     if p.pp > 1:
         n_micro = t.global_batch // (t.micro_batch * dims.dp)
@@ -374,10 +384,6 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
             f"parallel.pp_virtual_stages={p.pp_virtual_stages} needs parallel.pp_schedule "
             f"'interleaved-1f1b' or 'zero-bubble', not {p.pp_schedule!r}",
         )
-    _need(
-        p.cp == 1,
-        f"parallel.cp={p.cp}: context parallelism is not available in this version; allowed: 1",
-    )
 
     d = cfg.data
     if d.path != BUILTIN_STDLIB:

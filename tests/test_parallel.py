@@ -1,4 +1,5 @@
-"""Parity of data-parallel layouts with the single-process run (gloo, one thread per rank).
+"""Parity of parallel layouts (data, tensor, pipeline, context) with the single-process run (gloo,
+one thread per rank); `packed` cases train on packed documents against a packed reference.
 
 Same seed, same data: every step's loss and the gradients after step 1 must match within
 relative 1e-5 in fp32 and 1e-2 in bf16.
@@ -28,6 +29,13 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "tp2_no_sp": ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"],
         "tp2_bf16_selective": ["--parallel.tp=2", "--parallel.dp_shard=1", "--train.dtype=bfloat16",
                                "--train.recompute=selective"],
+        "cp2_p2p": ["--parallel.dp_shard=1", "--parallel.cp=2"],
+        "cp2_p2p_contiguous": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.cp_load_balance=false"],
+        "cp2_allgather": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.cp_comm=allgather"],
+        "cp2_a2a": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.cp_comm=a2a"],
+        "cp2_p2p_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--data.pack_documents=true"],
+        "cp2_allgather_bf16_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.cp_comm=allgather",
+                                      "--train.dtype=bfloat16", "--data.pack_documents=true"],
         "pp2_gpipe": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=gpipe"],
         "pp2_1f1b": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=1f1b"],
         "pp2_interleaved": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2",
@@ -36,6 +44,20 @@ LAYOUTS = {  # world size -> {case: layout overrides}
                             "--parallel.pp_schedule=zero-bubble"],
     },
     4: {
+        "cp4_p2p": ["--parallel.dp_shard=1", "--parallel.cp=4"],
+        "cp4_allgather": ["--parallel.dp_shard=1", "--parallel.cp=4", "--parallel.cp_comm=allgather"],
+        "cp4_a2a": ["--parallel.dp_shard=1", "--parallel.cp=4", "--parallel.cp_comm=a2a"],
+        "cp4_p2p_packed": ["--parallel.dp_shard=1", "--parallel.cp=4", "--data.pack_documents=true"],
+        "cp4_a2a_packed": ["--parallel.dp_shard=1", "--parallel.cp=4", "--parallel.cp_comm=a2a",
+                           "--data.pack_documents=true"],
+        "cp2_tp2": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2"],
+        "cp2_pp2": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.pp=2"],
+        "cp2_dp_shard2": ["--parallel.dp_shard=2", "--parallel.cp=2"],
+        "cp2_tp2_bf16_selective_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2",
+                                          "--train.dtype=bfloat16", "--train.recompute=selective",
+                                          "--data.pack_documents=true"],
+        "cp2_pp2_full_recompute_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.pp=2",
+                                          "--train.recompute=full", "--data.pack_documents=true"],
         "dp_replicate2_dp_shard2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
         "dp_shard4": ["--parallel.dp_shard=4", "--train.micro_batch=1"],
         "dp_shard2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
@@ -48,6 +70,9 @@ LAYOUTS = {  # world size -> {case: layout overrides}
     },
     8: {
         "dp_shard2_tp2_pp2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"],
+        "cp2_tp2_pp2": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2", "--parallel.pp=2"],
+        "cp2_tp2_pp2_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2", "--parallel.pp=2",
+                               "--data.pack_documents=true"],
     },
 }
 
@@ -64,14 +89,16 @@ def reference(dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     refs = {}
     for dtype in ("float32", "bfloat16"):
-        r = run_case(common(dataset, tmp) + [f"--train.dtype={dtype}"], steps=4)
-        r.pop("trainer")
-        refs[dtype] = r
+        for packed in (False, True):
+            r = run_case(common(dataset, tmp) + [f"--train.dtype={dtype}", f"--data.pack_documents={packed}"],
+                         steps=4)
+            r.pop("trainer")
+            refs[dtype, packed] = r
     return refs
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_data_parallel_layouts_match_single_process(world, dataset, reference, tmp_path):
+def test_parallel_layouts_match_single_process(world, dataset, reference, tmp_path):
     out = tmp_path / "result.pt"
     cases = [f"{name}=" + ",".join(common(dataset, tmp_path) + extra) for name, extra in LAYOUTS[world].items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -84,7 +111,7 @@ def test_data_parallel_layouts_match_single_process(world, dataset, reference, t
     results = torch.load(out, weights_only=True)
     for name in LAYOUTS[world]:
         bf16 = "bf16" in name
-        ref = reference["bfloat16" if bf16 else "float32"]
+        ref = reference["bfloat16" if bf16 else "float32", "packed" in name]
         rel = 1e-2 if bf16 else 1e-5
         got = results[name]
         assert len(got["losses"]) == len(ref["losses"]) == 4

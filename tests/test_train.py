@@ -35,7 +35,7 @@ def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
         trainer = make_trainer(dataset, tmp_path, f"--train.micro_batch={mb}", "--train.global_batch=8")
         batches = trainer.micro_batches(0)
         assert len(batches) == 8 // mb
-        loss = sum(trainer.forward_loss(x, y) / len(batches) for x, y in batches)
+        loss = sum(trainer.forward_loss(b) / len(batches) for b in batches)
         loss.backward()
         grads[mb] = [p.grad.clone() for p in trainer.model.parameters()]
     for a, b in zip(grads[8], grads[2]):

@@ -9,6 +9,7 @@ A prepared dataset is a folder:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,16 @@ import torch
 
 class DataError(ValueError):
     """A dataset that cannot serve the run; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """inputs, labels [N, S] int64; documents [N, S] int64 (a document index per input token,
+    equal within a document) when documents are packed, else None."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    documents: torch.Tensor | None = None
 
 
 def read_meta(path: str | Path) -> dict:
@@ -53,6 +64,17 @@ class TokenDataset:
         rows = np.stack([np.asarray(self.tokens[i * s : i * s + s + 1]) for i in indices])
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
+
+    def batch(self, indices: np.ndarray, documents: bool = False) -> Batch:
+        """The sequences `indices` as a Batch; with documents=True, which document each input
+        token belongs to (a document runs from its first token to its eos token)."""
+        inputs, labels = self.sequences(indices)
+        if not documents:
+            return Batch(inputs, labels)
+        s = self.seq_len
+        positions = np.asarray(indices, dtype=np.int64)[:, None] * s + np.arange(s)
+        doc = np.searchsorted(self.doc_starts, positions, side="right") - 1
+        return Batch(inputs, labels, torch.from_numpy(doc.astype(np.int64)))
 
 
 def open_splits(path: str | Path, seq_len: int, progress: bool = True) -> tuple[TokenDataset, TokenDataset]:

@@ -1,10 +1,12 @@
 """Apply a layout to a materialized model, in loom's fixed order:
-pipeline split, then tensor parallelism, recomputation, and FSDP on each stage."""
+pipeline split, then context parallelism, tensor parallelism, recomputation, and FSDP on each
+stage."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from loom.parallel.context import apply_context_parallel
 from loom.parallel.data import apply_data_parallel
 from loom.parallel.dims import LayoutMesh, ParallelDims
 from loom.parallel.pipeline import local_stage_ids, stage_module
@@ -25,6 +27,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
     else:
         modules, stage_ids = [model], [0]
     for module in modules:
+        if mesh is not None and dims.cp > 1:
+            apply_context_parallel(module, mesh["cp"], parallel.cp_comm, parallel.cp_load_balance)
         if mesh is not None and dims.tp > 1:
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
         apply_recompute(list(module.layers.values()), recompute)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from loom.config import Config
-from loom.data.dataset import BatchSchedule, open_splits
+from loom.data.dataset import Batch, BatchSchedule, open_splits
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
+from loom.models.attention import document_positions
 from loom.models.llama import LlamaConfig, Transformer, build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
@@ -102,7 +103,7 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.dims = ParallelDims.from_section(p, self.world_size)
         self.mesh = None
-        self.rank = self.dp_rank = 0
+        self.rank = self.dp_rank = self.cp_rank = 0
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -113,6 +114,7 @@ class Trainer:
             self.rank = dist.get_rank()
             self.mesh = self.dims.build_mesh(self.device.type)
             self.dp_rank = self.mesh["dp"].get_local_rank()
+            self.cp_rank = self.mesh["cp"].get_local_rank()
         self.progress = progress and self.rank == 0
 
         torch.manual_seed(t.seed)
@@ -121,6 +123,7 @@ class Trainer:
         self.model = materialize(model_cfg, self.device, t.seed)
         self.pp = self.mesh is not None and self.dims.pp > 1
         self.tp = self.mesh is not None and self.dims.tp > 1
+        self.cp = self.dims.cp if self.mesh is not None else 1
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
         if self.pp:
@@ -167,13 +170,36 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
-    def forward_loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean loss of a micro-batch. Call inside `loss_context()`."""
-        inputs, labels = inputs.to(self.device), labels.to(self.device)
+    def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """This rank's (tokens [B, L], labels [B, L], keyword inputs of the model) of a batch of
+        whole sequences [B, S]: under context parallelism L = S / cp, the rank's load-balanced
+        shard, with its global RoPE positions; with packed documents, the document ids of the
+        whole sequence and positions that restart at every document."""
+        inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
+        documents = batch.documents.to(self.device) if batch.documents is not None else None
+        positions = document_positions(documents) if documents is not None else None
+        if self.cp > 1:
+            from loom.parallel.context import shard_index
+
+            b, s = inputs.shape
+            idx = shard_index(self.cp_rank, self.cp, s, self.cfg.parallel.cp_load_balance, self.device)
+            if positions is None:
+                positions = torch.arange(s, device=self.device).expand(b, s)
+            inputs, labels, positions = inputs[:, idx], labels[:, idx], positions[:, idx]
+        kwargs = {}
+        if positions is not None:  # [B, L]: batch-first, so pipeline micro-batching splits it
+            kwargs["positions"] = positions
+        if documents is not None:
+            kwargs["documents"] = documents
+        return inputs, labels, kwargs
+
+    def forward_loss(self, batch: Batch) -> torch.Tensor:
+        """Mean loss of a micro-batch (of this rank's tokens). Call inside `loss_context()`."""
+        inputs, labels, kwargs = self.model_inputs(batch)
         with self.autocast():
             if not self.tp:
-                return self.model(inputs, labels=labels)  # fused output layer + loss
-            logits = self.model(inputs)  # [B, L, V/tp] sharded DTensor
+                return self.model(inputs, labels=labels, **kwargs)  # fused output layer + loss
+            logits = self.model(inputs, **kwargs)  # [B, L, V/tp] sharded DTensor
         return _logits_loss(logits, labels)
 
     def named_parameters(self):
@@ -183,22 +209,25 @@ class Trainer:
         for module in modules:
             yield from module.named_parameters()
 
-    def _pipeline_run(self, micro_batches, train: bool) -> torch.Tensor:
+    def _pipeline_run(self, micro_batches: list[Batch], train: bool) -> torch.Tensor:
         """One pass of the schedule over this rank's micro-batches; returns the mean loss on every
         pipeline rank (it is known on the last stage only)."""
         import torch.distributed as dist
 
-        inputs = torch.cat([x for x, _ in micro_batches]).to(self.device)
-        labels = torch.cat([y for _, y in micro_batches]).to(self.device)
+        parts = [self.model_inputs(b) for b in micro_batches]
+        inputs = torch.cat([x for x, _, _ in parts])
+        labels = torch.cat([y for _, y, _ in parts])
+        # Positions and documents go to every stage (the schedule splits them into micro-batches).
+        kwargs = {key: torch.cat([kw[key] for _, _, kw in parts]) for key in parts[0][2]}
         first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         losses: list[torch.Tensor] = []
         run = self.pp_schedule.step if train else self.pp_schedule.eval
         with self.loss_context(), self.autocast():
             args = (inputs,) if first else ()
             if last:
-                run(*args, target=labels, losses=losses)
+                run(*args, target=labels, losses=losses, **kwargs)
             else:
-                run(*args)
+                run(*args, **kwargs)
         if last:
             loss = torch.stack([_local(x).detach().float() for x in losses]).mean()
         else:
@@ -206,16 +235,16 @@ class Trainer:
         dist.all_reduce(loss, group=self.mesh["pp"].get_group())
         return loss
 
-    def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate this rank's gradients; returns its mean loss (a detached scalar)."""
         if self.pp:
             return self._pipeline_run(micro_batches, train=True)
         total = torch.zeros((), device=self.device)
-        for i, (inputs, labels) in enumerate(micro_batches):
+        for i, batch in enumerate(micro_batches):
             if self.fsdp:  # reduce gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self.loss_context():
-                loss = self.forward_loss(inputs, labels) / len(micro_batches)
+                loss = self.forward_loss(batch) / len(micro_batches)
                 loss.backward()
             total += _local(loss.detach())
         return total
@@ -241,17 +270,26 @@ class Trainer:
         dist.all_reduce(value, group=self.mesh["dp_cp"].get_group())  # gloo has no AVG
         return value.item() / (self.dims.dp * self.dims.cp)
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> tuple[float, float]:
+    def mean_over_cp(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.mesh["cp"].get_group())
+        return t.item() / self.cp
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> tuple[float, float]:
         """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
         loss = self.forward_backward(micro_batches)
         grad_norm = self.optimizer_step(lr)
         return self.mean_over_data_ranks(loss), grad_norm
 
-    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share of optimizer step `step`, cut into micro-batches."""
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This data-parallel rank's share of optimizer step `step` (whole sequences; context-
+        parallel ranks read the same ones and keep their shards), cut into micro-batches."""
         idx = self.schedule.rank_indices(step, self.dp_rank, self.dims.dp)
         mb = self.cfg.train.micro_batch
-        return [self.train_data.sequences(idx[i : i + mb]) for i in range(0, len(idx), mb)]
+        packed = self.cfg.data.pack_documents
+        return [self.train_data.batch(idx[i : i + mb], packed) for i in range(0, len(idx), mb)]
 
     def peak_memory(self) -> int:
         """The largest peak over all ranks."""
@@ -270,14 +308,17 @@ class Trainer:
         n = min(self.cfg.train.eval_batches * mb, self.val_data.n_sequences)
         losses, counts = [], []
         for i in range(0, n, mb):
-            inputs, labels = self.val_data.sequences(np.arange(i, min(i + mb, n)))
+            batch = self.val_data.batch(np.arange(i, min(i + mb, n)), self.cfg.data.pack_documents)
             if self.pp:  # the schedule wants its micro-batch count: repeat this one
                 repeats = self.pp_schedule._n_microbatches
-                losses.append(self._pipeline_run([(inputs, labels)] * repeats, train=False).item())
+                losses.append(self._pipeline_run([batch] * repeats, train=False).item())
             else:
                 with self.loss_context():
-                    losses.append(_local(self.forward_loss(inputs, labels)).item())
-            counts.append(len(inputs))
+                    losses.append(_local(self.forward_loss(batch)).item())
+            # Under context parallelism each rank holds a part of the tokens: average them.
+            if self.cp > 1:
+                losses[-1] = self.mean_over_cp(losses[-1])
+            counts.append(len(batch.inputs))
         return float(np.average(losses, weights=counts))
 
     # -- the run --------------------------------------------------------------------------
