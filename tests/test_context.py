@@ -91,7 +91,9 @@ def test_packed_attention_matches_explicit_mask_forward_and_backward():
 
 def test_cp_attention_variants_match_single_device(tmp_path):
     """p2p, allgather, a2a at cp=2 and cp=4, with and without load balancing, causal and packed:
-    outputs and dq, dk, dv within relative 1e-5 of single-device attention (fp32, GQA)."""
+    outputs and dq, dk, dv within relative 1e-5 of single-device attention (fp32, GQA). And in a
+    whole model with packed documents, in one process and under each variant at cp=2 and 4: a
+    document's logits do not change when the other documents of the pack change."""
     out = tmp_path / "cp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
@@ -99,6 +101,9 @@ def test_cp_attention_variants_match_single_device(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     results = torch.load(out, weights_only=True)
-    assert len(results) == 2 * 2 * 3 * 2  # cp x packed x comm x load balance
+    assert results.pop("single_unpacked_changes")[0] > 1e-2  # without packing other documents matter
+    model_cases = [k for k in results if k.endswith("_packed_model")]
+    assert len(model_cases) == 2 * 3  # cp 2 and 4, each comm
+    assert len(results) == 2 * 2 * 3 * 2 + len(model_cases) + 1  # cp x packed x comm x lb, + single
     for case, errs in results.items():
         assert max(errs) < 1e-5, (case, errs)
