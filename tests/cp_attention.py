@@ -3,6 +3,8 @@
 1. Context-parallel attention (every variant) against single-device attention on the same random
    inputs, forward and backward, causal, grouped-query, with and without packed documents:
    max relative error of out, dq, dk, dv.
+3. Activation memory: bytes a whole model saves for backward per rank, single process vs each
+   cp variant at cp=2 and 4, for the same global sequences (key "saved_bytes", not an error).
 2. Packed documents in a whole model: the logits of one document's tokens when the other
    documents of the pack change (content and lengths), under each cp variant and cp degree:
    relative change, and relative difference from the single-process logits.
@@ -91,6 +93,52 @@ def packed_document_invariance(world: int) -> dict:
     return results
 
 
+def saved_activation_bytes(model, tokens, positions, labels) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward with loss,
+    parameters excluded (they are memory of the model, not of the sequence)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, positions, labels=labels)
+    return sum(saved.values())
+
+
+def saved_bytes_per_rank(world: int) -> dict:
+    """{"single": bytes, "cp2_p2p": largest bytes on any rank, ...} for batch 2 x 512 tokens."""
+    cfg = LlamaConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=192, vocab_size=97)
+    gen = torch.Generator().manual_seed(2)
+    seq_len = 512
+    tokens = torch.randint(cfg.vocab_size, (2, seq_len + 1), generator=gen)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(seq_len).expand(2, seq_len)
+
+    def model():
+        m = build_model(cfg, "cpu")
+        m.init_weights(seed=0)
+        return m
+
+    out = {"single": saved_activation_bytes(model(), inputs, positions, labels)}
+    for cp_size in (2, 4):
+        if world % cp_size:
+            continue
+        mesh = init_device_mesh("cpu", (world // cp_size, cp_size), mesh_dim_names=("rest", "cp"))
+        idx = shard_index(mesh["cp"].get_local_rank(), cp_size, seq_len, True)
+        for comm in ("p2p", "allgather", "a2a"):
+            m = model()
+            apply_context_parallel(m, mesh["cp"], comm, load_balance=True)
+            mine = torch.tensor([saved_activation_bytes(m, inputs[:, idx], positions[:, idx], labels[:, idx])])
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            out[f"cp{cp_size}_{comm}"] = int(mine.item())
+    return out
+
+
 def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -128,8 +176,9 @@ def main() -> None:
                     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                     results[f"cp{cp_size}_{comm}_{'lb' if lb else 'contiguous'}_{'packed' if packed else 'causal'}"] = worst.tolist()
     results.update(packed_document_invariance(world))
+    saved = saved_bytes_per_rank(world)
     if rank == 0:
-        torch.save(results, out_path)
+        torch.save({"errors": results, "saved_bytes": saved}, out_path)
     dist.destroy_process_group()
 
 

@@ -263,6 +263,16 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
     lse.copy_(new)
 
 
+def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (out 0, lse -inf) for partial results of q [B, H, L, D]. out is laid out as
+    [B, L, H, D] in memory, like the kernels' own output, so that the [B, L, H x D] input of the
+    output projection is a view of it, not a second copy kept for backward."""
+    b, h, l, d = q.shape
+    out = torch.zeros((b, l, h, d), dtype=torch.float32, device=q.device).transpose(1, 2)
+    lse = torch.full((b, h, l), -torch.inf, dtype=torch.float32, device=q.device)
+    return out, lse
+
+
 def tiled_attention_accumulate(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
                                k: torch.Tensor, v: torch.Tensor, tiles: list[Tile],
                                scale: float) -> None:
@@ -300,8 +310,7 @@ class _TiledAttentionFn(torch.autograd.Function):
         if covers_all(tiles, q.shape[2], k.shape[2]):
             out, lse = attention_forward(q, k, v, True, scale)
         else:
-            acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            lse = torch.full(q.shape[:3], -torch.inf, dtype=torch.float32, device=q.device)
+            acc, lse = new_accumulators(q)
             tiled_attention_accumulate(acc, lse, q, k, v, tiles, scale)
             out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from loom.models.attention import (
     Span,
+    new_accumulators,
     plan_tiles,
     tiled_attention_accumulate,
     tiled_attention_backward_accumulate,
@@ -36,8 +37,7 @@ class _AllGatherAttentionFn(torch.autograd.Function):
         kv = _gather_kv(k, v, cp)
         # The gathered sequence is in rank order: its spans are every rank's spans in turn.
         tiles = plan_tiles(spans[cp.rank], [s for rank in spans for s in rank], doc_starts)
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:3], -torch.inf, dtype=torch.float32, device=q.device)
+        out, lse = new_accumulators(q)
         tiled_attention_accumulate(out, lse, q, kv[0], kv[1], tiles, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)

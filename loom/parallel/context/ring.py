@@ -21,6 +21,7 @@ import torch
 
 from loom.models.attention import (
     Span,
+    new_accumulators,
     plan_tiles,
     tiled_attention_accumulate,
     tiled_attention_backward_accumulate,
@@ -34,8 +35,7 @@ class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp: CPGroup, spans: list[list[Span]], doc_starts, scale: float):
         r, n = cp.rank, cp.size
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:3], -torch.inf, dtype=torch.float32, device=q.device)
+        out, lse = new_accumulators(q)
         kv = torch.stack((k, v))  # [2, B, Hkv, L, D]: one message per step
         for step in range(n):
             requests = []

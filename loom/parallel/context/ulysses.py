@@ -33,7 +33,9 @@ def _heads_to_seq(x: torch.Tensor, cp: CPGroup) -> torch.Tensor:
     send = x.reshape(b, hh, cp.size, s // cp.size, d).permute(2, 0, 1, 3, 4).contiguous()
     recv = torch.empty_like(send)  # recv[j]: my tokens, for rank j's heads
     dist.all_to_all_single(recv, send, group=cp.group)
-    return recv.transpose(0, 1).reshape(b, cp.size * hh, s // cp.size, d)
+    # Laid out [B, L, H, D] in memory (a view as [B, H, L, D]): the output projection's input
+    # is then a view of it, not a second copy kept for backward.
+    return recv.permute(1, 3, 0, 2, 4).reshape(b, s // cp.size, cp.size * hh, d).transpose(1, 2)
 
 
 class _SeqToHeads(torch.autograd.Function):
