@@ -1,0 +1,300 @@
+"""Context parallelism on this machine: long-sequence throughput, ring overlap, longest sequence.
+
+    python benchmarks/context.py throughput [--lengths 4096,8192,16384,32768] [--plot cp.png]
+    python benchmarks/context.py overlap    [--cp 2] [--seq-len 16384]
+    python benchmarks/context.py memory     [--budget-mib 256]
+
+throughput: total tokens/s of one training step of the tiny model on the 2 cores, for one
+    process with 2 threads, tp=2 and cp=2 (one thread per rank), per sequence length, in the
+    shape of NeMo's long-sequence table (speedup of cp=2 over the others), and a PNG plot. Each
+    cell is `loom train` itself (steps after the first, median).
+overlap: ring attention (forward + backward, GQA) under torchrun at cp ranks: the time with
+    communication overlapped, against the same kernel calls alone and the same transfers alone;
+    hidden = (compute + comm - overlapped) / comm.
+memory: for cp = 1, 2, 4, 8, the longest power-of-two sequence whose training step (forward,
+    backward) fits a per-rank budget of step memory (peak RSS of the step above the RSS before
+    it, the model's parameters and gradients included), measured, not extrapolated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+
+# -- (a) throughput ---------------------------------------------------------------------------
+SETUPS = [  # label, ranks, overrides
+    ("1 process, 2 threads", 1, []),
+    ("tp=2", 2, ["--parallel.tp=2"]),
+    ("cp=2", 2, ["--parallel.cp=2"]),
+]
+
+
+def train_step_time(seq_len: int, overrides: list[str], steps: int, tmp: Path) -> float:
+    jsonl = tmp / "m.jsonl"
+    cmd = [sys.executable, "-m", "loom", "train", "--quiet", "--model.name=tiny",
+           f"--train.seq_len={seq_len}", f"--train.steps={steps}", "--train.global_batch=1",
+           "--train.micro_batch=1", "--train.eval_every=0", "--train.eval_batches=1", "--train.warmup_steps=0",
+           "--metrics.log_every=1", f"--metrics.jsonl={jsonl}", "--metrics.plot=",
+           "--parallel.dp_shard=1", "--parallel.pp=1", *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in open(jsonl)]
+    return statistics.median(row["step_time_s"] for row in rows if row["step"] > 1)
+
+
+def throughput(args) -> None:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    table: dict[int, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seq_len in lengths:
+            steps = 3 if seq_len <= 8192 else 2
+            table[seq_len] = {}
+            for label, ranks, overrides in SETUPS:
+                nproc = ["--nproc", str(ranks)] if ranks > 1 else []
+                # `loom train --nproc` itself is the launcher; one process keeps torch's 2 threads.
+                t = train_step_time(seq_len, nproc + overrides, steps, Path(tmp))
+                table[seq_len][label] = seq_len / t
+                print(f"seq {seq_len} {label}: {seq_len / t:,.0f} tokens/s ({t:.2f} s/step)", file=sys.stderr, flush=True)
+    print("\n## tiny model, one sequence per step, fp32, 2 cores: total tokens/s\n")
+    print("| sequence length | 1 process (2 threads) | tp=2 | cp=2 | cp=2 speedup vs 1 process | cp=2 speedup vs tp=2 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for seq_len, row in table.items():
+        one, tp, cp = row["1 process, 2 threads"], row["tp=2"], row["cp=2"]
+        print(f"| {seq_len:,} | {one:,.0f} | {tp:,.0f} | {cp:,.0f} | {cp / one:.2f}x | {cp / tp:.2f}x |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, _, _ in SETUPS:
+            ax.plot(lengths, [table[s][label] for s in lengths], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{s // 1024}K" for s in lengths])
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel("tokens/s (2 CPU cores in all)")
+        ax.set_title("loom tiny model: context parallelism vs tp and one process")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nplot: {args.plot}")
+
+
+# -- (b) overlap ------------------------------------------------------------------------------
+def overlap_worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from loom.models.attention import (
+        new_accumulators, plan_tiles, tiled_attention_accumulate, tiled_attention_backward_accumulate,
+    )
+    from loom.parallel.context.group import CPGroup, wait
+    from loom.parallel.context.ring import ring_attention
+    from loom.parallel.context.sharding import all_spans
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    cp = CPGroup.from_mesh(init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",)))
+    n, r = cp.size, cp.rank
+    b, hq, hkv, d = 1, 8, 4, 32  # the tiny model's attention: 8 heads, 4 KV heads, head dim 32
+    local = args.seq_len // n
+    spans = all_spans(n, args.seq_len, True)
+    q = torch.randn(b, hq, local, d, requires_grad=True)
+    k = torch.randn(b, hkv, local, d, requires_grad=True)
+    v = torch.randn(b, hkv, local, d, requires_grad=True)
+    dout = torch.randn(b, hq, local, d)
+
+    def overlapped():
+        out = ring_attention(q, k, v, cp, spans, None)
+        out.backward(dout)
+
+    def compute_only():  # the same kernel calls on the same block shapes, no transfers
+        out, lse = new_accumulators(q)
+        with torch.no_grad():
+            for step in range(n):
+                tiles = plan_tiles(spans[r], spans[(r - step) % n])
+                tiled_attention_accumulate(out, lse, q, k, v, tiles, d ** -0.5)
+            o = out.to(q.dtype)
+            dq = torch.zeros(q.shape)
+            dkv = torch.zeros((2, *k.shape))
+            for step in range(n):
+                tiles = plan_tiles(spans[r], spans[(r - step) % n])
+                tiled_attention_backward_accumulate(dq, dkv[0], dkv[1], dout, q, k, v, o, lse, tiles, d ** -0.5)
+
+    def comm_only():  # the same transfers: n-1 KV blocks forward; n-1 KV and n KV-gradient blocks backward
+        kv = torch.stack((k.detach(), v.detach()))
+        grad = torch.zeros(kv.shape)
+        for _ in range(n - 1):
+            buf = torch.empty_like(kv)
+            wait(cp.exchange(kv, buf, 1))
+        for step in range(n):
+            if step + 1 < n:
+                wait(cp.exchange(kv, torch.empty_like(kv), 1))
+            wait(cp.exchange(grad, torch.empty_like(grad), 2))
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(args.repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dist.barrier()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])  # the first is warm-up
+
+    t_overlap, t_compute, t_comm = timed(overlapped), timed(compute_only), timed(comm_only)
+    if r == 0:
+        hidden = (t_compute + t_comm - t_overlap) / t_comm if t_comm > 0 else float("nan")
+        print(json.dumps({"cp": n, "seq_len": args.seq_len, "overlapped_s": t_overlap, "compute_s": t_compute,
+                          "comm_s": t_comm, "hidden_fraction": hidden}))
+    dist.destroy_process_group()
+
+
+def launch(worker: str, nproc: int, extra: list[str]) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(HERE), worker, *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "OMP_NUM_THREADS": "1"}, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-3000:])
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def overlap(args) -> None:
+    rows = []
+    for seq_len in [int(x) for x in args.lengths.split(",")]:
+        for cp in [int(x) for x in args.cp.split(",")]:
+            rows += launch("overlap-worker", cp, [f"--seq-len={seq_len}", f"--repeats={args.repeats}"])
+            print(rows[-1], file=sys.stderr, flush=True)
+    print("\n## ring attention (forward + backward), gloo, one thread per rank\n")
+    print("| cp | sequence | overlapped (s) | compute alone (s) | transfers alone (s) | communication hidden |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['cp']} | {row['seq_len']:,} | {row['overlapped_s']:.3f} | {row['compute_s']:.3f} | "
+              f"{row['comm_s']:.3f} | {100 * row['hidden_fraction']:.0f}% |")
+
+
+# -- (c) memory -------------------------------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_worker(args) -> None:
+    """One training step per length; prints {"seq_len", "step_mib" (max over ranks), "fits"}."""
+    import torch
+    import torch.distributed as dist
+
+    from loom.models.registry import get_model_config
+    from loom.models.llama import build_model
+    from loom.parallel.context import apply_context_parallel, shard_index
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    cfg = get_model_config("tiny")
+    model = build_model(cfg, "cpu")
+    model.init_weights(seed=0)
+    if world > 1:
+        apply_context_parallel(model, mesh, "p2p", load_balance=True)
+    budget_kib = args.budget_mib * 1024
+    seq_len = args.start
+    while seq_len <= args.max_len:
+        tokens = torch.randint(cfg.vocab_size, (1, seq_len + 1))
+        rank = mesh.get_local_rank() if world > 1 else 0
+        idx = shard_index(rank, world, seq_len, True) if world > 1 else torch.arange(seq_len)
+        inputs, labels = tokens[:, :-1][:, idx], tokens[:, 1:][:, idx]
+        positions = idx.expand(1, -1)
+        model.zero_grad(set_to_none=True)
+        base = _rss_kib("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
+        loss = model(inputs, positions, labels=labels)
+        peak = _rss_kib("VmHWM") - base
+        over = torch.tensor([peak > budget_kib], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(over)
+        if not over.item():  # forward fits: run the backward (its peak counts too)
+            loss.backward()
+            peak = _rss_kib("VmHWM") - base
+        del loss
+        worst = torch.tensor([peak], dtype=torch.int64)
+        if world > 1:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        fits = worst.item() <= budget_kib
+        if rank == 0:
+            print(json.dumps({"cp": world, "seq_len": seq_len, "step_mib": worst.item() / 1024, "fits": fits}), flush=True)
+        if not fits:
+            break
+        seq_len *= 2
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def memory(args) -> None:
+    rows = []
+    for cp in (1, 2, 4, 8):
+        start = max([r["seq_len"] for r in rows if r["fits"]] or [1024])  # never below what cp/2 fit
+        rows += launch("memory-worker", cp, [f"--budget-mib={args.budget_mib}", f"--start={start}",
+                                             f"--max-len={args.max_len}"])
+        print([r for r in rows if r["cp"] == cp], file=sys.stderr, flush=True)
+    print(f"\n## longest sequence of the tiny model whose training step fits {args.budget_mib} MiB per rank\n")
+    print("| cp | longest that fits | its step memory per rank | next length | its memory per rank |")
+    print("|---:|---:|---:|---:|---:|")
+    for cp in (1, 2, 4, 8):
+        mine = [r for r in rows if r["cp"] == cp]
+        ok = [r for r in mine if r["fits"]]
+        bad = [r for r in mine if not r["fits"]]
+        best = f"{ok[-1]['seq_len']:,} | {ok[-1]['step_mib']:.0f} MiB" if ok else "none | "
+        nxt = f"{bad[0]['seq_len']:,} | {bad[0]['step_mib']:.0f} MiB (over)" if bad else "not tried | "
+        print(f"| {cp} | {best} | {nxt} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--lengths", default="4096,8192,16384,32768")
+    t.add_argument("--plot", default="cp_throughput.png")
+    o = sub.add_parser("overlap")
+    o.add_argument("--cp", default="2,4")
+    o.add_argument("--lengths", default="8192,32768")
+    o.add_argument("--repeats", type=int, default=4)
+    ow = sub.add_parser("overlap-worker")
+    ow.add_argument("--seq-len", type=int, required=True)
+    ow.add_argument("--repeats", type=int, default=4)
+    m = sub.add_parser("memory")
+    m.add_argument("--budget-mib", type=int, default=256)
+    m.add_argument("--max-len", type=int, default=1 << 17)
+    mw = sub.add_parser("memory-worker")
+    mw.add_argument("--budget-mib", type=int, required=True)
+    mw.add_argument("--start", type=int, required=True)
+    mw.add_argument("--max-len", type=int, required=True)
+    args = ap.parse_args()
+    {"throughput": throughput, "overlap": overlap, "overlap-worker": overlap_worker, "memory": memory,
+     "memory-worker": memory_worker}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
