@@ -118,9 +118,13 @@ def test_precedence_defaults_file_cli(tmp_path):
         cfg.train.steps = 3
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu.toml", "llama2_7b.toml", "llama3_8b.toml", "llama3_70b.toml"])
+@pytest.mark.parametrize("name", ["tiny_cpu.toml", "llama2_7b.toml", "llama3_8b.toml", "llama3_70b.toml",
+                                  "llama31_8b_128k.toml"])
 def test_shipped_configs_load(name):
+    import dataclasses
     from pathlib import Path
+
+    from loom.config import DataSection
 
     path = Path(__file__).parent.parent / "configs" / name
     cfg = load_config(str(path))
@@ -129,7 +133,9 @@ def test_shipped_configs_load(name):
         assert cfg == Config()  # the file spells out the embedded default
         validate(cfg)
     else:
-        assert cfg.train.seq_len == 8192
+        assert cfg.train.seq_len == (131072 if "128k" in name else 8192)
+        # The GPU recipes' layouts are valid (their corpus is not here: check with the builtin one).
+        validate(dataclasses.replace(cfg, data=DataSection(pack_documents=cfg.data.pack_documents)))
 
 
 def test_under_torchrun_a_bigger_world_is_refused(monkeypatch, capsys, tmp_path):

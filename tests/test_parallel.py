@@ -123,21 +123,30 @@ def test_parallel_layouts_match_single_process(world, dataset, reference, tmp_pa
 
 
 def test_nproc_launches_torchrun_and_rank0_reports(dataset, tmp_path):
+    """`loom train --nproc 2` with cp=2 and packed documents, validating every step: rank 0 writes
+    the metrics once, and the validation losses equal the single-process run's."""
     import json
 
-    jsonl = tmp_path / "m.jsonl"
-    args = MODEL + TRAIN + [f"--data.path={dataset}", f"--metrics.jsonl={jsonl}",
-                            f"--metrics.plot={tmp_path}/loss.png", "--train.steps=3", "--metrics.log_every=1",
-                            "--parallel.dp_shard=2"]
+    args = MODEL + TRAIN + [f"--data.path={dataset}", "--train.steps=3", "--metrics.log_every=1",
+                            "--train.eval_every=1", "--train.eval_batches=2", "--data.pack_documents=true"]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-m", "loom", "train", "--nproc", "2", "--quiet", *args],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = [json.loads(line) for line in open(jsonl)]
-    assert [row["step"] for row in rows] == [1, 2, 3]  # written once, by rank 0
-    assert rows[0]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1, "world_size": 2}
-    assert rows[0]["tokens_per_s_per_device"] == pytest.approx(rows[0]["tokens_per_s"] / 2)
-    assert r.stdout.count("tokens/s per device") == 1 and "dp_shard=2" in r.stdout
+    rows = {}
+    for name, extra in (("single", []), ("cp2", ["--nproc", "2", "--parallel.cp=2"])):
+        jsonl = tmp_path / f"{name}.jsonl"
+        r = subprocess.run([sys.executable, "-m", "loom", "train", "--quiet", *extra, *args,
+                            f"--metrics.jsonl={jsonl}", f"--metrics.plot={tmp_path}/{name}.png"],
+                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-4000:]
+        rows[name] = [json.loads(line) for line in open(jsonl)]
+        stdout = r.stdout
+    cp_rows = rows["cp2"]
+    assert [row["step"] for row in cp_rows] == [1, 2, 3]  # written once, by rank 0
+    assert cp_rows[0]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 1, "world_size": 2}
+    assert cp_rows[0]["tokens_per_s_per_device"] == pytest.approx(cp_rows[0]["tokens_per_s"] / 2)
+    assert stdout.count("tokens/s per device") == 1 and "cp=2" in stdout
+    for a, b in zip(cp_rows, rows["single"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_stage_split_is_balanced_not_refused():
