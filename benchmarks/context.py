@@ -1,13 +1,14 @@
 """Context parallelism on this machine: long-sequence throughput, ring overlap, longest sequence.
 
     python benchmarks/context.py throughput [--lengths 4096,8192,16384,32768] [--plot cp.png]
-    python benchmarks/context.py overlap    [--cp 2] [--seq-len 16384]
+    python benchmarks/context.py overlap    [--cp 2,4] [--lengths 1024,2048,4096] [--kv-heads 8]
     python benchmarks/context.py memory     [--budget-mib 256]
 
 throughput: total tokens/s of one training step of the tiny model on the 2 cores, for one
     process with 2 threads, tp=2 and cp=2 (one thread per rank), per sequence length, in the
     shape of NeMo's long-sequence table (speedup of cp=2 over the others), and a PNG plot. Each
-    cell is `loom train` itself (steps after the first, median).
+    run is `loom train` itself (median step time after the first step); the setups alternate
+    and each cell is the median over --rounds runs.
 overlap: ring attention (forward + backward, GQA) under torchrun at cp ranks: the time with
     communication overlapped, against the same kernel calls alone and the same transfers alone;
     hidden = (compute + comm - overlapped) / comm.
@@ -58,18 +59,22 @@ def train_step_time(seq_len: int, overrides: list[str], steps: int, tmp: Path) -
 
 def throughput(args) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
-    table: dict[int, dict[str, float]] = {}
+    # This VM's speed drifts by a third with its neighbours' load: the setups alternate within
+    # each round, and each cell is the median over the rounds.
+    samples: dict[int, dict[str, list[float]]] = {s: {label: [] for label, _, _ in SETUPS} for s in lengths}
     with tempfile.TemporaryDirectory() as tmp:
         for seq_len in lengths:
             steps = 3 if seq_len <= 8192 else 2
-            table[seq_len] = {}
-            for label, ranks, overrides in SETUPS:
-                nproc = ["--nproc", str(ranks)] if ranks > 1 else []
-                # `loom train --nproc` itself is the launcher; one process keeps torch's 2 threads.
-                t = train_step_time(seq_len, nproc + overrides, steps, Path(tmp))
-                table[seq_len][label] = seq_len / t
-                print(f"seq {seq_len} {label}: {seq_len / t:,.0f} tokens/s ({t:.2f} s/step)", file=sys.stderr, flush=True)
-    print("\n## tiny model, one sequence per step, fp32, 2 cores: total tokens/s\n")
+            for _ in range(args.rounds):
+                for label, ranks, overrides in SETUPS:
+                    nproc = ["--nproc", str(ranks)] if ranks > 1 else []
+                    # `loom train --nproc` itself is the launcher; one process keeps torch's 2 threads.
+                    t = train_step_time(seq_len, nproc + overrides, steps, Path(tmp))
+                    samples[seq_len][label].append(seq_len / t)
+                    print(f"seq {seq_len} {label}: {seq_len / t:,.0f} tokens/s ({t:.2f} s/step)",
+                          file=sys.stderr, flush=True)
+    table = {s: {label: statistics.median(v) for label, v in row.items()} for s, row in samples.items()}
+    print(f"\n## tiny model, one sequence per step, fp32, 2 cores: total tokens/s (median of {args.rounds} rounds)\n")
     print("| sequence length | 1 process (2 threads) | tp=2 | cp=2 | cp=2 speedup vs 1 process | cp=2 speedup vs tp=2 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for seq_len, row in table.items():
@@ -102,9 +107,6 @@ def overlap_worker(args) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from loom.models.attention import (
-        new_accumulators, plan_tiles, tiled_attention_accumulate, tiled_attention_backward_accumulate,
-    )
     from loom.parallel.context.group import CPGroup, wait
     from loom.parallel.context.ring import ring_attention
     from loom.parallel.context.sharding import all_spans
@@ -112,8 +114,8 @@ def overlap_worker(args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     cp = CPGroup.from_mesh(init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("cp",)))
-    n, r = cp.size, cp.rank
-    b, hq, hkv, d = 1, 8, 4, 32  # the tiny model's attention: 8 heads, 4 KV heads, head dim 32
+    n = cp.size
+    b, hq, hkv, d = 1, 8, args.kv_heads, 32  # the tiny model's heads (8 x 32); KV heads as asked
     local = args.seq_len // n
     spans = all_spans(n, args.seq_len, True)
     q = torch.randn(b, hq, local, d, requires_grad=True)
@@ -121,22 +123,39 @@ def overlap_worker(args) -> None:
     v = torch.randn(b, hkv, local, d, requires_grad=True)
     dout = torch.randn(b, hq, local, d)
 
+    blocked = [0.0]  # seconds the ring spent waiting for a transfer that had not arrived
+
+    class TimedWait:
+        def __init__(self, request):
+            self.request = request
+
+        def wait(self):
+            t0 = time.perf_counter()
+            self.request.wait()
+            blocked[0] += time.perf_counter() - t0
+
+    class WaitTimedRing(CPGroup):
+        def exchange(self, send, recv, tag):
+            return [TimedWait(r) for r in CPGroup.exchange(self, send, recv, tag)]
+
+    timed_ring = WaitTimedRing(cp.group, cp.rank, cp.size, cp.ranks)
+
     def overlapped():
-        out = ring_attention(q, k, v, cp, spans, None)
+        out = ring_attention(q, k, v, timed_ring, spans, None)
         out.backward(dout)
 
-    def compute_only():  # the same kernel calls on the same block shapes, no transfers
-        out, lse = new_accumulators(q)
-        with torch.no_grad():
-            for step in range(n):
-                tiles = plan_tiles(spans[r], spans[(r - step) % n])
-                tiled_attention_accumulate(out, lse, q, k, v, tiles, d ** -0.5)
-            o = out.to(q.dtype)
-            dq = torch.zeros(q.shape)
-            dkv = torch.zeros((2, *k.shape))
-            for step in range(n):
-                tiles = plan_tiles(spans[r], spans[(r - step) % n])
-                tiled_attention_backward_accumulate(dq, dkv[0], dkv[1], dout, q, k, v, o, lse, tiles, d ** -0.5)
+    class NoTransfers(CPGroup):
+        """The same ring code, with each transfer replaced by a local copy of the same size."""
+
+        def exchange(self, send, recv, tag):
+            recv.copy_(send)
+            return []
+
+    local_ring = NoTransfers(cp.group, cp.rank, cp.size, cp.ranks)
+
+    def compute_only():  # every kernel call, merge and buffer of the ring; no transfers
+        out = ring_attention(q, k, v, local_ring, spans, None)
+        out.backward(dout)
 
     def comm_only():  # the same transfers: n-1 KV blocks forward; n-1 KV and n KV-gradient blocks backward
         kv = torch.stack((k.detach(), v.detach()))
@@ -150,20 +169,23 @@ def overlap_worker(args) -> None:
             wait(cp.exchange(grad, torch.empty_like(grad), 2))
 
     def timed(fn) -> float:
-        times = []
-        for _ in range(args.repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            dist.barrier()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])  # the first is warm-up
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dist.barrier()
+        return time.perf_counter() - t0
 
-    t_overlap, t_compute, t_comm = timed(overlapped), timed(compute_only), timed(comm_only)
-    if r == 0:
+    # Interleaved, so that the machine's drift hits the three alike; the first round is warm-up.
+    rounds = []
+    for _ in range(args.repeats + 1):
+        blocked[0] = 0.0
+        t = [timed(fn) for fn in (overlapped, compute_only, comm_only)]
+        rounds.append(t + [blocked[0]])
+    t_overlap, t_compute, t_comm, t_blocked = (statistics.median(col) for col in zip(*rounds[1:]))
+    if cp.rank == 0:
         hidden = (t_compute + t_comm - t_overlap) / t_comm if t_comm > 0 else float("nan")
-        print(json.dumps({"cp": n, "seq_len": args.seq_len, "overlapped_s": t_overlap, "compute_s": t_compute,
-                          "comm_s": t_comm, "hidden_fraction": hidden}))
+        print(json.dumps({"cp": n, "seq_len": args.seq_len, "kv_heads": hkv, "overlapped_s": t_overlap, "compute_s": t_compute,
+                          "comm_s": t_comm, "blocked_s": t_blocked, "hidden_fraction": hidden}))
     dist.destroy_process_group()
 
 
@@ -180,14 +202,19 @@ def overlap(args) -> None:
     rows = []
     for seq_len in [int(x) for x in args.lengths.split(",")]:
         for cp in [int(x) for x in args.cp.split(",")]:
-            rows += launch("overlap-worker", cp, [f"--seq-len={seq_len}", f"--repeats={args.repeats}"])
+            rows += launch("overlap-worker", cp, [f"--seq-len={seq_len}", f"--repeats={args.repeats}",
+                                                  f"--kv-heads={args.kv_heads}"])
             print(rows[-1], file=sys.stderr, flush=True)
-    print("\n## ring attention (forward + backward), gloo, one thread per rank\n")
-    print("| cp | sequence | overlapped (s) | compute alone (s) | transfers alone (s) | communication hidden |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"\n## ring attention (forward + backward), gloo, one thread per rank, 8 query heads, "
+          f"{args.kv_heads} KV heads, head dim 32 (medians of {args.repeats} interleaved rounds)\n")
+    print("hidden = (compute + transfers - overlapped) / transfers; waited = time the ring blocked on a "
+          "transfer not yet arrived, as a share of the transfers' own time\n")
+    print("| cp | sequence | overlapped (s) | compute alone (s) | transfers alone (s) | sum (s) | hidden | waited |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['cp']} | {row['seq_len']:,} | {row['overlapped_s']:.3f} | {row['compute_s']:.3f} | "
-              f"{row['comm_s']:.3f} | {100 * row['hidden_fraction']:.0f}% |")
+        print(f"| {row['cp']} | {row['seq_len']:,} | {row['overlapped_s']:.4f} | {row['compute_s']:.4f} | "
+              f"{row['comm_s']:.4f} | {row['compute_s'] + row['comm_s']:.4f} | {100 * row['hidden_fraction']:.0f}% | "
+              f"{100 * row['blocked_s'] / row['comm_s']:.0f}% |")
 
 
 # -- (c) memory -------------------------------------------------------------------------------
@@ -277,13 +304,18 @@ def main() -> None:
     t = sub.add_parser("throughput")
     t.add_argument("--lengths", default="4096,8192,16384,32768")
     t.add_argument("--plot", default="cp_throughput.png")
+    t.add_argument("--rounds", type=int, default=2)
     o = sub.add_parser("overlap")
     o.add_argument("--cp", default="2,4")
-    o.add_argument("--lengths", default="8192,32768")
-    o.add_argument("--repeats", type=int, default=4)
+    # Short sequences and full KV heads: transfers grow with S, kernels with S^2, so this is where
+    # communication is a large enough part of the step to see how much of it is hidden.
+    o.add_argument("--lengths", default="1024,2048,4096")
+    o.add_argument("--kv-heads", type=int, default=8)
+    o.add_argument("--repeats", type=int, default=10)
     ow = sub.add_parser("overlap-worker")
     ow.add_argument("--seq-len", type=int, required=True)
-    ow.add_argument("--repeats", type=int, default=4)
+    ow.add_argument("--kv-heads", type=int, required=True)
+    ow.add_argument("--repeats", type=int, default=10)
     m = sub.add_parser("memory")
     m.add_argument("--budget-mib", type=int, default=256)
     m.add_argument("--max-len", type=int, default=1 << 17)

@@ -80,7 +80,8 @@ def attention_backward(
         if q.dtype in (torch.float16, torch.bfloat16):
             empty = torch.empty(0, device=q.device, dtype=torch.int64)
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                dout, q, ke, ve, out, lse, empty, empty, q.shape[2], k.shape[2], 0.0, causal,
+                # A tile's lse is a strided slice; the CUDA kernels index it as contiguous.
+                dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
                 empty, empty, scale=scale,
             )
         else:
