@@ -189,10 +189,11 @@ def overlap_worker(args) -> None:
     dist.destroy_process_group()
 
 
-def launch(worker: str, nproc: int, extra: list[str]) -> list[dict]:
+def launch(worker: str, nproc: int, extra: list[str], env: dict | None = None) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(HERE), worker, *extra]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "OMP_NUM_THREADS": "1"}, timeout=3600)
+    env = {**_env(), "OMP_NUM_THREADS": "1", **(env or {})}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -247,10 +248,13 @@ def memory_worker(args) -> None:
     if world > 1:
         apply_context_parallel(model, mesh, "p2p", load_balance=True)
     budget_kib = args.budget_mib * 1024
-    seq_len = args.start
+    rank = mesh.get_local_rank() if world > 1 else 0
+    # Warm-up step (not reported): one-time allocations (thread pools, communication buffers).
+    warm = torch.randint(cfg.vocab_size, (1, 1024 // world))
+    model(warm, torch.arange(1024 // world)[None], labels=warm).backward()
+    seq_len = args.first_len
     while seq_len <= args.max_len:
         tokens = torch.randint(cfg.vocab_size, (1, seq_len + 1))
-        rank = mesh.get_local_rank() if world > 1 else 0
         idx = shard_index(rank, world, seq_len, True) if world > 1 else torch.arange(seq_len)
         inputs, labels = tokens[:, :-1][:, idx], tokens[:, 1:][:, idx]
         positions = idx.expand(1, -1)
@@ -283,8 +287,12 @@ def memory(args) -> None:
     rows = []
     for cp in (1, 2, 4, 8):
         start = max([r["seq_len"] for r in rows if r["fits"]] or [1024])  # never below what cp/2 fit
-        rows += launch("memory-worker", cp, [f"--budget-mib={args.budget_mib}", f"--start={start}",
-                                             f"--max-len={args.max_len}"])
+        # A fixed mmap threshold makes glibc return every large freed block to the system at once,
+        # so the resident set follows the live tensors (glibc's adaptive threshold would keep
+        # freed blocks in the heap, and a later step reusing them would look smaller than it is).
+        rows += launch("memory-worker", cp, [f"--budget-mib={args.budget_mib}", f"--first-len={start}",
+                                             f"--max-len={args.max_len}"],
+                       env={"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
         print([r for r in rows if r["cp"] == cp], file=sys.stderr, flush=True)
     print(f"\n## longest sequence of the tiny model whose training step fits {args.budget_mib} MiB per rank\n")
     print("| cp | longest that fits | its step memory per rank | next length | its memory per rank |")
@@ -321,7 +329,7 @@ def main() -> None:
     m.add_argument("--max-len", type=int, default=1 << 17)
     mw = sub.add_parser("memory-worker")
     mw.add_argument("--budget-mib", type=int, required=True)
-    mw.add_argument("--start", type=int, required=True)
+    mw.add_argument("--first-len", type=int, required=True)
     mw.add_argument("--max-len", type=int, required=True)
     args = ap.parse_args()
     {"throughput": throughput, "overlap": overlap, "overlap-worker": overlap_worker, "memory": memory,
