@@ -61,7 +61,12 @@ def throughput(args) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     # This VM's speed drifts by a third with its neighbours' load: the setups alternate within
     # each round, and each cell is the median over the rounds.
-    samples: dict[int, dict[str, list[float]]] = {s: {label: [] for label, _, _ in SETUPS} for s in lengths}
+    # Samples accumulate in --results across invocations, so a long sweep can be run in parts.
+    results = Path(args.results)
+    stored = json.loads(results.read_text()) if results.exists() else {}
+    samples: dict[int, dict[str, list[float]]] = {int(s): row for s, row in stored.items()}
+    for s in lengths:
+        samples.setdefault(s, {label: [] for label, _, _ in SETUPS})
     with tempfile.TemporaryDirectory() as tmp:
         for seq_len in lengths:
             steps = 3 if seq_len <= 8192 else 2
@@ -71,10 +76,14 @@ def throughput(args) -> None:
                     # `loom train --nproc` itself is the launcher; one process keeps torch's 2 threads.
                     t = train_step_time(seq_len, nproc + overrides, steps, Path(tmp))
                     samples[seq_len][label].append(seq_len / t)
+                    results.write_text(json.dumps(samples, indent=1))
                     print(f"seq {seq_len} {label}: {seq_len / t:,.0f} tokens/s ({t:.2f} s/step)",
                           file=sys.stderr, flush=True)
-    table = {s: {label: statistics.median(v) for label, v in row.items()} for s, row in samples.items()}
-    print(f"\n## tiny model, one sequence per step, fp32, 2 cores: total tokens/s (median of {args.rounds} rounds)\n")
+    lengths = sorted(samples)
+    table = {s: {label: statistics.median(v) for label, v in samples[s].items()} for s in lengths}
+    rounds = sorted({len(v) for row in samples.values() for v in row.values()})
+    print(f"\n## tiny model, one sequence per step, fp32, 2 cores: total tokens/s (median of "
+          f"{'/'.join(map(str, rounds))} runs per cell, from {results})\n")
     print("| sequence length | 1 process (2 threads) | tp=2 | cp=2 | cp=2 speedup vs 1 process | cp=2 speedup vs tp=2 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for seq_len, row in table.items():
@@ -313,6 +322,7 @@ def main() -> None:
     t.add_argument("--lengths", default="4096,8192,16384,32768")
     t.add_argument("--plot", default="cp_throughput.png")
     t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--results", default="cp_throughput.json")
     o = sub.add_parser("overlap")
     o.add_argument("--cp", default="2,4")
     # Short sequences and full KV heads: transfers grow with S, kernels with S^2, so this is where

@@ -53,6 +53,7 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "cp2_tp2": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2"],
         "cp2_pp2": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.pp=2"],
         "cp2_dp_shard2": ["--parallel.dp_shard=2", "--parallel.cp=2"],
+        "cp2_dp_replicate2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1", "--parallel.cp=2"],
         "cp2_tp2_bf16_selective_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2",
                                           "--train.dtype=bfloat16", "--train.recompute=selective",
                                           "--data.pack_documents=true"],

@@ -38,26 +38,18 @@ def _heads_to_seq(x: torch.Tensor, cp: CPGroup) -> torch.Tensor:
     return recv.permute(1, 3, 0, 2, 4).reshape(b, s // cp.size, cp.size * hh, d).transpose(1, 2)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """`_seq_to_heads` (to_heads=True) or `_heads_to_seq`; the backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, cp: CPGroup):
-        ctx.cp = cp
-        return _seq_to_heads(x, cp)
+    def forward(ctx, x, cp: CPGroup, to_heads: bool):
+        ctx.cp, ctx.to_heads = cp, to_heads
+        return _seq_to_heads(x, cp) if to_heads else _heads_to_seq(x, cp)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad.contiguous(), ctx.cp), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp: CPGroup):
-        ctx.cp = cp
-        return _heads_to_seq(x, cp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad.contiguous(), ctx.cp), None
+        grad = grad.contiguous()
+        return (_heads_to_seq(grad, ctx.cp) if ctx.to_heads else _seq_to_heads(grad, ctx.cp)), None, None
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPGroup,
@@ -66,7 +58,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPG
     if q.shape[1] % cp.size or k.shape[1] % cp.size:
         raise ValueError(f"a2a context parallelism needs the local query heads ({q.shape[1]}) and KV "
                          f"heads ({k.shape[1]}) divisible by cp={cp.size}")
-    q, k, v = (_SeqToHeads.apply(t, cp) for t in (q, k, v))
+    q, k, v = (_AllToAll.apply(t, cp, True) for t in (q, k, v))
     seq_len = q.shape[2]
     tiles = plan_tiles([(0, seq_len)], [(0, seq_len)], doc_starts)
     flat = [s for rank in spans for s in rank]
@@ -77,4 +69,4 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPG
         to_global = torch.argsort(order)
         q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
         out = tiled_attention(q, k, v, tiles).index_select(2, order)
-    return _HeadsToSeq.apply(out, cp)
+    return _AllToAll.apply(out, cp, False)
