@@ -14,7 +14,8 @@ overlap: ring attention (forward + backward, GQA) under torchrun at cp ranks: th
     hidden = (compute + comm - overlapped) / comm.
 memory: for cp = 1, 2, 4, 8, the longest power-of-two sequence whose training step (forward,
     backward) fits a per-rank budget of step memory (peak RSS of the step above the RSS before
-    it, the model's parameters and gradients included), measured, not extrapolated.
+    it; the gradients it allocates included), measured, not extrapolated. Each rank holds the
+    whole model (no FSDP), so the figure isolates what grows with the sequence.
 """
 from __future__ import annotations
 
