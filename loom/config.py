@@ -348,7 +348,9 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
             _need(v % p.tp == 0, f"parallel.tp={p.tp} does not divide model.{key}={v}")
     # Context parallelism cuts the sequence into chunks (two per rank when load-balanced), and
     # sequence parallelism then cuts each rank's share over tp.
-    chunks = 2 * p.cp if p.cp_load_balance and p.cp > 1 else p.cp
+    from loom.parallel.context.sharding import chunk_count
+
+    chunks = chunk_count(p.cp, p.cp_load_balance)
     sp = p.tp if p.tp > 1 and p.sequence_parallel else 1
     parts = [f"{'2 x ' if chunks == 2 * p.cp else ''}parallel.cp={p.cp}"] if p.cp > 1 else []
     parts += [f"parallel.tp={p.tp} (sequence parallelism)"] if sp > 1 else []
