@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from loom.models.attention import CoreAttention, document_positions
+from loom.models.attention import CoreAttention, document_positions, document_starts
 from loom.models.llama import LlamaConfig, build_model
 from loom.parallel.context import ContextParallelAttention, apply_context_parallel
 from loom.parallel.context.group import CPGroup
@@ -158,8 +158,9 @@ def main() -> None:
             v = torch.randn(b, hkv, seq_len, d, generator=gen)
             dout = torch.randn(b, hq, seq_len, d, generator=gen)
             docs = random_documents(b, seq_len, gen) if packed else None
+            starts = document_starts(docs) if packed else None
             ref = [t.clone().requires_grad_() for t in (q, k, v)]
-            ref_out = CoreAttention()(*ref, docs)
+            ref_out = CoreAttention()(*ref, starts)
             ref_out.backward(dout)
             for comm in ("p2p", "allgather", "a2a"):
                 for lb in (True, False):
@@ -168,7 +169,7 @@ def main() -> None:
                         return shard_sequence(t.transpose(1, 2), cp.rank, cp_size, lb).transpose(1, 2)
 
                     mine = [shard(t).contiguous().requires_grad_() for t in (q, k, v)]
-                    out = ContextParallelAttention(cp, comm, lb)(*mine, docs)
+                    out = ContextParallelAttention(cp, comm, lb)(*mine, starts)
                     out.backward(shard(dout))
                     errs = [rel_err(out, shard(ref_out.detach()))]
                     errs += [rel_err(m.grad, shard(r.grad)) for m, r in zip(mine, ref)]

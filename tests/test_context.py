@@ -79,7 +79,7 @@ def test_packed_attention_matches_explicit_mask_forward_and_backward():
     b, h, hkv, length, d = 2, 4, 2, 41, 8
     q, k, v = (torch.randn(b, n, length, d, requires_grad=True) for n in (h, hkv, hkv))
     docs = torch.tensor([[0] * 7 + [1] * 30 + [2] * 4, [3] * 41])
-    out = CoreAttention()(q, k, v, docs)
+    out = CoreAttention()(q, k, v, document_starts(docs))
     ref = _masked_reference(q, k, v, docs)
     assert (out.double() - ref).abs().max() < 1e-5
     g = torch.randn_like(out)

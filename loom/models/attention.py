@@ -340,12 +340,12 @@ class CoreAttention(nn.Module):
 
     A module (not a function) so that a parallelizer can swap it for a context-parallel
     implementation with the same call signature: q [B, Hq, L, D], k, v [B, Hkv, L, D],
-    documents [B, S] or None -> out [B, Hq, L, D]. `documents` always covers the whole sequence
-    (S = L here; S = L x cp under context parallelism).
+    doc_starts (`document_starts` of the packed documents) or None -> out [B, Hq, L, D].
+    doc_starts always describes the whole sequence (S = L here; S = L x cp under context
+    parallelism).
     """
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                doc_starts: list[list[int]] | None = None) -> torch.Tensor:
         length = q.shape[2]
-        starts = document_starts(documents) if documents is not None else None
-        return tiled_attention(q, k, v, plan_tiles([(0, length)], [(0, length)], starts))
+        return tiled_attention(q, k, v, plan_tiles([(0, length)], [(0, length)], doc_starts))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.attention import CoreAttention
+from loom.models.attention import CoreAttention, document_starts
 from loom.models.loss import linear_cross_entropy
 
 
@@ -165,9 +165,10 @@ class Attention(nn.Module):
         self.core_attention = CoreAttention()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                doc_starts: list[list[int]] | None = None) -> torch.Tensor:
         """x [B, L, D]; rope (cos, sin) [(B,) L, E/2], or None for positions 0..L-1 of this x;
-        documents [B, S] document ids of the whole sequence (packed documents) or None."""
+        doc_starts: per sample, where the documents of the whole sequence start (packed
+        documents, see `document_starts`), or None."""
         b, l, _ = x.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(b, l, -1, self.head_dim)
@@ -177,7 +178,7 @@ class Attention(nn.Module):
         # its shard of the sequence, while attention sees the gathered whole.
         cos, sin = rope if rope is not None else rope_cos_sin(self.cfg, torch.arange(l, device=q.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), documents)
+        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc_starts)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -213,8 +214,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, documents=documents)
+                doc_starts: list[list[int]] | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, doc_starts=doc_starts)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -255,9 +256,12 @@ class Transformer(nn.Module):
         states [B, L, D]; without the output layer it returns them.
         """
         rope = rope_cos_sin(self.cfg, positions) if positions is not None else None
+        # Once per forward, not per layer: every layer masks alike (and on GPUs reading the
+        # boundaries back to the host is a synchronization).
+        doc_starts = document_starts(documents) if documents is not None else None
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, rope, documents)
+            h = layer(h, rope, doc_starts)
         if self.output is None:
             return h
         h = self.norm(h)

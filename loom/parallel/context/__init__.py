@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models.attention import document_starts
 from loom.parallel.context.allgather import allgather_attention
 from loom.parallel.context.group import CPGroup
 from loom.parallel.context.ring import ring_attention
@@ -30,7 +29,8 @@ __all__ = ["ContextParallelAttention", "apply_context_parallel", "shard_index", 
 
 class ContextParallelAttention(nn.Module):
     """Drop-in for `CoreAttention`: q [B, Hq, L, D], k, v [B, Hkv, L, D] (this rank's L = S / cp
-    tokens), documents [B, S] or None -> out [B, Hq, L, D], attending over the whole sequence."""
+    tokens), doc_starts of the whole sequence or None -> out [B, Hq, L, D], attending over the
+    whole sequence."""
 
     def __init__(self, cp: CPGroup, comm: str, load_balance: bool):
         super().__init__()
@@ -40,11 +40,10 @@ class ContextParallelAttention(nn.Module):
         self._attend = COMMS[comm]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                doc_starts: list[list[int]] | None = None) -> torch.Tensor:
         seq_len = q.shape[2] * self.cp.size
         spans = all_spans(self.cp.size, seq_len, self.load_balance)
-        starts = document_starts(documents) if documents is not None else None
-        return self._attend(q, k, v, self.cp, spans, starts)
+        return self._attend(q, k, v, self.cp, spans, doc_starts)
 
     def extra_repr(self) -> str:
         return f"cp={self.cp.size}, comm={self.comm}, load_balance={self.load_balance}"
