@@ -37,26 +37,27 @@ class _RingAttentionFn(torch.autograd.Function):
         r, n = cp.rank, cp.size
         out, lse = new_accumulators(q)
         kv = torch.stack((k, v))  # [2, B, Hkv, L, D]: one message per step
+        # Step i holds rank (r - i)'s block; the backward visits the blocks in the same order.
+        step_tiles = [plan_tiles(spans[r], spans[(r - step) % n], doc_starts) for step in range(n)]
         for step in range(n):
             requests = []
             if step + 1 < n:
                 incoming = torch.empty_like(kv)
                 requests = cp.exchange(kv, incoming, TAG_KV)
-            tiles = plan_tiles(spans[r], spans[(r - step) % n], doc_starts)
-            tiled_attention_accumulate(out, lse, q, kv[0], kv[1], tiles, scale)
+            tiled_attention_accumulate(out, lse, q, kv[0], kv[1], step_tiles[step], scale)
             if requests:
                 wait(requests)
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cp, ctx.spans, ctx.doc_starts, ctx.scale = cp, spans, doc_starts, scale
+        ctx.cp, ctx.step_tiles, ctx.scale = cp, step_tiles, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        cp, spans, scale = ctx.cp, ctx.spans, ctx.scale
-        r, n = cp.rank, cp.size
+        cp, scale = ctx.cp, ctx.scale
+        n = cp.size
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack((k, v))
@@ -67,9 +68,8 @@ class _RingAttentionFn(torch.autograd.Function):
                 kv_incoming = torch.empty_like(kv)
                 kv_requests = cp.exchange(kv, kv_incoming, TAG_KV)
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-            tiles = plan_tiles(spans[r], spans[(r - step) % n], ctx.doc_starts)
             tiled_attention_backward_accumulate(dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], out, lse,
-                                                tiles, scale)
+                                                ctx.step_tiles[step], scale)
             if grad_requests:  # the block's gradient so far, from the ranks before this one
                 wait(grad_requests)
                 dkv += grad_incoming
