@@ -260,22 +260,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def mean_over_data_ranks(self, value: torch.Tensor) -> float:
-        """The mean of a per-rank scalar over the ranks that hold different tokens."""
-        if self.mesh is None or self.dims.dp * self.dims.cp == 1:
+    def _mean_over(self, value: torch.Tensor, axis: str, n_ranks: int) -> float:
+        """The mean of a per-rank scalar over the n_ranks ranks of a mesh axis."""
+        if self.mesh is None or n_ranks == 1:
             return value.item()
         import torch.distributed as dist
 
         value = value.detach().clone()
-        dist.all_reduce(value, group=self.mesh["dp_cp"].get_group())  # gloo has no AVG
-        return value.item() / (self.dims.dp * self.dims.cp)
+        dist.all_reduce(value, group=self.mesh[axis].get_group())  # gloo has no AVG
+        return value.item() / n_ranks
 
-    def mean_over_cp(self, value: float) -> float:
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.mesh["cp"].get_group())
-        return t.item() / self.cp
+    def mean_over_data_ranks(self, value: torch.Tensor) -> float:
+        """The mean of a per-rank scalar over the ranks that hold different tokens."""
+        return self._mean_over(value, "dp_cp", self.dims.dp * self.dims.cp)
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> tuple[float, float]:
         """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
@@ -315,11 +312,10 @@ class Trainer:
             else:
                 with self.loss_context():
                     losses.append(_local(self.forward_loss(batch)).item())
-            # Under context parallelism each rank holds a part of the tokens: average them.
-            if self.cp > 1:
-                losses[-1] = self.mean_over_cp(losses[-1])
             counts.append(len(batch.inputs))
-        return float(np.average(losses, weights=counts))
+        local = torch.tensor(np.average(losses, weights=counts), dtype=torch.float64, device=self.device)
+        # Under context parallelism each rank holds a part of every sequence's tokens.
+        return self._mean_over(local, "cp", self.cp)
 
     # -- the run --------------------------------------------------------------------------
     def train(self) -> dict:
