@@ -75,6 +75,7 @@ class ParallelSection:
 
 DTYPES = ("float32", "bfloat16")
 RECOMPUTE = ("none", "full", "selective")
+NONFINITE = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -98,6 +99,12 @@ class TrainSection:
     eval_batches: int = 4  # micro-batches per validation pass
     device: str = "auto"
     compile: bool = False
+    # A non-finite loss or gradient norm: 'stop' the run (naming the step), or 'skip' the step
+    # (the weights are left as they were). Either way such values never reach the weights.
+    on_nonfinite: str = "stop"
+    # Stop after this step with a checkpoint (0: run to train.steps), to fit a job into a
+    # scheduler's time slot; the next launch resumes (Megatron's --exit-interval, once).
+    stop_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,9 @@ class DataSection:
 class CheckpointSection:
     dir: str = ""  # empty: no checkpoints
     every: int = 0
-    keep: int = 2
-    resume: str = "auto"  # auto | never | a checkpoint path
+    keep: int = 2  # complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto (newest in dir, if any) | never | a checkpoint folder
+    async_save: bool = False  # write in the background; training waits only for a host copy
 
 
 @dataclass(frozen=True)
@@ -309,6 +317,10 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
     _need(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be a positive integer")
     _one_of("train.dtype", t.dtype, DTYPES)
     _one_of("train.recompute", t.recompute, RECOMPUTE)
+    _one_of("train.on_nonfinite", t.on_nonfinite, NONFINITE)
+    _need(t.stop_at >= 0, f"train.stop_at={t.stop_at} must be 0 (run to train.steps) or positive")
+    _need(t.stop_at == 0 or bool(cfg.checkpoint.dir),
+          f"train.stop_at={t.stop_at} needs checkpoint.dir (the next launch resumes from its checkpoint)")
     _one_of("train.device", t.device, DEVICES)
     if t.device == "cuda":
         import torch
@@ -413,10 +425,17 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
     c = cfg.checkpoint
     _need(c.every >= 0, f"checkpoint.every={c.every} must be 0 or positive")
     _need(c.keep >= 1, f"checkpoint.keep={c.keep} must be a positive integer")
-    _need(
-        not c.dir,
-        f"checkpoint.dir={c.dir!r}: checkpointing is not available in this version; allowed: ''",
-    )
+    _need(c.every == 0 or bool(c.dir),
+          f"checkpoint.every={c.every} needs checkpoint.dir (a folder to write checkpoints to)")
+    _need(bool(c.resume), "checkpoint.resume='' must be 'auto', 'never' or a checkpoint folder")
+    _need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
+          f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
+    from loom.train.checkpoint import CheckpointError, check_resume
+
+    try:
+        check_resume(cfg, model)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
 
     m = cfg.metrics
     _need(m.log_every > 0, f"metrics.log_every={m.log_every} must be a positive integer")

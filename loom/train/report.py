@@ -23,11 +23,24 @@ def format_bytes(n: float) -> str:
 class MetricsWriter:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard if asked."""
 
-    def __init__(self, jsonl: str, tensorboard: str, fresh: bool):
+    def __init__(self, jsonl: str, tensorboard: str, fresh: bool, keep_until: int = 0):
+        """fresh: a new run replaces the file. Otherwise (a resumed run) rows after step
+        keep_until, logged before a crash by steps the run now repeats, are dropped."""
         self.path = Path(jsonl)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and self.path.exists():
-            self.path.unlink()  # a new run starts a new file; a resumed one appends
+            self.path.unlink()
+        elif self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= keep_until:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass  # a line cut short by a crash
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

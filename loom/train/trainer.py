@@ -19,6 +19,7 @@ from loom.models.llama import LlamaConfig, Transformer, build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
+from loom.train.checkpoint import Checkpointer, TrainState, resume_path
 from loom.train.schedule import lr_at
 
 FLOPS_CONVENTION = "megatron"
@@ -78,6 +79,11 @@ def _logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean fp32 cross-entropy of logits [B, L, V] (vocabulary-sharded under tensor parallelism,
     where the fused output-layer loss cannot run) against labels [B, L]."""
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (a DTensor's local shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -140,11 +146,37 @@ class Trainer:
             for module in modules:
                 for block in module.layers.values():
                     block.compile()
-        self.optimizer = build_optimizer(self.model, t)
+        # One AdamW per model part (pipeline stage), so that optimizer states are saved under the
+        # full model's parameter names and load under any other pipeline split.
+        self.parts = modules
+        self.optimizers = [build_optimizer(m, t) for m in modules]
 
         self.train_data, self.val_data = open_splits(cfg.data.path, t.seq_len, progress=self.progress)
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
         self.tokens_per_step = t.global_batch * t.seq_len
+
+        self.state = TrainState()
+        self.checkpointer = None
+        resume = self._agreed(resume_path(cfg.checkpoint))
+        if cfg.checkpoint.dir or resume is not None:
+            layout = {**self.dims.degrees(), "world_size": self.world_size}
+            self.checkpointer = Checkpointer(cfg, model_cfg, self.parts, self.optimizers, self.device,
+                                             layout, async_save=cfg.checkpoint.async_save)
+        if resume is not None:
+            self.state = self.checkpointer.load(resume)
+            self.resumed_from = resume
+        else:
+            self.resumed_from = None
+
+    def _agreed(self, value):
+        """Rank 0's value on every rank (so all ranks resume from the same checkpoint)."""
+        if self.mesh is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         """Leave the process group (a torchrun worker must, before it exits)."""
@@ -249,15 +281,24 @@ class Trainer:
             total += _local(loss.detach())
         return total
 
+    def clip_gradients(self) -> float:
+        """Clip to train.grad_clip; returns the global gradient norm before clipping."""
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        return clip_grad_norm(self.model.parameters(), clip, self.mesh["pp"].get_group() if self.pp else None)
+
+    def apply_gradients(self, lr: float, skip: bool = False) -> None:
+        """AdamW step at learning rate lr (unless skip), then zero the gradients."""
+        for opt in self.optimizers:
+            if not skip:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+
     def optimizer_step(self, lr: float) -> float:
         """Clip, step, zero the gradients; returns the global gradient norm before clipping."""
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(self.model.parameters(), clip,
-                                   self.mesh["pp"].get_group() if self.pp else None)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.clip_gradients()
+        self.apply_gradients(lr)
         return grad_norm
 
     def _mean_over(self, value: torch.Tensor, axis: str, n_ranks: int) -> float:
@@ -275,10 +316,35 @@ class Trainer:
         return self._mean_over(value, "dp_cp", self.dims.dp * self.dims.cp)
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> tuple[float, float]:
-        """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm)."""
-        loss = self.forward_backward(micro_batches)
-        grad_norm = self.optimizer_step(lr)
-        return self.mean_over_data_ranks(loss), grad_norm
+        """Accumulate gradients over the micro-batches, clip, step. Returns (loss, grad norm).
+
+        A non-finite loss or gradient norm (the same on every rank: both are global) is never
+        applied to the weights: with train.on_nonfinite='skip' the step is dropped, otherwise the
+        caller stops the run."""
+        loss = self.mean_over_data_ranks(self.forward_backward(micro_batches))
+        grad_norm = self.clip_gradients()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        self.apply_gradients(lr, skip=not finite)
+        return loss, grad_norm
+
+    def weights_finite(self) -> bool:
+        """Whether every parameter on every rank is finite (checked before each save)."""
+        local = all(bool(_local_shard(p).isfinite().all()) for p in self.model.parameters())
+        if self.mesh is None:
+            return local
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(local)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def save_checkpoint(self) -> None:
+        if not self.weights_finite():
+            raise FloatingPointError(
+                f"non-finite weights after step {self.state.step}; no checkpoint written "
+                f"(the last good one stays in {self.cfg.checkpoint.dir})"
+            )
+        self.checkpointer.save(self.state)
 
     def micro_batches(self, step: int) -> list[Batch]:
         """This data-parallel rank's share of optimizer step `step` (whole sequences; context-
@@ -327,17 +393,24 @@ class Trainer:
         # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
         peak = device_peak(self.device, self.dtype) if self.rank == 0 else Peak(None, "not rank 0")
         meter = ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak)
-        writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=True) if self.rank == 0 else None
+        start = self.state.step
+        writer = None
+        if self.rank == 0:
+            writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=start == 0, keep_until=start)
         layout = {**self.dims.degrees(), "world_size": self.world_size}
 
-        val_curve = [(0, self.validation_loss())]
-        train_curve: list[tuple[int, float]] = []
+        # A resumed run carries on the curves of the steps before its checkpoint.
+        train_curve, val_curve = self.state.train_curve, self.state.val_curve
+        if start == 0:
+            val_curve.append((0, self.validation_loss()))
         step_times: list[float] = []
         window: list[float] = []
-        bar = tqdm(total=t.steps, desc="training", unit="step", disable=not self.progress or None,
-                   file=sys.stderr, dynamic_ncols=True)
+        skipped = 0
+        bar = tqdm(total=t.steps, initial=start, desc="training", unit="step",
+                   disable=not self.progress or None, file=sys.stderr, dynamic_ncols=True)
         run_start = time.perf_counter()
-        for step in range(1, t.steps + 1):
+        last = min(t.steps, t.stop_at) if t.stop_at else t.steps  # stop_at: a planned exit, resumed later
+        for step in range(start + 1, last + 1):
             lr = lr_at(step - 1, t.lr, t.min_lr, t.warmup_steps, t.steps)
             t0 = time.perf_counter()
             batches = self.micro_batches(step - 1)
@@ -345,9 +418,21 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                bar.close()
-                raise FloatingPointError(f"loss is {loss} at step {step}; stopping")
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = f"loss {loss}, gradient norm {grad_norm}"
+                if t.on_nonfinite != "skip":
+                    bar.close()
+                    if self.checkpointer is not None:
+                        self.checkpointer.wait()
+                    raise FloatingPointError(
+                        f"non-finite {what} at step {step}; stopping (the weights were not updated and "
+                        f"no checkpoint of them is written; train.on_nonfinite='skip' drops such steps)"
+                    )
+                skipped += 1
+                if writer is not None:
+                    bar.write(f"step {step}: non-finite {what}; step skipped (train.on_nonfinite='skip')",
+                              file=sys.stdout)
+            self.state.step = step
             step_times.append(dt)
             window.append(dt)
             train_curve.append((step, loss))
@@ -358,7 +443,7 @@ class Trainer:
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 val_loss = self.validation_loss()
                 val_curve.append((step, val_loss))
-            if step % cfg.metrics.log_every == 0 or step == t.steps or val_loss is not None or step == 1:
+            if step % cfg.metrics.log_every == 0 or step == last or val_loss is not None or step == start + 1:
                 m = meter.step(sum(window) / len(window))
                 window = []
                 row = {
@@ -380,21 +465,28 @@ class Trainer:
                 if writer is not None:
                     writer.write(row)
                     bar.write(log_line(row, t.steps), file=sys.stdout)
+            if self.checkpointer is not None and cfg.checkpoint.dir:
+                self.checkpointer.poll()
+                every = cfg.checkpoint.every
+                if (every and step % every == 0) or step == last:
+                    self.save_checkpoint()
         bar.close()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
         if writer is not None:
             writer.close()
         wall = time.perf_counter() - run_start
 
         # Throughput over the steady state: the first steps pay for allocation and warm-up.
-        steady = step_times[min(3, len(step_times) - 1):]
+        steady = step_times[min(3, len(step_times) - 1):] or [float("nan")]
         m = meter.step(sum(steady) / len(steady))
         pc = param_counts(self.model_cfg)
         summary = {
             "model": cfg.model.name,
             "params": pc.total,
             "layout": layout,
-            "steps": t.steps,
-            "tokens": t.steps * self.tokens_per_step,
+            "steps": last,
+            "tokens": last * self.tokens_per_step,
             "wall_time_s": wall,
             "step_time_s": m.step_time_s,
             "tokens_per_s": m.tokens_per_s,
@@ -409,6 +501,9 @@ class Trainer:
             "final_loss": train_curve[-1][1],
             "initial_val_loss": val_curve[0][1],
             "final_val_loss": val_curve[-1][1],
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "skipped_steps": skipped,
+            "checkpoint_saves": list(self.checkpointer.timings) if self.checkpointer else [],
             "dtype": t.dtype,
             "recompute": t.recompute,
             "device": str(self.device),
@@ -425,7 +520,8 @@ def format_summary(s: dict, jsonl: str, plot: str) -> str:
         ("model", f"{s['model']} ({format_count(s['params'])} params)"),
         ("layout", f"{layout} ({s['layout']['world_size']} rank(s), {s['device']}, {s['dtype']})"),
         ("steps / tokens", f"{s['steps']} / {format_count(s['tokens'])}"),
-        ("wall time", f"{s['wall_time_s']:.1f} s"),
+        ("wall time", f"{s['wall_time_s']:.1f} s"
+                      + (f" (resumed from {s['resumed_from']})" if s.get("resumed_from") else "")),
         ("train loss", f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}"),
         ("validation loss", f"{s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}"),
         ("tokens/s (global)", f"{s['tokens_per_s']:,.0f}"),
