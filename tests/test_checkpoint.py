@@ -75,3 +75,48 @@ def test_single_process_continues_exactly(dataset, tmp_path, asynchronous):
     assert_exact_continuation(results, asynchronous)
     ck = tmp_path / "ck"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000010", "step-00000015", "step-00000020"]
+
+
+RESHARD_STEPS = ["--train.steps=9", "--train.stop_at=0"]
+
+
+def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
+    """One 4-rank launch: dp_shard=2 x tp=2 stops after step 10 and resumes exactly; a checkpoint
+    saved under tp=2 x pp=2 loads under dp_shard=4, and (in this process) into a single process:
+    the same weights bit for bit, the same validation loss, and training goes on alike."""
+    args = common(dataset, tmp_path)
+    jobs = {f"dp2tp2_{k}": v + ["--parallel.dp_shard=2", "--parallel.tp=2"]
+            for k, v in continuation_jobs(args, tmp_path / "ck_dp2tp2").items()}
+    saved = tmp_path / "ck_tp2pp2"
+    jobs["tp2pp2_save"] = common(dataset, tmp_path, steps=9) + [
+        "--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={saved}", "--train.stop_at=6"]
+    jobs["dp4_load"] = common(dataset, tmp_path, steps=9) + [
+        "--parallel.dp_shard=4", f"--checkpoint.dir={tmp_path}/ck_dp4",
+        f"--checkpoint.resume={saved}/step-00000006"]
+    results = launch(4, tmp_path / "out.pt", jobs, tmp_path)
+    assert_exact_continuation({k.removeprefix("dp2tp2_"): v for k, v in results.items() if k.startswith("dp2tp2_")})
+
+    saved_params = results["tp2pp2_save"]["params"]
+    single = run_in_process({"single_load": common(dataset, tmp_path, steps=9) + [
+        f"--checkpoint.dir={tmp_path}/ck_single", f"--checkpoint.resume={saved}/step-00000006"]})["single_load"]
+    for loaded in (results["dp4_load"], single):
+        assert loaded["loaded"].keys() == saved_params.keys()
+        for name, p in saved_params.items():
+            assert torch.equal(loaded["loaded"][name], p), name
+        assert loaded["curve"][:6] == results["tp2pp2_save"]["curve"]
+    # Outputs: the validation loss of the loaded weights equals the saving layout's at step 6
+    # (the saving run's own later steps are compared against it as the reference).
+    from conftest import assert_rel_close
+
+    assert single["loaded_val"] == pytest.approx(results["dp4_load"]["loaded_val"], rel=1e-5)
+    # Training goes on: steps 7-9 under dp_shard=4 and in one process agree (parity rule).
+    for (s1, a), (s2, b) in zip(results["dp4_load"]["curve"][6:], single["curve"][6:]):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    for name, p in single["params"].items():
+        assert_rel_close(results["dp4_load"]["params"][name], p, 1e-4)
+
+
+def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
+    args = common(dataset, tmp_path) + ["--parallel.cp=2", "--data.pack_documents=true"]
+    results = launch(2, tmp_path / "out.pt", continuation_jobs(args, tmp_path / "ck", asynchronous=True), tmp_path)
+    assert_exact_continuation(results, asynchronous=True)
