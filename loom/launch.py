@@ -5,6 +5,7 @@ torchrun `loom train` is simply one worker.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,4 +16,7 @@ def launch_local(nproc: int, worker_args: list[str], max_restarts: int = 0, quie
         "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         "-m", "loom", "train", *worker_args, *(["--quiet"] if quiet else []),
     ]
-    return subprocess.call(cmd)
+    # After a restart, workers sharing torchrun's rendezvous store can read the previous attempt's
+    # addresses and fail to connect (pytorch/pytorch#135712); a store per attempt avoids that.
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.call(cmd, env=env)

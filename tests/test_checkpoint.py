@@ -120,3 +120,58 @@ def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
     args = common(dataset, tmp_path) + ["--parallel.cp=2", "--data.pack_documents=true"]
     results = launch(2, tmp_path / "out.pt", continuation_jobs(args, tmp_path / "ck", asynchronous=True), tmp_path)
     assert_exact_continuation(results, asynchronous=True)
+
+
+def _worker_pids(marker: str) -> list[int]:
+    """Pids of torchrun workers (they have LOCAL_RANK) whose command line contains marker."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and any(e.startswith(b"LOCAL_RANK=") for e in env):
+            pids.append(int(d.name))
+    return pids
+
+
+def _cli_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+
+def test_killed_worker_restarts_and_resumes(dataset, tmp_path):
+    """`loom train --nproc 4 --max-restarts 1`: a worker SIGKILLed after the step-20 checkpoint;
+    torchrun restarts the job, it resumes from the newest checkpoint, and ends with the
+    uninterrupted run's final loss (same layout: bit for bit)."""
+    import signal
+    import time
+
+    args = common(dataset, tmp_path, steps=60)[2:] + [
+        "--parallel.dp_shard=2", "--parallel.pp=2", "--checkpoint.every=20", "--metrics.log_every=1"]
+    finals = {}
+    for name in ("uninterrupted", "killed"):
+        ck = tmp_path / f"ck_{name}"
+        cmd = [sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "4", "--max-restarts", "1",
+               *args, f"--checkpoint.dir={ck}", f"--metrics.jsonl={tmp_path}/{name}.jsonl"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_cli_env(), cwd=tmp_path)
+        if name == "killed":
+            deadline = time.time() + 300
+            while not (ck / "step-00000020").exists():
+                assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
+                time.sleep(0.02)
+            victims = _worker_pids(str(ck))
+            assert len(victims) == 4
+            os.kill(victims[1], signal.SIGKILL)
+            killed_before_end = not (ck / "step-00000060").exists()
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+        rows = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+        assert [r["step"] for r in rows] == list(range(1, 61))  # the repeated steps' rows replaced
+        finals[name] = (rows[-1]["loss"], out)
+    assert killed_before_end
+    assert "resumed from" in finals["killed"][1] and "step-00000020" in finals["killed"][1]
+    assert finals["killed"][0] == finals["uninterrupted"][0]
