@@ -61,16 +61,23 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             worker_args = (["--config", args.config] if args.config else []) + overrides
             return launch_local(nproc, worker_args, args.max_restarts, quiet=args.quiet)
 
+    from loom.train.checkpoint import CheckpointError
     from loom.train.trainer import Trainer, format_summary
 
+    # Every rank meets the same error (the checks agree across ranks): rank 0 says it once.
+    def worker_fail(message: str) -> int:
+        return fail(prog, message) if os.environ.get("RANK", "0") == "0" else 2
+
     try:
+        # A worker of a torchrun started by hand first opens the data here; every worker reads
+        # its share of the checkpoint's checksums here.
         trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
-    except DataError as e:  # a worker of a torchrun started by hand: the data is first opened here
-        return fail(prog, str(e))
+    except (DataError, CheckpointError) as e:
+        return worker_fail(str(e))
     try:
         summary = trainer.train()
     except FloatingPointError as e:
-        return fail(prog, str(e))
+        return worker_fail(str(e))
     finally:
         trainer.close()
     if trainer.rank == 0:

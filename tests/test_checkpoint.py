@@ -175,3 +175,163 @@ def test_killed_worker_restarts_and_resumes(dataset, tmp_path):
     assert killed_before_end
     assert "resumed from" in finals["killed"][1] and "step-00000020" in finals["killed"][1]
     assert finals["killed"][0] == finals["uninterrupted"][0]
+
+
+def test_killed_save_leaves_the_previous_checkpoint_usable(dataset, tmp_path):
+    """SIGKILL while the step-4 checkpoint is being written (its temporary folder exists, the
+    published one does not): step 2 stays complete, and `resume=auto` continues from it."""
+    import signal
+    import time
+
+    ck = tmp_path / "ck"
+    # A model large enough (34M parameters, a 400 MB checkpoint) that its save takes a while.
+    args = common(dataset, tmp_path, steps=6)[8:] + [
+        "--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=512", "--model.n_layers=8",
+        "--model.n_heads=8", "--model.n_kv_heads=8", "--model.ffn_dim=1536", "--model.vocab_size=300",
+        f"--checkpoint.dir={ck}", "--checkpoint.every=2", "--checkpoint.keep=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "loom", "train", "--quiet", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env(), cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (ck / ".tmp-step-00000004").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (ck / "step-00000002" / "loom.json").exists() and not (ck / "step-00000004").exists()
+
+    r = subprocess.run([sys.executable, "-m", "loom", "train", *args], capture_output=True, text=True,
+                       env=_cli_env(), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step-00000002" in r.stdout
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000006"]  # leftovers and old ones gone
+
+
+# -- bad checkpoints and bad resumes: one line, exit 2, nothing touched ----------------------------
+@pytest.fixture(scope="module")
+def saved(dataset, tmp_path_factory):
+    """A finished 4-step single-process run with checkpoints at steps 2 and 4."""
+    from ckpt_worker import run_job
+
+    tmp = tmp_path_factory.mktemp("saved")
+    args = common(dataset, tmp, steps=4) + [f"--checkpoint.dir={tmp}/ck", "--checkpoint.every=2"]
+    run_job(args)
+    return tmp, args
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(args, capsys) -> tuple[int, str]:
+    from loom.cli import main
+
+    code = main(["train", "--quiet", *args])
+    return code, capsys.readouterr().err
+
+
+def _copy(saved, tmp_path) -> Path:
+    import shutil
+
+    src = saved[0] / "ck" / "step-00000004"
+    dst = tmp_path / "copy" / "step-00000004"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _then(action, result):
+    """Run the damaging action (its return value ignored), give back the checkpoint to resume."""
+    return result
+
+
+BAD_RESUMES = {
+    "missing": (lambda ck: ck.parent / "nope", "no such file or directory"),
+    "no_manifest": (lambda ck: _then((ck / "loom.json").unlink(), ck), "loom.json is missing"),
+    "bad_manifest": (lambda ck: _then((ck / "loom.json").write_text("{not json"), ck), "is corrupted"),
+    "truncated": (lambda ck: _then(os.truncate(ck / "__0_0.distcp", 1000), ck), "__0_0.distcp is truncated"),
+    "missing_shard": (lambda ck: _then((ck / "__0_0.distcp").unlink(), ck), "__0_0.distcp is missing"),
+    "corrupted": (lambda ck: _then(_flip_byte(ck / "__0_0.distcp", 5000), ck), "__0_0.distcp is corrupted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RESUMES))
+def test_bad_checkpoint_is_one_line_and_touches_nothing(case, saved, tmp_path, capsys):
+    damage, message = BAD_RESUMES[case]
+    path = damage(_copy(saved, tmp_path))
+    out_dir = saved[0] / "ck"
+    before = _snapshot(out_dir), _snapshot(tmp_path / "copy")
+    code, err = _cli(saved[1] + [f"--checkpoint.resume={path}", "--train.steps=6"], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err and str(path.name) in err, err
+    assert "Traceback" not in err
+    assert (_snapshot(out_dir), _snapshot(tmp_path / "copy")) == before
+
+
+def test_incompatible_resumes_are_refused(saved, tmp_path, capsys):
+    base = saved[1]
+    ck = saved[0] / "ck"
+    before = _snapshot(ck)
+    cases = [
+        (["--model.dim=128"], "holds another model: model.dim=64 there, 128 in this config"),
+        (["--train.seq_len=64"], "train.seq_len=32, this config has 64"),
+        (["--train.seed=1"], "train.seed=0, this config has 1"),
+        (["--train.steps=4"], "is at step 4, train.steps=4: nothing left to train"),
+        (["--checkpoint.resume=never"], "already holds checkpoints (step-00000004)"),
+    ]
+    for extra, message in cases:
+        code, err = _cli(base + extra, capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
+    assert _snapshot(ck) == before
+
+
+def test_forged_metadata_is_never_unpickled(saved, tmp_path, capsys):
+    """A .metadata that would run code when unpickled (and a manifest forged to match it) is
+    refused by the restricted unpickler; the code never runs."""
+    import pickle
+    import zlib
+
+    ck = _copy(saved, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ck / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    manifest = json.loads((ck / "loom.json").read_text())
+    data = (ck / ".metadata").read_bytes()
+    manifest["files"][".metadata"] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (ck / "loom.json").write_text(json.dumps(manifest))
+    code, err = _cli(saved[1] + [f"--checkpoint.resume={ck}", "--train.steps=6"], capsys)
+    assert code == 2 and "unsafe" in err and ("posix.system" in err or "os.system" in err), err
+    assert err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_nonfinite_loss_stops_or_skips_and_is_never_saved(dataset, tmp_path, capsys):
+    """An absurd learning rate makes step 2's gradients non-finite: 'stop' names the step and
+    leaves only step 1's checkpoint; 'skip' drops the steps and saves only finite weights."""
+    args = common(dataset, tmp_path, steps=4) + ["--train.lr=1e30", "--train.min_lr=0",
+                                                 "--train.warmup_steps=0", "--checkpoint.every=1"]
+    code, err = _cli(args + [f"--checkpoint.dir={tmp_path}/stop"], capsys)
+    assert code == 2 and "at step 2; stopping" in err and err.count("\n") == 1, err
+    assert [p.name for p in (tmp_path / "stop").iterdir()] == ["step-00000001"]
+
+    code, err = _cli(args + [f"--checkpoint.dir={tmp_path}/skip", "--train.on_nonfinite=skip"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
+    assert rows[-1]["step"] == 4 and rows[-1]["grad_norm"] is None
+    from loom.config import load_config
+    from loom.models.llama import build_model
+    from loom.train.checkpoint import load_model_weights, published
+
+    saved_steps = published(tmp_path / "skip")
+    assert [step for step, _ in saved_steps] == [3, 4]
+    model = build_model(load_config(None, args).model.resolve(), "cpu")
+    for _, path in saved_steps:
+        load_model_weights(path, model)
+        assert all(p.isfinite().all() for p in model.parameters())

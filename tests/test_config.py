@@ -53,7 +53,12 @@ BAD = [
     (["--parallel.pp=1", "--train.micro_batch=8"], ["train.global_batch=8", "data-parallel degree 2"]),
     (["--nproc=0"], ["--nproc=0", "positive"]),
     (["train.steps=5"], ["train.steps=5", "--section.key=value"]),
-    (["--checkpoint.dir=ckpt"], ["checkpoint.dir='ckpt'", "allowed"]),
+    (["--checkpoint.every=10"], ["checkpoint.every=10", "needs checkpoint.dir"]),
+    (["--checkpoint.resume=/no/ckpt"], ["checkpoint /no/ckpt", "no such file or directory"]),
+    (["--checkpoint.keep=0"], ["checkpoint.keep=0", "positive"]),
+    (["--checkpoint.async_save=soon"], ["checkpoint.async_save='soon'", "true or false"]),
+    (["--train.stop_at=5"], ["train.stop_at=5", "needs checkpoint.dir"]),
+    (["--train.on_nonfinite=ignore"], ["train.on_nonfinite='ignore'", "stop, skip"]),
     (["--train.device=cuda"], ["train.device='cuda'", "no CUDA device"]),
     (["--train.seq_len=100000"], ["train.seq_len=100000", "longer than", "tokens"]),
 ]

@@ -103,6 +103,19 @@ def check_files(path: str | Path, manifest: dict, checksums: bool, part: tuple[i
                                   f"expected {info['bytes']}")
         if checksums and k % part[1] == part[0] and file_crc32(f) != info["crc32"]:
             raise CheckpointError(f"checkpoint file {f} is corrupted: its CRC-32 does not match {MANIFEST}")
+    read_metadata(path)  # small; refuses anything but DCP's own metadata classes
+
+
+def read_metadata(path: Path):
+    """DCP's metadata of checkpoint `path`, through the restricted unpickler."""
+    meta_path = Path(path) / ".metadata"
+    try:
+        with open(meta_path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {meta_path} cannot be read: {e.strerror}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as e:
+        raise CheckpointError(f"checkpoint file {meta_path} is corrupted or unsafe: {e}") from None
 
 
 def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
@@ -196,12 +209,7 @@ def _safe_reader(path: Path):
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            meta_path = Path(self.path) / ".metadata"
-            try:
-                with open(meta_path, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-                raise CheckpointError(f"checkpoint file {meta_path} is corrupted or unsafe: {e}") from None
+            metadata = read_metadata(Path(self.path))
             from torch.distributed.checkpoint.metadata import StorageMeta
 
             if getattr(metadata, "storage_meta", None) is None:
@@ -285,6 +293,27 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> dict:
+    """Load only the weights of checkpoint `path` into a single-process model (no optimizer, no
+    process group): for export and inspection. Returns the manifest."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    check_files(path, manifest, checksums=True)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, storage_reader=_safe_reader(path), planner=_safe_planner(), no_dist=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise CheckpointError(_one_line(e)) from None
+    model.load_state_dict(state["model"])
+    return manifest
 
 
 # -- the checkpointer --------------------------------------------------------------------------
@@ -504,7 +533,9 @@ class Checkpointer:
         error = ""
         try:
             fn()
-        except Exception as e:  # noqa: BLE001 - DCP wraps reader errors in its own types
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             error = _one_line(e)
         errors = [e for e in self._all_gather(error) if e]
         if errors:
@@ -512,16 +543,27 @@ class Checkpointer:
 
 
 def _one_line(error: BaseException) -> str:
-    """A one-line message for a load failure: our own CheckpointError where DCP wrapped one."""
-    seen = [error]
-    failures = getattr(error, "failures", None)  # DCP's CheckpointException: rank -> exception
-    if isinstance(failures, dict):
-        seen += list(failures.values())
+    """A one-line message for a load failure: our own CheckpointError where DCP wrapped one
+    (DCP gathers each rank's failure into a CheckpointException, sometimes only as text)."""
+    pending, seen = [error], []
+    while pending:
+        e = pending.pop()
+        if isinstance(e, tuple):  # DCP's (exception, traceback) pairs
+            pending += [x for x in e if isinstance(x, BaseException)]
+            continue
+        if e is None or any(e is x for x in seen):
+            continue
+        if isinstance(e, CheckpointError):
+            return str(e)
+        seen.append(e)
+        failures = getattr(e, "failures", None)  # CheckpointException: rank -> failure
+        if isinstance(failures, dict):
+            pending += list(failures.values())
+        pending += [e.__cause__, e.__context__]
     for e in seen:
-        while e is not None:
-            if isinstance(e, CheckpointError):
-                return str(e)
-            e = e.__cause__ or e.__context__
+        m = re.search(r"(checkpoint (?:file|entry) .*?)(?:;|$)", str(e), re.MULTILINE)
+        if m:
+            return m.group(1)
     first = str(seen[-1]).strip().splitlines()
     return f"checkpoint could not be read: {type(seen[-1]).__name__}: {first[0] if first else ''}"
 

@@ -65,13 +65,13 @@ class MetricsWriter:
 def log_line(row: dict, total_steps: int) -> str:
     parts = [
         f"step {row['step']:>{len(str(total_steps))}}/{total_steps}",
-        f"loss {row['loss']:.4f}",
+        "loss " + (f"{row['loss']:.4f}" if row["loss"] is not None else "non-finite"),
     ]
     if row.get("val_loss") is not None:
         parts.append(f"val {row['val_loss']:.4f}")
     parts += [
         f"lr {row['lr']:.2e}",
-        f"gnorm {row['grad_norm']:.3f}",
+        "gnorm " + (f"{row['grad_norm']:.3f}" if row["grad_norm"] is not None else "non-finite"),
         f"{format_count(row['tokens_per_s_per_device'])} tok/s/dev",
         f"{row['tflops_per_device']:.3f} TFLOP/s/dev",
         "MFU " + (f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"),

@@ -419,7 +419,8 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what = f"loss {loss}, gradient norm {grad_norm}"
+                what = (f"loss {loss}" if not math.isfinite(loss)
+                        else f"gradient norm {grad_norm} (loss {loss:.4f})")
                 if t.on_nonfinite != "skip":
                     bar.close()
                     if self.checkpointer is not None:
@@ -448,9 +449,9 @@ class Trainer:
                 window = []
                 row = {
                     "step": step,
-                    "loss": loss,
+                    "loss": loss if math.isfinite(loss) else None,  # JSON has no NaN
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                     "tokens_per_s": m.tokens_per_s,
                     "tokens_per_s_per_device": m.tokens_per_s_per_device,
                     "tflops_per_device": m.tflops_per_device,
@@ -522,7 +523,8 @@ def format_summary(s: dict, jsonl: str, plot: str) -> str:
         ("steps / tokens", f"{s['steps']} / {format_count(s['tokens'])}"),
         ("wall time", f"{s['wall_time_s']:.1f} s"
                       + (f" (resumed from {s['resumed_from']})" if s.get("resumed_from") else "")),
-        ("train loss", f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}"),
+        ("train loss", f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}"
+                       + (f" ({s['skipped_steps']} non-finite steps skipped)" if s.get("skipped_steps") else "")),
         ("validation loss", f"{s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}"),
         ("tokens/s (global)", f"{s['tokens_per_s']:,.0f}"),
         ("tokens/s per device", f"{s['tokens_per_s_per_device']:,.0f}"),
