@@ -1,4 +1,4 @@
-"""`loom` command line: train | prepare | flops."""
+"""`loom` command line: train | prepare | flops | convert."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +124,27 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from loom.convert import export_hf, import_hf, model_config_overrides
+    from loom.models.hf import HFFormatError
+    from loom.train.checkpoint import CheckpointError
+
+    prog = "loom convert"
+    try:
+        if args.from_hf:
+            path, cfg = import_hf(args.from_hf, args.output)
+            name, overrides = model_config_overrides(cfg)
+            print(f"wrote loom checkpoint {path} (weights only, {sum(1 for _ in path.rglob('*.distcp'))} file(s))")
+            print("train from it (any layout) with:")
+            print("  loom train --model.name=" + " ".join([name, *overrides]) + f" --checkpoint.resume={path}")
+        else:
+            folder, files = export_hf(args.to_hf, args.output, args.dtype, int(args.max_shard_gb * 1024**3))
+            print(f"wrote Hugging Face folder {folder}: config.json and {len(files)} safetensors file(s), {args.dtype}")
+    except (HFFormatError, CheckpointError) as e:
+        return fail(prog, str(e))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="loom", description="Train Llama models at long context with 4D parallelism.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -152,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--model", required=True)
     flops.add_argument("--seq-len", type=int, required=True)
     flops.add_argument("--json", action="store_true")
+
+    conv = sub.add_parser("convert", help="import a Hugging Face Llama folder, or export a loom checkpoint to one",
+                          description="Hugging Face Llama (config.json + safetensors) <-> loom checkpoint.")
+    way = conv.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face model folder to import")
+    way.add_argument("--to-hf", metavar="CHECKPOINT", help="a loom checkpoint folder (step-...) to export")
+    conv.add_argument("--output", required=True, help="the checkpoint (import) or folder (export) to create")
+    conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                      help="export: dtype of the written weights (default bfloat16, as published)")
+    conv.add_argument("--max-shard-gb", type=float, default=5.0, help="export: largest safetensors file")
     return parser
 
 
@@ -164,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "prepare":
         return cmd_prepare(args)
+    if args.command == "convert":
+        return cmd_convert(args)
     return cmd_flops(args)
 
 

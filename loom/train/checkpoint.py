@@ -316,6 +316,62 @@ def load_model_weights(path: str | Path, model: nn.Module) -> dict:
     return manifest
 
 
+def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | Path, model_name: str,
+                       source: str) -> Path:
+    """Write a weights-only checkpoint (what `loom convert --from-hf` produces) at `path`, through
+    the same temporary-folder-then-rename as training checkpoints. `tensors` maps loom parameter
+    names to full tensors (any float dtype: they load into the run's fp32 master weights)."""
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(path)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists; nothing was overwritten")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": tensors}, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+    files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "crc32": file_crc32(f)}
+             for f in sorted(tmp.rglob("*")) if f.is_file()}
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    manifest = {"format": FORMAT, "step": 0, "contents": ["model"], "model": _model_fields(model_cfg),
+                "model_name": model_name, "source": source, "dtype": ",".join(dtypes), "files": files,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    return final
+
+
+def checkpoint_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Global shape of every model tensor in checkpoint `path` (from DCP's metadata)."""
+    metadata = read_metadata(Path(path))
+    out = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(md, "size"):
+            out[key.removeprefix("model.")] = tuple(md.size)
+    return out
+
+
+def load_model_tensors(path: str | Path, names: list[str], shapes: dict[str, tuple[int, ...]],
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Just the model tensors `names` of checkpoint `path`, as full tensors (DCP reads only their
+    bytes, so a large model can be exported a shard at a time)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {n: torch.empty(shapes[n], dtype=dtype) for n in names}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, storage_reader=_safe_reader(Path(path)), planner=_safe_planner(), no_dist=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise CheckpointError(_one_line(e)) from None
+    return state["model"]
+
+
 # -- the checkpointer --------------------------------------------------------------------------
 @dataclass
 class TrainState:
