@@ -117,9 +117,17 @@ def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
 
 
 def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
-    args = common(dataset, tmp_path) + ["--parallel.cp=2", "--data.pack_documents=true"]
-    results = launch(2, tmp_path / "out.pt", continuation_jobs(args, tmp_path / "ck", asynchronous=True), tmp_path)
+    """cp=2 with packed documents resumes exactly (async saves); its step-10 checkpoint also
+    resumes under tp=2 and goes on like the cp=2 run (parity rule)."""
+    args = common(dataset, tmp_path) + ["--data.pack_documents=true"]
+    jobs = continuation_jobs(args + ["--parallel.cp=2"], tmp_path / "ck", asynchronous=True)
+    jobs["tp2_from_cp2"] = args + ["--parallel.tp=2", f"--checkpoint.dir={tmp_path}/ck_tp2",
+                                   f"--checkpoint.resume={tmp_path}/ck/step-00000010"]
+    results = launch(2, tmp_path / "out.pt", jobs, tmp_path)
     assert_exact_continuation(results, asynchronous=True)
+    full = results["uninterrupted"]["curve"]
+    for (s1, a), (s2, b) in zip(results["tp2_from_cp2"]["curve"][10:], full[10:]):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
 
 def _worker_pids(marker: str) -> list[int]:

@@ -484,7 +484,7 @@ class Checkpointer:
         """Publish a finished background save (call between steps on every rank)."""
         if self.pending is None or self.pending.future is None:
             return
-        done = torch.tensor([int(self.pending.future.done())])
+        done = torch.tensor([int(self.pending.future.done())], device=self.device)  # NCCL: on the GPU
         if self.distributed:  # every rank must agree, or the publish collectives would not match;
             # on the default group: the background writer owns the async one
             torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
