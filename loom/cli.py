@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             worker_args = (["--config", args.config] if args.config else []) + overrides
             return launch_local(nproc, worker_args, args.max_restarts, quiet=args.quiet)
 
-    from loom.train.checkpoint import CheckpointError
+    from loom.train.checkpoint_files import CheckpointError
     from loom.train.trainer import Trainer, format_summary
 
     # Every rank meets the same error (the checks agree across ranks): rank 0 says it once.
@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return worker_fail(str(e))
     try:
         summary = trainer.train()
-    except FloatingPointError as e:
+    except (FloatingPointError, CheckpointError) as e:
         return worker_fail(str(e))
     finally:
         trainer.close()
@@ -127,7 +127,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from loom.convert import export_hf, import_hf, model_config_overrides
     from loom.models.hf import HFFormatError
-    from loom.train.checkpoint import CheckpointError
+    from loom.train.checkpoint_files import CheckpointError
 
     prog = "loom convert"
     try:

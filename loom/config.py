@@ -430,7 +430,7 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
     _need(bool(c.resume), "checkpoint.resume='' must be 'auto', 'never' or a checkpoint folder")
     _need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
           f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
-    from loom.train.checkpoint import CheckpointError, check_resume
+    from loom.train.checkpoint_files import CheckpointError, check_resume
 
     try:
         check_resume(cfg, model)

@@ -18,7 +18,7 @@ import torch
 from loom.models.hf import HFFormatError, hf_config_from_llama, hf_param_name, llama_config_from_hf, loom_param_name
 from loom.models.llama import LlamaConfig, RopeScaling, build_model
 from loom.models.registry import MODELS
-from loom.train.checkpoint import (CheckpointError, check_files, checkpoint_tensor_shapes, load_model_tensors,
+from loom.train.checkpoint_files import (CheckpointError, check_files, checkpoint_tensor_shapes, load_model_tensors,
                                    read_manifest, save_model_weights)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

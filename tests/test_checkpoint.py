@@ -335,7 +335,7 @@ def test_nonfinite_loss_stops_or_skips_and_is_never_saved(dataset, tmp_path, cap
     assert rows[-1]["step"] == 4 and rows[-1]["grad_norm"] is None
     from loom.config import load_config
     from loom.models.llama import build_model
-    from loom.train.checkpoint import load_model_weights, published
+    from loom.train.checkpoint_files import load_model_weights, published
 
     saved_steps = published(tmp_path / "skip")
     assert [step for step, _ in saved_steps] == [3, 4]
@@ -369,7 +369,7 @@ def test_hugging_face_round_trip(tmp_path, capsys, dataset):
     transformers = pytest.importorskip("transformers")
     from loom.cli import main
     from loom.models.llama import build_model
-    from loom.train.checkpoint import load_model_weights
+    from loom.train.checkpoint_files import load_model_weights
 
     hf = _hf_model(transformers)
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
@@ -418,7 +418,7 @@ def test_hugging_face_import_of_bf16_weights_and_refusals(tmp_path, capsys):
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     path, cfg = import_hf(tmp_path / "hf", tmp_path / "ck")
     ours = build_model(cfg, "cpu")  # fp32 master weights take the bf16 values exactly
-    from loom.train.checkpoint import load_model_weights
+    from loom.train.checkpoint_files import load_model_weights
 
     load_model_weights(path, ours)
     hf_params = dict(hf.named_parameters())

@@ -19,7 +19,8 @@ from loom.models.llama import LlamaConfig, Transformer, build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
-from loom.train.checkpoint import Checkpointer, TrainState, resume_path
+from loom.train.checkpoint import Checkpointer, TrainState
+from loom.train.checkpoint_files import resume_path
 from loom.train.schedule import lr_at
 
 FLOPS_CONVENTION = "megatron"
