@@ -188,6 +188,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):
+            return _metadata_getattr  # how some Python versions pickle enum members
         allowed = (
             (module, name) in self._ALLOWED
             or (module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"))
@@ -196,6 +198,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
         return super().find_class(module, name)
+
+
+def _metadata_getattr(owner, name: str):
+    """getattr for the unpickler above: only public members of DCP's metadata classes."""
+    module = getattr(owner, "__module__", "")
+    if not (isinstance(owner, type) and module == "torch.distributed.checkpoint.metadata"
+            and not name.startswith("_")):
+        raise pickle.UnpicklingError(f"getattr({owner!r}, {name!r}) is not part of checkpoint metadata")
+    return getattr(owner, name)
 
 
 def safe_reader(path: Path):
