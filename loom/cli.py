@@ -1,4 +1,4 @@
-"""`loom` command line: train | prepare | flops | convert."""
+"""`loom` command line: train | prepare | flops | convert | plan | bench."""
 from __future__ import annotations
 
 import argparse
@@ -145,6 +145,90 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from loom.plan.hardware import GIB, PlanError, get_spec
+    from loom.plan.search import plan, resolve_model
+
+    prog = "loom plan"
+    try:
+        cfg = resolve_model(args.model)
+        spec = get_spec(args.gpu, {"memory_gb": args.gpu_memory_gb, "intra_node_gbps": args.intra_node_gbps,
+                                   "inter_node_gbps": args.inter_node_gbps, "gpus_per_node": args.gpus_per_node,
+                                   "peak_tflops": args.peak_tflops})
+        rows = plan(cfg, args.gpus, spec, args.seq_len, args.global_batch, args.dtype, args.tp, args.cp, args.pp,
+                    args.micro_batch, args.recompute)
+    except PlanError as e:
+        return fail(prog, str(e))
+    shown = rows if (args.tp and args.cp and args.pp and args.micro_batch) else rows[: args.top]
+    if args.json:
+        print(json.dumps([r.as_json() for r in shown]))
+        return 0
+    fitting = sum(r.fits for r in rows)
+    print(f"{args.model} on {args.gpus} x {spec.name} ({spec.description}); seq {args.seq_len:,}, global batch "
+          f"{args.global_batch} sequences, {args.dtype}; {len(rows)} layouts, {fitting} fit; "
+          f"model TFLOP/s in the megatron convention")
+    head = ["#", "TP", "CP", "PP", "DP", "MB", "recompute", "memory GB", "fits", "tokens/s/dev", "TFLOP/s/dev", "MFU"]
+    table = []
+    for i, r in enumerate(shown, 1):
+        lay = r.layout
+        table.append([str(i), str(lay.tp), str(lay.cp), str(lay.pp), str(lay.dp), str(lay.micro_batch), lay.recompute,
+                      f"{r.memory.total / GIB:.1f}", "yes" if r.fits else "OOM", f"{r.perf.tokens_per_s_per_device:,.0f}",
+                      f"{r.perf.tflops_per_device:.1f}", f"{100 * r.perf.mfu:.1f}%"])
+    widths = [max(len(x) for x in col) for col in zip(head, *table)]
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    for line in table:
+        print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
+    if len(rows) > len(shown):
+        print(f"({len(rows) - len(shown)} more; --top N shows more)")
+    if args.explain:
+        for i, r in enumerate(shown, 1):
+            lay = r.layout
+            print(f"\n#{i} TP={lay.tp} CP={lay.cp} PP={lay.pp} DP={lay.dp} MB={lay.micro_batch} "
+                  f"recompute={lay.recompute}: {lay.n_micro} micro-batches per step")
+            print("  memory per device" + " " * 20 + "GiB")
+            for name, v in r.memory.rows():
+                print(f"    {name:<36}{v / GIB:8.2f}")
+            print("  step time" + " " * 28 + "ms")
+            for name, v in r.time.rows():
+                print(f"    {name:<36}{1000 * v:8.1f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loom.bench.grid import GridError, load_grid
+
+    prog = "loom bench"
+    try:
+        grid = load_grid(args.grid)
+    except GridError as e:
+        return fail(prog, str(e))
+    if args.timeout <= 0:
+        return fail(prog, f"--timeout={args.timeout} must be positive (seconds per layout)")
+    from loom.bench.report import markdown_tables, plot_cp_speedup, plot_throughput, write_csv
+    from loom.bench.runner import run_grid
+
+    out = Path(args.out or f"runs/bench/{grid.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_grid(grid, out, args.timeout, progress=not args.quiet)
+    write_csv(results, out / "results.csv")
+    title = f"loom bench {grid.name}"
+    table = markdown_tables(results, title)
+    (out / "results.md").write_text(table + "\n")
+    plot_throughput(results, out / "throughput.png", title)
+    has_cp = plot_cp_speedup(results, out / "cp_speedup.png", f"{grid.name}: speedup of cp")
+    print(table)
+    print(f"wrote {out}/results.csv, results.md, throughput.png" + (", cp_speedup.png" if has_cp else ""))
+    if args.compare_plan:
+        from loom.bench.compare import compare_with_plan
+
+        text, _ = compare_with_plan(grid, results)
+        (out / "compare_plan.md").write_text(text + "\n")
+        print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="loom", description="Train Llama models at long context with 4D parallelism.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -183,6 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                       help="export: dtype of the written weights (default bfloat16, as published)")
     conv.add_argument("--max-shard-gb", type=float, default=5.0, help="export: largest safetensors file")
+
+    pl = sub.add_parser("plan", help="predict memory and throughput of layouts on a GPU cluster (or this CPU)",
+                        description="Rank every valid layout by predicted tokens/s per device, or evaluate one "
+                                    "(give --tp, --cp, --pp and --micro-batch).")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--gpus", type=int, required=True, help="devices in the job")
+    pl.add_argument("--gpu", required=True, help="hardware spec: h100-sxm-80gb, h100-94gb, h200-141gb, a100-40gb, "
+                                                 "a100-80gb, cpu (this machine, measured)")
+    pl.add_argument("--seq-len", type=int, required=True)
+    pl.add_argument("--global-batch", type=int, required=True, help="sequences per step")
+    for flag in ("--tp", "--cp", "--pp", "--micro-batch"):
+        pl.add_argument(flag, type=int)
+    pl.add_argument("--recompute", choices=["none", "selective", "full"],
+                    help="default: the fastest that fits, per layout")
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pl.add_argument("--top", type=int, default=20, help="rows shown when searching")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--explain", action="store_true", help="memory and time breakdown of each row shown")
+    pl.add_argument("--gpu-memory-gb", type=float, help="override the spec's memory per device (GiB)")
+    pl.add_argument("--intra-node-gbps", type=float, help="override: GB/s per device inside a node")
+    pl.add_argument("--inter-node-gbps", type=float, help="override: GB/s per device across nodes")
+    pl.add_argument("--gpus-per-node", type=int, help="override")
+    pl.add_argument("--peak-tflops", type=float, help="override: dense TFLOP/s per device in --dtype")
+
+    be = sub.add_parser("bench", help="sweep a grid of layouts on this machine through torchrun; tables and plots",
+                        description="Run every layout of a grid file for a few steps each (loom train --nproc N) "
+                                    "and write results.csv, results.md and PNG plots.")
+    be.add_argument("--grid", required=True, help="a grid TOML file (see benchmarks/grids/)")
+    be.add_argument("--out", help="output folder (default runs/bench/<grid name>)")
+    be.add_argument("--timeout", type=float, default=600, help="seconds per layout before it is marked timeout")
+    be.add_argument("--compare-plan", action="store_true",
+                    help="also print measured against the planner's prediction (spec cpu) per layout")
+    be.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -197,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_prepare(args)
     if args.command == "convert":
         return cmd_convert(args)
+    if args.command == "plan":
+        return cmd_plan(args)
+    if args.command == "bench":
+        return cmd_bench(args)
     return cmd_flops(args)
 
 

@@ -1,0 +1,248 @@
+"""Hardware specs as data, and the constants of the planner's models, stated in one place.
+
+A spec describes one device (a GPU, or one CPU rank) and the links between devices. GPU figures are
+the vendors' data sheets (dense, no sparsity); `cpu` is measured on this machine: the one-thread
+fp32 matmul rate (the trainer's calibration) and gloo's point-to-point bandwidth and latency
+between two local processes, each measured once and cached.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+
+
+class PlanError(ValueError):
+    """Bad planner input; the message is one line naming the setting, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """How much of the data sheet a real step gets, per kind of work. These are the planner's
+    assumptions; everything else is arithmetic.
+
+    matmul: sustained fraction of peak for the GEMMs of a transformer block (large GPU GEMMs reach
+        70-80% in isolation; 0.65 leaves room for their smaller shapes under tp).
+    attention: sustained fraction for flash attention forward + backward (FA2 on H100 ~45-55%).
+    memory: fraction of the memory bandwidth that element-wise kernels reach.
+    link: fraction of a link's bandwidth that collectives reach (NCCL bus bandwidth ~80%).
+    cp_overlap: share of ring-attention transfer time hidden behind the attention kernels (loom
+        posts the next block's transfer before the current block's kernel).
+    dp_overlap: share of FSDP's all-gathers and reduce-scatters hidden behind compute (prefetch).
+    layer_overhead_s: fixed time per layer, micro-batch and pass (forward or backward) outside the
+        FLOP- and bandwidth-bound work: kernel launches, Python.
+    collective_latency_s: fixed cost of each collective or transfer.
+    """
+
+    matmul: float
+    attention: float
+    memory: float
+    link: float
+    cp_overlap: float
+    dp_overlap: float
+    layer_overhead_s: float
+    collective_latency_s: float
+
+
+GPU_EFFICIENCY = Efficiency(matmul=0.65, attention=0.45, memory=0.7, link=0.8, cp_overlap=0.9, dp_overlap=0.9,
+                            layer_overhead_s=40e-6, collective_latency_s=15e-6)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One device and its links. Bandwidths are per device, one direction, in GB/s (1e9 B/s)."""
+
+    name: str
+    description: str
+    peak_tflops: dict[str, float]  # training dtype -> dense TFLOP/s per device
+    memory_gb: float  # GiB a process can allocate on the device
+    intra_node_gbps: float  # to a device in the same node (NVLink)
+    inter_node_gbps: float  # to a device in another node (InfiniBand / RoCE)
+    gpus_per_node: int
+    memory_gbps: float  # device memory bandwidth (the optimizer step is bound by it)
+    efficiency: Efficiency = GPU_EFFICIENCY
+    reserved_gb: float = 1.5  # CUDA context, NCCL and cuBLAS workspaces, not seen by the allocator
+    cores: int | None = None  # CPU only: devices (ranks) beyond this many share the cores
+
+    def peak_flops(self, dtype: str) -> float:
+        if dtype not in self.peak_tflops:
+            raise PlanError(f"--dtype={dtype!r} has no peak for {self.name}; allowed: {', '.join(self.peak_tflops)}")
+        return self.peak_tflops[dtype] * 1e12
+
+
+GPUS: dict[str, HardwareSpec] = {
+    "h100-sxm-80gb": HardwareSpec(
+        "h100-sxm-80gb", "NVIDIA H100 SXM5 80GB, NVLink 4 (450 GB/s per direction), 8 x 400 Gb/s IB per node",
+        {"bfloat16": 989.4, "float32": 66.9}, 79.1, 450.0, 50.0, 8, 3350.0),
+    "h100-94gb": HardwareSpec(
+        "h100-94gb", "NVIDIA H100 NVL 94GB (PCIe; NVLink bridge 300 GB/s per direction), 8 x 400 Gb/s per node",
+        {"bfloat16": 835.5, "float32": 60.0}, 93.0, 300.0, 50.0, 8, 3900.0),
+    "h200-141gb": HardwareSpec(
+        "h200-141gb", "NVIDIA H200 SXM 141GB, NVLink 4 (450 GB/s per direction), 8 x 400 Gb/s IB per node",
+        {"bfloat16": 989.4, "float32": 66.9}, 140.0, 450.0, 50.0, 8, 4800.0),
+    "a100-40gb": HardwareSpec(
+        "a100-40gb", "NVIDIA A100 SXM4 40GB, NVLink 3 (300 GB/s per direction), 8 x 200 Gb/s IB per node",
+        {"bfloat16": 312.0, "float32": 19.5}, 39.4, 300.0, 25.0, 8, 1555.0),
+    "a100-80gb": HardwareSpec(
+        "a100-80gb", "NVIDIA A100 SXM4 80GB, NVLink 3 (300 GB/s per direction), 8 x 200 Gb/s IB per node",
+        {"bfloat16": 312.0, "float32": 19.5}, 79.1, 300.0, 25.0, 8, 2039.0),
+}
+ALIASES = {"h100-sxm": "h100-sxm-80gb", "h100": "h100-sxm-80gb", "h100-nvl": "h100-94gb", "h200": "h200-141gb",
+           "a100": "a100-80gb"}
+SPEC_NAMES = (*GPUS, "cpu")
+
+
+# A CPU rank runs one thread: matmuls of loom's small CPU models reach about half of the big-GEMM
+# calibration, attention (the flash op) a third; gloo cannot overlap transfers with compute on
+# the same cores, and every layer pays for Python and element-wise kernels.
+CPU_EFFICIENCY = Efficiency(matmul=0.55, attention=0.35, memory=0.5, link=1.0, cp_overlap=0.3, dp_overlap=0.0,
+                            layer_overhead_s=1.5e-3, collective_latency_s=100e-6)
+
+
+def cpu_spec(measure: bool = True) -> HardwareSpec:
+    """This machine as a spec: a device is one rank with one thread. Peak = the measured one-thread
+    fp32 matmul rate; links = gloo between two local processes, measured (and cached)."""
+    import torch
+
+    from loom.metrics.meter import cpu_peak_flops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32 = cpu_peak_flops(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    comm = gloo_link() if measure else {"gbps": 1.0, "latency_s": 100e-6}
+    memory_gbps = _copy_gbps()
+    cores = os.cpu_count() or 1
+    mem = _total_memory_gib()
+    eff = dataclasses.replace(CPU_EFFICIENCY, collective_latency_s=comm["latency_s"])
+    return HardwareSpec(
+        "cpu", f"this machine: {cores} cores, {mem:.0f} GiB; fp32 matmul {fp32 / 1e9:.0f} GFLOP/s per thread, "
+        f"gloo {comm['gbps']:.2f} GB/s, {1e6 * comm['latency_s']:.0f} us per message (measured)",
+        {"float32": fp32 / 1e12}, mem, comm["gbps"], comm["gbps"], cores, memory_gbps, efficiency=eff,
+        reserved_gb=0.23, cores=cores)
+
+
+def get_spec(name: str, overrides: dict | None = None) -> HardwareSpec:
+    """The named spec with any field overridden (e.g. {"memory_gb": 64})."""
+    key = ALIASES.get(name, name)
+    if key == "cpu":
+        spec = cpu_spec()
+    elif key in GPUS:
+        spec = GPUS[key]
+    else:
+        import difflib
+
+        close = difflib.get_close_matches(name, [*SPEC_NAMES, *ALIASES], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PlanError(f"--gpu={name!r} is unknown{hint} allowed: {', '.join(SPEC_NAMES)}")
+    for field, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if field == "peak_tflops":
+            spec = dataclasses.replace(spec, peak_tflops={k: value for k in spec.peak_tflops})
+        else:
+            spec = dataclasses.replace(spec, **{field: value})
+    return spec
+
+
+def _copy_gbps() -> float:
+    """One thread's memory bandwidth: bytes read plus written by a 64 MB copy, best of 5."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.ones(16 * 2**20), torch.empty(16 * 2**20)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def _total_memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return 16.0
+
+
+# -- gloo link calibration -----------------------------------------------------------------------
+def _link_worker(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    big, small = torch.zeros(4 * 1024 * 1024), torch.zeros(1)  # 16 MB, 4 B
+
+    def exchange(t: torch.Tensor) -> None:
+        if rank == 0:
+            dist.send(t, 1)
+            dist.recv(t, 1)
+        else:
+            dist.recv(t, 0)
+            dist.send(t, 0)
+
+    for _ in range(3):
+        exchange(big)
+        exchange(small)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        exchange(small)
+    latency = (time.perf_counter() - t0) / 400
+    t0 = time.perf_counter()
+    for _ in range(8):
+        exchange(big)
+    per_transfer = (time.perf_counter() - t0) / 16
+    if rank == 0:
+        Path(out).write_text(json.dumps({"gbps": big.numel() * 4 / max(per_transfer - latency, 1e-9) / 1e9,
+                                         "latency_s": latency}))
+    dist.destroy_process_group()
+
+
+def gloo_link(cache: Path | None = None) -> dict:
+    """{"gbps", "latency_s"} of a gloo send/recv between two local processes, measured once."""
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from loom.metrics.meter import _cpu_model, cache_dir
+
+    cache = cache or cache_dir() / "cpu_link.json"
+    key = f"{_cpu_model()}|cores={os.cpu_count()}|torch={torch.__version__}"
+    table = {}
+    if cache.exists():
+        try:
+            table = json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            table = {}
+    if key not in table:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "link.json")
+            mp.start_processes(_link_worker, args=(port, out), nprocs=2, start_method="spawn")
+            table[key] = json.loads(Path(out).read_text())
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp_file.write_text(json.dumps(table, indent=1))
+        os.replace(tmp_file, cache)
+    return table[key]

@@ -1,0 +1,174 @@
+"""Step time of a training layout on one device, term by term.
+
+Work per micro-batch and pipeline stage, with t = micro_batch * seq_len / cp local tokens:
+- matmuls: 2 t (block matrices / tp) FLOPs forward, x3 with backward (x4 with full recompute),
+  plus the output layer on the last stage; at `matmul` efficiency of the peak.
+- attention: causal flash attention skips masked blocks, so each query sees seq_len / 2 keys on
+  average (load-balanced under cp): 2 t seq_len dim / tp FLOPs forward; backward 2.5x forward
+  (it recomputes the scores); at `attention` efficiency.
+- element-wise work (norms, RoPE, SwiGLU, residual additions) as memory traffic at the device's
+  memory bandwidth, plus a fixed overhead per layer and pass (kernel launches, Python).
+- tp (sequence parallel): per layer 4 all-gathers / reduce-scatters of [t, dim] forward and 4
+  backward, each moving (tp - 1) / tp of it; not overlapped.
+- cp (ring): per layer (cp - 1) KV blocks forward, (cp - 1) KV blocks + cp fp32 dKV backward;
+  the `cp_overlap` share of min(transfer, attention) is hidden.
+- pp: one activation forward and one gradient backward per micro-batch and boundary; bubble:
+  (pp - 1) / v extra micro-batch slots for 1F1B, GPipe and interleaved (v virtual stages), a third
+  of that for zero-bubble.
+- FSDP over (dp_shard, cp): each micro-batch all-gathers every parameter twice (forward, backward)
+  in the compute dtype; gradients are reduce-scattered once per step in fp32; the `dp_overlap`
+  share of min(transfer, compute) is hidden.
+- AdamW (and gradient clipping): memory-bound passes over the local fp32 states.
+Links: tp is innermost, so it is in a node when tp <= GPUs per node; cp when tp cp fits; FSDP
+when tp cp dp fits; pp when the whole world fits. Otherwise the inter-node bandwidth applies.
+On CPU, ranks beyond the core count share cores: compute and overheads slow by world / cores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loom.metrics.flops import flops_per_token
+from loom.models.llama import LlamaConfig
+from loom.plan.hardware import HardwareSpec
+from loom.plan.memory import DTYPE_BYTES, Layout, _device_layers, block_params, stage_params
+
+OPTIMIZER_BYTES_PER_PARAM = 40  # fused AdamW reads param, grad, m, v and writes param, m, v; clipping reads grads
+
+
+@dataclass(frozen=True)
+class TimeBreakdown:
+    """Seconds per optimizer step on the slowest device."""
+
+    matmul: float
+    attention: float
+    overhead: float
+    tp_comm: float
+    cp_comm: float  # exposed (after overlap)
+    pp_comm: float
+    bubble: float
+    dp_comm: float  # exposed
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return (self.matmul + self.attention + self.overhead + self.tp_comm + self.cp_comm + self.pp_comm
+                + self.bubble + self.dp_comm + self.optimizer)
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("matmuls", self.matmul), ("attention", self.attention), ("element-wise + per-layer overhead", self.overhead),
+                ("tp collectives", self.tp_comm), ("cp ring (exposed)", self.cp_comm),
+                ("pp transfers", self.pp_comm), ("pipeline bubble", self.bubble),
+                ("FSDP collectives (exposed)", self.dp_comm), ("optimizer step", self.optimizer),
+                ("total", self.total)]
+
+
+def _link_gbps(spec: HardwareSpec, span: int) -> float:
+    """Bandwidth of a group whose members lie within `span` consecutive devices."""
+    return spec.intra_node_gbps if span <= spec.gpus_per_node else spec.inter_node_gbps
+
+
+def _transfer_s(spec: HardwareSpec, nbytes: float, span: int, count: int = 1) -> float:
+    bw = _link_gbps(spec, span) * 1e9 * spec.efficiency.link
+    return nbytes / bw + count * spec.efficiency.collective_latency_s
+
+
+def elementwise_bytes_per_token(cfg: LlamaConfig, layout: Layout) -> float:
+    """Memory traffic of one layer's element-wise work per local token, forward + backward: the
+    two RMSNorms (fp32 in, compute dtype out), RoPE on q and k, SwiGLU, and the two fp32 residual
+    additions; backward moves about twice the forward's bytes; recomputation repeats the forward
+    (`selective` repeats all but the residual additions)."""
+    e = DTYPE_BYTES[layout.dtype]
+    tp = layout.tp
+    sp = tp if (tp > 1 and layout.sequence_parallel) else 1
+    h, f, hk = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
+    norms = 2 * (4 + e) * h / sp
+    rope = 2 * e * (h + hk) / tp
+    swiglu = 3 * e * f / tp
+    residual = 2 * 12 * h / sp
+    forward = norms + rope + swiglu + residual
+    total = 3 * forward
+    if layout.recompute == "full":
+        total += forward
+    elif layout.recompute == "selective":
+        total += forward - residual
+    return total
+
+
+def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreakdown:
+    eff = spec.efficiency
+    e = DTYPE_BYTES[layout.dtype]
+    peak = spec.peak_flops(layout.dtype)
+    share = 1.0 if spec.cores is None else min(1.0, spec.cores / layout.world)  # CPU cores per rank
+    t = layout.local_tokens
+    tp, cp, pp = layout.tp, layout.cp, layout.pp
+    matrices, _ = block_params(cfg)
+    hk = cfg.n_kv_heads * cfg.head_dim
+    passes = 4 if layout.recompute == "full" else 3  # forward, backward (2x), recompute
+    n_stages = pp * layout.pp_virtual_stages
+    layers = _device_layers(cfg, layout)
+
+    per_stage = []  # (matmul, attention, overhead, tp, cp) seconds per micro-batch on each pp rank
+    for r in range(pp):
+        n = len(layers[r])
+        mm_flops = n * 2 * t * matrices / tp * passes
+        if r == (n_stages - 1) % pp:  # holds the last stage: the output layer
+            mm_flops += 6 * t * cfg.vocab_size * cfg.dim / tp
+        attn_fwd = 2 * t * layout.seq_len * cfg.dim / tp
+        attn_flops = n * attn_fwd * (3.5 + (1.0 if layout.recompute == "full" else 0.0))
+        mm_s = mm_flops / (peak * eff.matmul * share)
+        attn_s = attn_flops / (peak * eff.attention * share)
+        over_s = n * (passes - 1) * eff.layer_overhead_s / share  # forward, backward (, recompute)
+        over_s += n * t * elementwise_bytes_per_token(cfg, layout) / (spec.memory_gbps * 1e9 * eff.memory * share)
+        tp_s = 0.0
+        if tp > 1:
+            nbytes = 8 * (tp - 1) / tp * t * cfg.dim * e
+            tp_s = n * _transfer_s(spec, nbytes, tp, count=8)
+        cp_s = 0.0
+        if cp > 1:
+            kv = t * 2 * hk / tp
+            nbytes = (cp - 1) * kv * e * 2 + cp * kv * 4
+            comm = n * _transfer_s(spec, nbytes, tp * cp, count=3 * cp - 2)
+            cp_s = comm - eff.cp_overlap * min(comm, attn_s)
+        per_stage.append((mm_s, attn_s, over_s, tp_s, cp_s))
+
+    pp_s = 0.0
+    if pp > 1:
+        sp = tp if (tp > 1 and layout.sequence_parallel) else 1
+        pp_s = _transfer_s(spec, 2 * t * cfg.dim * e / sp, layout.world, count=2)
+    slot = max(sum(x) for x in per_stage) + pp_s  # the slowest stage paces the pipeline
+    slowest = max(range(pp), key=lambda r: sum(per_stage[r]))
+    mm_s, attn_s, over_s, tp_s, cp_s = (x * layout.n_micro for x in per_stage[slowest])
+    bubble = 0.0
+    if pp > 1:
+        extra = (pp - 1) / layout.pp_virtual_stages
+        if layout.pp_schedule == "zero-bubble":
+            extra /= 3
+        bubble = extra * slot
+
+    params = stage_params(cfg, layout)[slowest]  # on one device of the tp group, before FSDP
+    shard = layout.dp * cp
+    dp_s = 0.0
+    if shard > 1:
+        gather = 2 * layout.n_micro * params * e * (shard - 1) / shard
+        reduce = params * 4 * (shard - 1) / shard
+        comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp,
+                           count=(2 * layout.n_micro + 1) * (len(layers[slowest]) + 1))
+        compute = mm_s + attn_s + over_s
+        dp_s = comm - eff.dp_overlap * min(comm, compute)
+    optimizer_s = params / shard * OPTIMIZER_BYTES_PER_PARAM / (spec.memory_gbps * 1e9 * share)
+    return TimeBreakdown(mm_s, attn_s, over_s, tp_s, cp_s, pp_s * layout.n_micro, bubble, dp_s, optimizer_s)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    step_time_s: float
+    tokens_per_s_per_device: float
+    tflops_per_device: float  # model FLOPs, megatron convention
+    mfu: float
+
+
+def throughput(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, time: TimeBreakdown) -> Throughput:
+    tokens = layout.global_batch * layout.seq_len / layout.world
+    tps = tokens / time.total
+    tflops = tps * flops_per_token(cfg, layout.seq_len, "megatron") / 1e12
+    return Throughput(time.total, tps, tflops, tflops * 1e12 / spec.peak_flops(layout.dtype))
