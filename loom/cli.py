@@ -173,7 +173,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lay = r.layout
         table.append([str(i), str(lay.tp), str(lay.cp), str(lay.pp), str(lay.dp), str(lay.micro_batch), lay.recompute,
                       f"{r.memory.total / GIB:.1f}", "yes" if r.fits else "OOM", f"{r.perf.tokens_per_s_per_device:,.0f}",
-                      f"{r.perf.tflops_per_device:.1f}", f"{100 * r.perf.mfu:.1f}%"])
+                      f"{r.perf.tflops_per_device:.{1 if r.perf.tflops_per_device >= 10 else 4}f}",
+                      f"{100 * r.perf.mfu:.1f}%"])
     widths = [max(len(x) for x in col) for col in zip(head, *table)]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
     for line in table:
@@ -210,9 +211,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from loom.bench.runner import run_grid
 
     out = Path(args.out or f"runs/bench/{grid.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    results = run_grid(grid, out, args.timeout, progress=not args.quiet)
-    write_csv(results, out / "results.csv")
+    if args.compare_only:
+        from loom.bench.report import read_csv
+
+        if not (out / "results.csv").is_file():
+            return fail(prog, f"--compare-only needs {out / 'results.csv'} from an earlier sweep (--out)")
+        results = read_csv(out / "results.csv")
+        args.compare_plan = True
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        results = run_grid(grid, out, args.timeout, progress=not args.quiet)
+        write_csv(results, out / "results.csv")
     title = f"loom bench {grid.name}"
     table = markdown_tables(results, title)
     (out / "results.md").write_text(table + "\n")
@@ -299,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--timeout", type=float, default=600, help="seconds per layout before it is marked timeout")
     be.add_argument("--compare-plan", action="store_true",
                     help="also print measured against the planner's prediction (spec cpu) per layout")
+    be.add_argument("--compare-only", action="store_true",
+                    help="compare the sweep already in --out with the planner, without running it again")
     be.add_argument("--quiet", action="store_true")
     return parser
 

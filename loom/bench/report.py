@@ -17,6 +17,24 @@ def write_csv(results: list[BenchResult], path: Path) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[BenchResult]:
+    """Results written by write_csv (to compare them with the planner again without re-running)."""
+    from loom.bench.grid import BenchLayout
+
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            lay = BenchLayout(*(int(row[k]) for k in ("world", "tp", "cp", "pp", "micro_batch", "seq_len")))
+
+            def num(key, kind=float):
+                return kind(float(row[key])) if row[key] not in ("", "None") else None
+
+            out.append(BenchResult(lay, row["status"], row["message"], num("tokens_per_s_per_device"),
+                                   num("step_time_s"), num("peak_memory_bytes", int), num("global_batch", int),
+                                   num("wall_s")))
+    return out
+
+
 def _cell(r: BenchResult | None) -> str:
     if r is None:
         return ""

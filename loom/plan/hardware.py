@@ -1,9 +1,9 @@
 """Hardware specs as data, and the constants of the planner's models, stated in one place.
 
 A spec describes one device (a GPU, or one CPU rank) and the links between devices. GPU figures are
-the vendors' data sheets (dense, no sparsity); `cpu` is measured on this machine: the one-thread
-fp32 matmul rate (the trainer's calibration) and gloo's point-to-point bandwidth and latency
-between two local processes, each measured once and cached.
+the vendors' data sheets (dense, no sparsity); `cpu` is measured on this machine: one thread's fp32
+matmul rate and memory bandwidth, and gloo's point-to-point bandwidth and latency between two
+local processes, measured once and cached.
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ class Efficiency:
     layer_overhead_s: fixed time per layer, micro-batch and pass (forward or backward) outside the
         FLOP- and bandwidth-bound work: kernel launches, Python.
     collective_latency_s: fixed cost of each collective or transfer.
+    tp_layer_overhead_s, cp_step_overhead_s, fsdp_block_overhead_s: framework time per layer and
+        pass under tp (DTensor dispatch and redistribution), per ring step and pass under cp (tile
+        planning, merges), per block gather or reduce under FSDP; small on GPUs (asynchronous
+        kernels hide them), large on CPU ranks that run them on the cores that compute.
     """
 
     matmul: float
@@ -47,6 +51,9 @@ class Efficiency:
     dp_overlap: float
     layer_overhead_s: float
     collective_latency_s: float
+    tp_layer_overhead_s: float = 0.0
+    cp_step_overhead_s: float = 0.0
+    fsdp_block_overhead_s: float = 0.0
 
 
 GPU_EFFICIENCY = Efficiency(matmul=0.65, attention=0.45, memory=0.7, link=0.8, cp_overlap=0.9, dp_overlap=0.9,
@@ -104,29 +111,19 @@ CPU_EFFICIENCY = Efficiency(matmul=0.55, attention=0.35, memory=0.5, link=1.0, c
                             layer_overhead_s=1.5e-3, collective_latency_s=100e-6)
 
 
-def cpu_spec(measure: bool = True) -> HardwareSpec:
-    """This machine as a spec: a device is one rank with one thread. Peak = the measured one-thread
-    fp32 matmul rate; links = gloo between two local processes, measured (and cached)."""
-    import torch
-
-    from loom.metrics.meter import cpu_peak_flops
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fp32 = cpu_peak_flops(torch.float32)
-    finally:
-        torch.set_num_threads(threads)
-    comm = gloo_link() if measure else {"gbps": 1.0, "latency_s": 100e-6}
-    memory_gbps = _copy_gbps()
+def cpu_spec() -> HardwareSpec:
+    """This machine as a spec: a device is one rank with one thread. Its one-thread fp32 matmul
+    rate, memory bandwidth and gloo link are measured together, once, and cached."""
+    cal = cpu_calibration()
     cores = os.cpu_count() or 1
     mem = _total_memory_gib()
-    eff = dataclasses.replace(CPU_EFFICIENCY, collective_latency_s=comm["latency_s"])
+    eff = dataclasses.replace(CPU_EFFICIENCY, collective_latency_s=cal["latency_s"])
     return HardwareSpec(
-        "cpu", f"this machine: {cores} cores, {mem:.0f} GiB; fp32 matmul {fp32 / 1e9:.0f} GFLOP/s per thread, "
-        f"gloo {comm['gbps']:.2f} GB/s, {1e6 * comm['latency_s']:.0f} us per message (measured)",
-        {"float32": fp32 / 1e12}, mem, comm["gbps"], comm["gbps"], cores, memory_gbps, efficiency=eff,
-        reserved_gb=0.23, cores=cores)
+        "cpu", f"this machine: {cores} cores, {mem:.0f} GiB; per rank (1 thread): fp32 matmul "
+        f"{cal['matmul_flops'] / 1e9:.0f} GFLOP/s, memory {cal['copy_gbps']:.1f} GB/s; gloo {cal['gbps']:.2f} GB/s, "
+        f"{1e6 * cal['latency_s']:.0f} us per message (measured)",
+        {"float32": cal["matmul_flops"] / 1e12}, mem, cal["gbps"], cal["gbps"], cores, cal["copy_gbps"],
+        efficiency=eff, reserved_gb=0.23, cores=cores)
 
 
 def get_spec(name: str, overrides: dict | None = None) -> HardwareSpec:
@@ -215,17 +212,19 @@ def _link_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def gloo_link(cache: Path | None = None) -> dict:
-    """{"gbps", "latency_s"} of a gloo send/recv between two local processes, measured once."""
+def cpu_calibration(cache: Path | None = None) -> dict:
+    """{"matmul_flops", "copy_gbps", "gbps", "latency_s"}: one thread's fp32 matmul rate and memory
+    bandwidth, and a gloo send/recv between two local processes; measured once on an idle machine
+    (the planner's own cache: the trainer's calibration may run beside busy ranks)."""
     import socket
     import tempfile
 
     import torch
     import torch.multiprocessing as mp
 
-    from loom.metrics.meter import _cpu_model, cache_dir
+    from loom.metrics.meter import _cpu_model, cache_dir, measure_matmul_flops
 
-    cache = cache or cache_dir() / "cpu_link.json"
+    cache = cache or cache_dir() / "cpu_plan.json"
     key = f"{_cpu_model()}|cores={os.cpu_count()}|torch={torch.__version__}"
     table = {}
     if cache.exists():
@@ -234,13 +233,20 @@ def gloo_link(cache: Path | None = None) -> dict:
         except (OSError, json.JSONDecodeError):
             table = {}
     if key not in table:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            flops = measure_matmul_flops(torch.float32, n=1024, repeats=20, warmup_s=1.0)
+        finally:
+            torch.set_num_threads(threads)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "link.json")
             mp.start_processes(_link_worker, args=(port, out), nprocs=2, start_method="spawn")
-            table[key] = json.loads(Path(out).read_text())
+            link = json.loads(Path(out).read_text())
+        table[key] = {"matmul_flops": flops, "copy_gbps": _copy_gbps(), **link}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp_file = cache.with_suffix(f".tmp{os.getpid()}")
         tmp_file.write_text(json.dumps(table, indent=1))

@@ -9,7 +9,7 @@ Work per micro-batch and pipeline stage, with t = micro_batch * seq_len / cp loc
 - element-wise work (norms, RoPE, SwiGLU, residual additions) as memory traffic at the device's
   memory bandwidth, plus a fixed overhead per layer and pass (kernel launches, Python).
 - tp (sequence parallel): per layer 4 all-gathers / reduce-scatters of [t, dim] forward and 4
-  backward, each moving (tp - 1) / tp of it; not overlapped.
+  backward, each moving (tp - 1) / tp of it in tp - 1 ring steps; not overlapped.
 - cp (ring): per layer (cp - 1) KV blocks forward, (cp - 1) KV blocks + cp fp32 dKV backward;
   the `cp_overlap` share of min(transfer, attention) is hidden.
 - pp: one activation forward and one gradient backward per micro-batch and boundary; bubble:
@@ -122,13 +122,15 @@ def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
         tp_s = 0.0
         if tp > 1:
             nbytes = 8 * (tp - 1) / tp * t * cfg.dim * e
-            tp_s = n * _transfer_s(spec, nbytes, tp, count=8)
+            tp_s = n * (_transfer_s(spec, nbytes, tp, count=8 * (tp - 1))
+                        + (passes - 1) * eff.tp_layer_overhead_s / share)
         cp_s = 0.0
         if cp > 1:
             kv = t * 2 * hk / tp
             nbytes = (cp - 1) * kv * e * 2 + cp * kv * 4
             comm = n * _transfer_s(spec, nbytes, tp * cp, count=3 * cp - 2)
             cp_s = comm - eff.cp_overlap * min(comm, attn_s)
+            cp_s += n * (passes - 1) * (cp - 1) * eff.cp_step_overhead_s / share
         per_stage.append((mm_s, attn_s, over_s, tp_s, cp_s))
 
     pp_s = 0.0
@@ -151,10 +153,10 @@ def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     if shard > 1:
         gather = 2 * layout.n_micro * params * e * (shard - 1) / shard
         reduce = params * 4 * (shard - 1) / shard
-        comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp,
-                           count=(2 * layout.n_micro + 1) * (len(layers[slowest]) + 1))
+        ops = (2 * layout.n_micro + 1) * (len(layers[slowest]) + 1)  # per block: 2 gathers per micro-batch, 1 reduce
+        comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp, count=ops * (shard - 1))
         compute = mm_s + attn_s + over_s
-        dp_s = comm - eff.dp_overlap * min(comm, compute)
+        dp_s = comm - eff.dp_overlap * min(comm, compute) + ops * eff.fsdp_block_overhead_s / share
     optimizer_s = params / shard * OPTIMIZER_BYTES_PER_PARAM / (spec.memory_gbps * 1e9 * share)
     return TimeBreakdown(mm_s, attn_s, over_s, tp_s, cp_s, pp_s * layout.n_micro, bubble, dp_s, optimizer_s)
 

@@ -1,0 +1,204 @@
+"""The planner: memory model against hand computations, FLOPs against `loom flops`, ranking and
+output contract, bad input; the bench grid parser and an end-to-end two-layout sweep."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from loom.models.llama import LlamaConfig
+from loom.plan.hardware import GIB, get_spec
+from loom.plan.memory import Layout, memory_breakdown
+
+CFG = LlamaConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=8, ffn_dim=4096, vocab_size=32000)
+
+
+def test_memory_of_a_4d_layout_by_hand():
+    """tp=2 x cp=2 x pp=2 x dp=2, micro batch 1, seq 4096, 16 sequences, bf16, no recompute, 1F1B."""
+    spec = get_spec("h100-sxm-80gb")
+    lay = Layout(tp=2, cp=2, pp=2, dp=2, micro_batch=1, seq_len=4096, global_batch=16)
+    m = memory_breakdown(CFG, lay, spec)
+
+    # The most loaded device is on the last stage (its logits outweigh stage 0's second micro-batch).
+    # One block: wq, wo 1024 x 1024; wk, wv 1024 x 512; w1, w3, w2 1024 x 4096; two norms of 1024.
+    block = (2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 4096) / 2 + 2 * 1024  # matrices over tp=2
+    root = 32000 * 1024 / 2 + 1024  # output layer (vocab-parallel) + final norm
+    per_device = (4 * block + root) / 4  # layers 4-7; FSDP over dp x cp = 4
+    assert m.parameters == pytest.approx(4 * per_device)
+    assert m.gradients == pytest.approx(4 * per_device)
+    assert m.optimizer == pytest.approx(8 * per_device)
+    # FSDP: current + prefetched + kept-last block gathered in bf16, one block of fp32 gradients,
+    # the root's parameters gathered (bf16) with their fp32 gradients.
+    assert m.fsdp_buffers == pytest.approx((3 * 2 + 4) * block + (2 + 4) * root)
+    # Activations per layer and local token (t = 4096 / cp = 2048), e = 2, h = 1024, hk = 512,
+    # f = 4096, sp = tp = 2: 8h/2 + 2*2h + 2(h + 2hk)/2 + 2h/2 + 4*16/2 + 3*2f/2.
+    per_token = 8 * 1024 / 2 + 4 * 1024 + 2 * 2048 / 2 + 1024 + 32 + 3 * 4096
+    in_flight = 1  # the last stage of 1F1B holds one micro-batch (stage 0 holds pp = 2)
+    assert m.activations == pytest.approx(4 * 2048 * per_token * in_flight)
+    # Under tp the vocabulary-sharded logits are kept: fp32 + the bf16 copy, V / tp per token.
+    assert m.logits == pytest.approx(2048 * (4 + 2) * 32000 / 2)
+    # Ring buffers (two KV blocks in bf16 + the fp32 dKV) and one gathered matmul input under SP.
+    assert m.comm_buffers == pytest.approx(2048 * 2 * 512 / 2 * (2 * 2 + 4) + 2048 * 1024 * 2)
+    counted = (m.parameters + m.gradients + m.optimizer + m.fsdp_buffers + m.activations + m.logits
+               + m.comm_buffers)
+    assert m.margin == pytest.approx(0.08 * counted)
+    assert m.total == pytest.approx(counted * 1.08 + 1.5 * GIB)
+    stage0_acts = 4 * 2048 * per_token * 2
+    assert stage0_acts < m.activations + m.logits  # so the last stage is indeed the peak
+
+
+def test_memory_of_data_parallel_fp32_selective_by_hand():
+    """dp=8 only, micro batch 2, seq 2048, fp32, selective recompute: the single stage holds the
+    embedding, all layers, the output layer and the loss's logits chunk."""
+    spec = get_spec("a100-80gb")
+    lay = Layout(tp=1, cp=1, pp=1, dp=8, micro_batch=2, seq_len=2048, global_batch=32, recompute="selective",
+                 dtype="float32")
+    m = memory_breakdown(CFG, lay, spec)
+    block = 2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 4096 + 2 * 1024
+    params = (8 * block + 2 * 32000 * 1024 + 1024) / 8
+    assert m.parameters + m.gradients + m.optimizer == pytest.approx(16 * params)
+    root = 2 * 32000 * 1024 + 1024
+    assert m.fsdp_buffers == pytest.approx((3 * 4 + 4) * block + (4 + 4) * root)
+    # e = 4, no sp: 8h + 2*4h + 4(h + 2hk) + 4h + 4*16 + 3*4f, minus selective's 2*4h + 4f.
+    per_token = 8 * 1024 + 8 * 1024 + 4 * 2048 + 4 * 1024 + 64 + 12 * 4096 - 8 * 1024 - 4 * 4096
+    assert m.activations == pytest.approx(8 * (2 * 2048) * per_token)
+    chunk = (1 << 30) // (4 * 32000)  # tokens whose fp32 logits fill 1 GiB
+    assert m.logits == pytest.approx(min(4096, chunk) * 4 * 32000 * 2)
+    assert m.comm_buffers == 0
+
+
+def _cli(args, capsys):
+    from loom.cli import main
+
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_flops_match_loom_flops_and_rows_are_ranked(capsys):
+    code, out, _ = _cli(["flops", "--model", "llama3.1-8b", "--seq-len", "8192", "--json"], capsys)
+    fpt = json.loads(out)["flops_per_token"]["megatron"]
+    code, out, _ = _cli(["plan", "--model", "llama3.1-8b", "--gpus", "16", "--gpu", "h100-sxm", "--seq-len", "8192",
+                         "--global-batch", "64", "--json", "--top", "500"], capsys)
+    assert code == 0
+    rows = json.loads(out)
+    keys = {"tp", "cp", "pp", "dp", "micro_batch", "recompute", "memory_gb", "fits", "tokens_per_s_per_device",
+            "tflops_per_device"}
+    assert rows and all(keys <= set(r) for r in rows)
+    for r in rows:
+        assert r["tp"] * r["cp"] * r["pp"] * r["dp"] == 16
+        assert r["tflops_per_device"] == pytest.approx(r["tokens_per_s_per_device"] * fpt / 1e12, rel=1e-3)
+    fitting = [r for r in rows if r["fits"]]
+    assert [r["tokens_per_s_per_device"] for r in fitting] == sorted(
+        (r["tokens_per_s_per_device"] for r in fitting), reverse=True)
+    assert rows[: len(fitting)] == fitting  # OOM rows come last
+
+
+def test_plan_marks_what_does_not_fit(capsys):
+    code, out, _ = _cli(["plan", "--model", "llama3-70b", "--gpus", "8", "--gpu", "a100-40gb", "--seq-len", "8192",
+                         "--global-batch", "8", "--json", "--top", "500"], capsys)
+    rows = json.loads(out)
+    assert code == 0 and rows and not any(r["fits"] for r in rows)  # 70B x 16 B does not fit in 8 x 40 GB
+    code, out, _ = _cli(["plan", "--model", "llama3-70b", "--gpus", "8", "--gpu", "a100-40gb", "--seq-len", "8192",
+                         "--global-batch", "8", "--gpu-memory-gb", "4000", "--json"], capsys)
+    assert any(r["fits"] for r in json.loads(out))  # the override reaches the spec
+    code, out, _ = _cli(["plan", "--model", "tiny", "--gpus", "4", "--gpu", "h100-sxm", "--seq-len", "1024",
+                         "--global-batch", "8", "--tp", "2", "--cp", "2", "--pp", "1", "--micro-batch", "1",
+                         "--explain"], capsys)
+    assert code == 0 and "activations" in out and "cp ring (exposed)" in out and "OOM" not in out
+
+
+BAD_PLANS = [
+    (["--model", "llama3-9b"], "--model='llama3-9b'"),
+    (["--gpu", "h100-pcie-99"], "--gpu='h100-pcie-99' is unknown"),
+    (["--tp", "3"], "--tp=3 does not divide --gpus=8"),
+    (["--tp", "8", "--gpus", "16", "--model", "tiny"], "--tp=8 does not divide the model's n_kv_heads=4"),
+    (["--cp", "4", "--seq-len", "100"], "--seq-len=100 is too short or not divisible for --cp=4"),
+    (["--global-batch", "3", "--tp", "1", "--cp", "1", "--pp", "1"], "no layout of 8 devices"),
+    (["--gpus", "0"], "--gpus=0 must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_PLANS, ids=[m for _, m in BAD_PLANS])
+def test_bad_plan_input_is_one_line(extra, message, capsys):
+    base = {"--model": "llama3.1-8b", "--gpus": "8", "--gpu": "h100-sxm", "--seq-len": "8192", "--global-batch": "64"}
+    args = dict(base)
+    it = iter(extra)
+    for flag in it:
+        args[flag] = next(it)
+    code, _, err = _cli(["plan", *[x for kv in args.items() for x in kv]], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_spearman():
+    from loom.bench.report import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+
+
+def test_bad_grids_are_one_line(tmp_path, capsys):
+    cases = {
+        "missing": (None, "no such file"),
+        "toml": ("[grid\n", "is not valid TOML"),
+        "key": ("[grid]\nworld = [1]\nzz = [1]\n", "grid.zz is unknown"),
+        "value": ("[grid]\nworld = [0]\n", "must be positive integers"),
+        "base_tp": ("[base.parallel]\ntp = 2\n[grid]\nworld = [2]\n", "set per layout"),
+        "empty": ("[base.train]\nsteps = 2\n", "no layouts"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / f"{name}.toml"
+        if text is not None:
+            path.write_text(text)
+        code, _, err = _cli(["bench", "--grid", str(path)], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
+
+
+def test_bench_sweeps_layouts_and_records_failures(dataset, tmp_path):
+    """Two runnable layouts (one process; cp=2 on 2 ranks) and one loom refuses (tp=3): a CSV, the
+    markdown table with the refusal marked, the plots, and the planner comparison."""
+    grid = tmp_path / "g.toml"
+    grid.write_text(f"""
+[base.model]
+name = "tiny"
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_dim = 128
+vocab_size = 300
+[base.train]
+seq_len = 64
+global_batch = 4
+steps = 4
+eval_batches = 1
+[base.data]
+path = "{dataset}"
+[[layouts]]
+world = 1
+[[layouts]]
+world = 2
+cp = 2
+[[layouts]]
+world = 3
+tp = 3
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "loom", "bench", "--grid", str(grid), "--out", str(tmp_path / "out"),
+                        "--compare-plan", "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("world,tp,cp,pp,micro_batch,seq_len,dp,status")
+    statuses = [line.split(",")[7] for line in rows[1:]]
+    assert statuses == ["ok", "ok", "invalid"]
+    table = (out / "results.md").read_text()
+    assert "| 3 | 1 | 1 | 1 |" in table and "invalid" in table and "tokens/s per device" in table
+    assert (out / "throughput.png").stat().st_size > 1000
+    assert "predicted / measured" in (out / "compare_plan.md").read_text()
+    (out / "compare_plan.md").unlink()
+    r = subprocess.run([sys.executable, "-m", "loom", "bench", "--grid", str(grid), "--out", str(out),
+                        "--compare-only"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "2 layouts" not in r.stderr and (out / "compare_plan.md").exists(), r.stderr
