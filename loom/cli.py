@@ -207,6 +207,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return fail(prog, str(e))
     if args.timeout <= 0:
         return fail(prog, f"--timeout={args.timeout} must be positive (seconds per layout)")
+    if args.repeats < 1:
+        return fail(prog, f"--repeats={args.repeats} must be a positive integer")
     from loom.bench.report import markdown_tables, plot_cp_speedup, plot_throughput, write_csv
     from loom.bench.runner import run_grid
 
@@ -220,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.compare_plan = True
     else:
         out.mkdir(parents=True, exist_ok=True)
-        results = run_grid(grid, out, args.timeout, progress=not args.quiet)
+        results = run_grid(grid, out, args.timeout, progress=not args.quiet, repeats=args.repeats)
         write_csv(results, out / "results.csv")
     title = f"loom bench {grid.name}"
     table = markdown_tables(results, title)
@@ -306,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--grid", required=True, help="a grid TOML file (see benchmarks/grids/)")
     be.add_argument("--out", help="output folder (default runs/bench/<grid name>)")
     be.add_argument("--timeout", type=float, default=600, help="seconds per layout before it is marked timeout")
+    be.add_argument("--repeats", type=int, default=1,
+                    help="runs per layout, round-robin; each cell is the run with the median step time")
     be.add_argument("--compare-plan", action="store_true",
                     help="also print measured against the planner's prediction (spec cpu) per layout")
     be.add_argument("--compare-only", action="store_true",

@@ -40,10 +40,10 @@ def _env() -> dict:
     return env
 
 
-def run_layout(grid: Grid, layout: BenchLayout, work: Path, timeout_s: float) -> BenchResult:
+def run_layout(grid: Grid, layout: BenchLayout, work: Path, timeout_s: float, tag: str = "") -> BenchResult:
     from loom.config import ConfigError, load_config, validate
 
-    tag = f"w{layout.world}_tp{layout.tp}_cp{layout.cp}_pp{layout.pp}_mb{layout.micro_batch}_s{layout.seq_len}"
+    tag = f"w{layout.world}_tp{layout.tp}_cp{layout.cp}_pp{layout.pp}_mb{layout.micro_batch}_s{layout.seq_len}{tag}"
     jsonl = work / f"{tag}.jsonl"
     overrides = [*grid.base, *layout.overrides(), f"--metrics.jsonl={jsonl}", "--metrics.plot=",
                  "--metrics.log_every=1", "--metrics.tensorboard=", "--checkpoint.dir="]
@@ -75,16 +75,29 @@ def run_layout(grid: Grid, layout: BenchLayout, work: Path, timeout_s: float) ->
                        cfg.train.global_batch, wall)
 
 
-def run_grid(grid: Grid, out: Path, timeout_s: float, progress: bool = True) -> list[BenchResult]:
+def run_grid(grid: Grid, out: Path, timeout_s: float, progress: bool = True, repeats: int = 1) -> list[BenchResult]:
+    """Run every layout `repeats` times, round-robin (so a slow spell of a shared machine spreads over
+    all layouts instead of hitting one), and keep per layout the run with the median step time."""
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
+    runs: dict[BenchLayout, list[BenchResult]] = {layout: [] for layout in grid.layouts}
+    total = len(grid.layouts) * repeats
+    done = 0
+    for round_ in range(repeats):
+        for layout in grid.layouts:
+            previous = runs[layout]
+            if previous and previous[-1].status in ("invalid", "OOM"):
+                continue  # deterministic outcomes: no need to repeat them
+            res = run_layout(grid, layout, work, timeout_s, tag=f"r{round_}" if repeats > 1 else "")
+            previous.append(res)
+            done += 1
+            if progress:
+                what = (f"{res.tokens_per_s_per_device:,.0f} tokens/s/device, peak {res.peak_memory_bytes / 2**20:,.0f} MiB"
+                        if res.status == "ok" else f"{res.status}: {res.message}")
+                print(f"[{done}/{total}] world={layout.world} tp={layout.tp} cp={layout.cp} pp={layout.pp} "
+                      f"mb={layout.micro_batch} seq={layout.seq_len}: {what}", file=sys.stderr, flush=True)
     results = []
-    for i, layout in enumerate(grid.layouts, 1):
-        res = run_layout(grid, layout, work, timeout_s)
-        results.append(res)
-        if progress:
-            what = (f"{res.tokens_per_s_per_device:,.0f} tokens/s/device, peak {res.peak_memory_bytes / 2**20:,.0f} MiB"
-                    if res.status == "ok" else f"{res.status}: {res.message}")
-            print(f"[{i}/{len(grid.layouts)}] world={layout.world} tp={layout.tp} cp={layout.cp} pp={layout.pp} "
-                  f"mb={layout.micro_batch} seq={layout.seq_len}: {what}", file=sys.stderr, flush=True)
+    for layout, tries in runs.items():
+        ok = sorted((r for r in tries if r.status == "ok"), key=lambda r: r.step_time_s)
+        results.append(ok[(len(ok) - 1) // 2] if ok else tries[-1])
     return results
