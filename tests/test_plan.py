@@ -154,6 +154,12 @@ def test_bad_grids_are_one_line(tmp_path, capsys):
             path.write_text(text)
         code, _, err = _cli(["bench", "--grid", str(path)], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
+    good = tmp_path / "good.toml"
+    good.write_text("[grid]\nworld = [1]\n")
+    for flags, message in ((["--repeats", "0"], "--repeats=0"), (["--timeout", "0"], "--timeout=0"),
+                           (["--compare-only", "--out", str(tmp_path / "none")], "needs")):
+        code, _, err = _cli(["bench", "--grid", str(good), *flags], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (flags, err)
 
 
 def test_bench_sweeps_layouts_and_records_failures(dataset, tmp_path):
