@@ -105,10 +105,13 @@ SPEC_NAMES = (*GPUS, "cpu")
 
 
 # A CPU rank runs one thread: matmuls of loom's small CPU models reach about half of the big-GEMM
-# calibration, attention (the flash op) a third; gloo cannot overlap transfers with compute on
-# the same cores, and every layer pays for Python and element-wise kernels.
+# calibration, attention (the flash op) a third; gloo cannot overlap transfers with compute on the
+# same cores. The four framework overheads (Python, DTensor dispatch, ring tiles, FSDP hooks) are
+# fitted by least squares to the cpu_4d sweep (benchmarks/fit_cpu_constants.py, results in
+# benchmarks/results/plan_vs_measured.md); everything else in the cpu spec is measured.
 CPU_EFFICIENCY = Efficiency(matmul=0.55, attention=0.35, memory=0.5, link=1.0, cp_overlap=0.3, dp_overlap=0.0,
-                            layer_overhead_s=1.5e-3, collective_latency_s=100e-6)
+                            layer_overhead_s=1.34e-3, collective_latency_s=100e-6, tp_layer_overhead_s=22.2e-3,
+                            cp_step_overhead_s=3.07e-3, fsdp_block_overhead_s=6.27e-3)
 
 
 def cpu_spec() -> HardwareSpec:
