@@ -72,23 +72,27 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, w
     return 2 * n**3 / best
 
 
-def cpu_peak_flops(dtype: torch.dtype, cache: Path | None = None) -> float:
-    """This machine's matmul rate in `dtype` at the current thread count, measured once and cached."""
-    cache = cache or cache_dir() / "cpu_peak.json"
-    key = f"{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
-    table: dict[str, float] = {}
+def cached_measurement(cache: Path, key: str, measure):
+    """measure() once per key, kept in the JSON table `cache` (written atomically)."""
+    table: dict = {}
     if cache.exists():
         try:
             table = json.loads(cache.read_text())
         except (OSError, json.JSONDecodeError):
             table = {}
     if key not in table:
-        table[key] = measure_matmul_flops(dtype)
+        table[key] = measure()
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=1))
         os.replace(tmp, cache)
     return table[key]
+
+
+def cpu_peak_flops(dtype: torch.dtype, cache: Path | None = None) -> float:
+    """This machine's matmul rate in `dtype` at the current thread count, measured once and cached."""
+    key = f"{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    return cached_measurement(cache or cache_dir() / "cpu_peak.json", key, lambda: measure_matmul_flops(dtype))
 
 
 @dataclass(frozen=True)

@@ -219,39 +219,34 @@ def cpu_calibration(cache: Path | None = None) -> dict:
     """{"matmul_flops", "copy_gbps", "gbps", "latency_s"}: one thread's fp32 matmul rate and memory
     bandwidth, and a gloo send/recv between two local processes; measured once on an idle machine
     (the planner's own cache: the trainer's calibration may run beside busy ranks)."""
+    import torch
+
+    from loom.metrics.meter import _cpu_model, cache_dir, cached_measurement
+
+    key = f"{_cpu_model()}|cores={os.cpu_count()}|torch={torch.__version__}"
+    return cached_measurement(cache or cache_dir() / "cpu_plan.json", key, _measure_cpu)
+
+
+def _measure_cpu() -> dict:
     import socket
     import tempfile
 
     import torch
     import torch.multiprocessing as mp
 
-    from loom.metrics.meter import _cpu_model, cache_dir, measure_matmul_flops
+    from loom.metrics.meter import measure_matmul_flops
 
-    cache = cache or cache_dir() / "cpu_plan.json"
-    key = f"{_cpu_model()}|cores={os.cpu_count()}|torch={torch.__version__}"
-    table = {}
-    if cache.exists():
-        try:
-            table = json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
-            table = {}
-    if key not in table:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            flops = measure_matmul_flops(torch.float32, n=1024, repeats=20, warmup_s=1.0)
-        finally:
-            torch.set_num_threads(threads)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "link.json")
-            mp.start_processes(_link_worker, args=(port, out), nprocs=2, start_method="spawn")
-            link = json.loads(Path(out).read_text())
-        table[key] = {"matmul_flops": flops, "copy_gbps": _copy_gbps(), **link}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp_file.write_text(json.dumps(table, indent=1))
-        os.replace(tmp_file, cache)
-    return table[key]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flops = measure_matmul_flops(torch.float32, n=1024, repeats=20, warmup_s=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "link.json")
+        mp.start_processes(_link_worker, args=(port, out), nprocs=2, start_method="spawn")
+        link = json.loads(Path(out).read_text())
+    return {"matmul_flops": flops, "copy_gbps": _copy_gbps(), **link}

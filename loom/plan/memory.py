@@ -25,6 +25,7 @@ Conventions (what loom does, see README):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from loom.models.llama import LlamaConfig
@@ -148,7 +149,7 @@ def memory_breakdown(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> Me
     e = DTYPE_BYTES[layout.dtype]
     shard = layout.dp * layout.cp  # FSDP's group
     per_stage = stage_params(cfg, layout)
-    n_layers_stage = [len(x) for x in _device_layers(cfg, layout)]
+    n_layers_stage = [len(x) for x in device_layers(cfg, layout)]
     matrices, norms = block_params(cfg)
     block = matrices / layout.tp + norms
     t = layout.local_tokens
@@ -163,7 +164,7 @@ def memory_breakdown(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> Me
             fsdp = (3 * e + 4) * block + (e + 4) * root
         if layout.recompute == "full":
             acts = n_layers_stage[r] * t * 4 * cfg.dim / sp + t * activation_bytes_per_token(
-                cfg, Layout(**{**layout.__dict__, "recompute": "none"}))
+                cfg, dataclasses.replace(layout, recompute="none"))
         else:
             acts = n_layers_stage[r] * t * activation_bytes_per_token(cfg, layout)
         # Stage r of 1F1B keeps pp - r micro-batches in flight.
@@ -190,7 +191,7 @@ def memory_breakdown(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> Me
     return max(candidates, key=lambda m: m.total)
 
 
-def _device_layers(cfg: LlamaConfig, layout: Layout) -> list[list[int]]:
+def device_layers(cfg: LlamaConfig, layout: Layout) -> list[list[int]]:
     n_stages = layout.pp * layout.pp_virtual_stages
     stages = stage_layers(cfg.n_layers, n_stages)
     return [sum(stages[r::layout.pp], []) for r in range(layout.pp)]

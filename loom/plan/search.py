@@ -112,14 +112,13 @@ def plan(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_b
     if not layouts:
         raise PlanError(f"no layout of {gpus} devices runs --seq-len={seq_len} with --global-batch={global_batch} "
                         f"(global batch must be a multiple of dp x micro batch, with at least pp micro-batches)")
+    def preference(row: PlanRow) -> tuple:  # fitting first, then faster; else smaller
+        return (row.fits, row.perf.tokens_per_s_per_device if row.fits else -row.memory.total)
+
     chosen: dict[tuple, PlanRow] = {}
     for layout in layouts:
         key = (layout.tp, layout.cp, layout.pp, layout.micro_batch)
         row = evaluate(cfg, layout, spec)
-        best = chosen.get(key)
-        if best is None or (not best.fits and row.fits) or (
-                row.fits == best.fits and row.fits and row.perf.tokens_per_s_per_device > best.perf.tokens_per_s_per_device):
-            chosen[key] = row
-        elif not best.fits and not row.fits and row.memory.total < best.memory.total:
+        if key not in chosen or preference(row) > preference(chosen[key]):
             chosen[key] = row
     return sorted(chosen.values(), key=lambda r: (not r.fits, -r.perf.tokens_per_s_per_device))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from loom.metrics.flops import flops_per_token
 from loom.models.llama import LlamaConfig
 from loom.plan.hardware import HardwareSpec
-from loom.plan.memory import DTYPE_BYTES, Layout, _device_layers, block_params, stage_params
+from loom.plan.memory import DTYPE_BYTES, Layout, device_layers, block_params, stage_params
 
 OPTIMIZER_BYTES_PER_PARAM = 40  # fused AdamW reads param, grad, m, v and writes param, m, v; clipping reads grads
 
@@ -105,7 +105,7 @@ def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     hk = cfg.n_kv_heads * cfg.head_dim
     passes = 4 if layout.recompute == "full" else 3  # forward, backward (2x), recompute
     n_stages = pp * layout.pp_virtual_stages
-    layers = _device_layers(cfg, layout)
+    layers = device_layers(cfg, layout)
 
     per_stage = []  # (matmul, attention, overhead, tp, cp) seconds per micro-batch on each pp rank
     for r in range(pp):

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from loom.train.checkpoint_files import (DELETING_PREFIX, MANIFEST, TMP_PREFIX, DATA_KEYS, FORMAT, CheckpointError,
-                                         check_compatible, check_files, checkpoint_name, file_crc32, fsync_dir,
+                                         SINGLE_PROCESS_WARNING, check_compatible, check_files, checkpoint_name,
+                                         file_crc32, fsync_dir,
                                          model_fields, one_line, published, read_manifest, safe_planner,
                                          safe_reader, write_durably)
 
@@ -122,8 +123,8 @@ class Checkpointer:
         self.async_group = None
         if async_save and self.distributed:
             self.async_group = torch.distributed.new_group(backend="gloo")
-        if not self.distributed:  # DCP says it assumes one process, from its writer thread too
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        if not self.distributed:  # DCP warns it assumes one process (we know), also from its writer thread
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         self.pending: _PendingSave | None = None
         self.timings: list[dict] = []  # {"step", "blocking_s", "total_s"} of every finished save
         if self.directory is not None and self.rank == 0:
@@ -132,14 +133,6 @@ class Checkpointer:
                 if p.name.startswith((TMP_PREFIX, DELETING_PREFIX)):
                     shutil.rmtree(p, ignore_errors=True)
         self._barrier()
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _quiet():
-        """DCP warns that it assumes a single process when there is no process group: we know."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            yield
 
     def _barrier(self) -> None:
         if self.distributed:
@@ -171,7 +164,7 @@ class Checkpointer:
 
         writer = dcp.FileSystemWriter(tmp)
         future = None
-        with self._quiet(), self._failing_as(final):
+        with self._failing_as(final):
             if self.async_save:
                 # DCP copies the tensors to host memory before it returns, then writes in a
                 # thread (collectives on its own group) while training modifies the parameters.
@@ -278,9 +271,8 @@ class Checkpointer:
         tensors = {"model": model}
         if "optimizer" in manifest["contents"]:
             tensors["optimizer"] = optimizer_state(self.parts, self.optimizers)
-        with self._quiet():
-            self._checked(lambda: dcp.load(tensors, storage_reader=safe_reader(path), planner=safe_planner(),
-                                           no_dist=not self.distributed))
+        self._checked(lambda: dcp.load(tensors, storage_reader=safe_reader(path), planner=safe_planner(),
+                                       no_dist=not self.distributed))
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         for part in self.parts:

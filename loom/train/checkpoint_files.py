@@ -15,6 +15,7 @@ Weights-only checkpoints (contents ["model"], step 0) are what `loom convert --f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -34,6 +35,7 @@ MANIFEST = "loom.json"
 FORMAT = "loom-checkpoint-1"
 _NAME = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX, DELETING_PREFIX = ".tmp-", ".deleting-"
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled"  # DCP's, when there is no process group
 # A checkpoint continues the same run only with the same data stream; these settings define it.
 DATA_KEYS = (("data", "path"), ("data", "pack_documents"), ("train", "seq_len"),
              ("train", "global_batch"), ("train", "seed"))
@@ -249,12 +251,19 @@ def model_fields(model_cfg) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns that it assumes a single process when there is no process group: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        yield
+
+
 def _load_in_one_process(path: Path, state: dict) -> None:
     """DCP-load `state` ({"model": {name: full tensor}}) in place, without a process group."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_single_process():
         try:
             dcp.load(state, storage_reader=safe_reader(path), planner=safe_planner(), no_dist=True)
         except (KeyboardInterrupt, SystemExit):
@@ -288,8 +297,7 @@ def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_single_process():
         dcp.save({"model": tensors}, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
     files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "crc32": file_crc32(f)}
              for f in sorted(tmp.rglob("*")) if f.is_file()}

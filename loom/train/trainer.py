@@ -163,11 +163,9 @@ class Trainer:
             layout = {**self.dims.degrees(), "world_size": self.world_size}
             self.checkpointer = Checkpointer(cfg, model_cfg, self.parts, self.optimizers, self.device,
                                              layout, async_save=cfg.checkpoint.async_save)
+        self.resumed_from = resume
         if resume is not None:
             self.state = self.checkpointer.load(resume)
-            self.resumed_from = resume
-        else:
-            self.resumed_from = None
 
     def _agreed(self, value):
         """Rank 0's value on every rank (so all ranks resume from the same checkpoint)."""
