@@ -228,3 +228,89 @@ def test_rmsnorm_matches_formula_and_gradcheck():
     out = RMSNorm(8, 1e-5)
     out.init_weights()
     assert out(xb).dtype == torch.bfloat16
+
+
+def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a != b).float().mean().item()
+
+
+def test_bf16_linear_via_fp32_is_the_bf16_product():
+    """The widened bf16 linear gives autocast's native bf16 results: inputs rounded to bf16,
+    fp32 sums, outputs rounded to bf16; only the order of the fp32 additions differs, so all
+    but a handful of elements are bit-identical and none is off by more than one bf16 step."""
+    from loom.models.matmul import Linear, _Bf16LinearViaFp32, linear, matmul
+
+    x = torch.randn(4, 64, 256, requires_grad=True)
+    w = torch.randn(768, 256, requires_grad=True)
+    g = torch.randn(4, 64, 768).bfloat16()
+    results = []
+    for fn in (torch.nn.functional.linear, _Bf16LinearViaFp32.apply):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w)
+        y.backward(g)
+        results.append((y, x.grad, w.grad))
+        x.grad = w.grad = None
+    for native, widened in zip(*results):
+        assert native.dtype == widened.dtype
+        assert _bits_differ(native, widened) < 1e-3
+        torch.testing.assert_close(widened.float(), native.float(), rtol=2**-7, atol=1e-3)
+    # The exact product of the rounded operands, rounded once: what both approximate.
+    exact = (x.detach().bfloat16().double() @ w.detach().bfloat16().double().t()).bfloat16()
+    assert _bits_differ(results[1][0], exact) < 1e-3
+    # matmul: the same rule for a plain product; fp32 and no-autocast paths are F.linear itself.
+    a, b = torch.randn(64, 256).bfloat16(), torch.randn(256, 96).bfloat16()
+    assert _bits_differ(matmul(a, b), a @ b) < 1e-3
+    layer = Linear(256, 768)
+    assert isinstance(layer, torch.nn.Linear) and layer.bias is None
+    assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize("widen", [False, True])
+def test_bf16_attention_kernel_matches_fp32_reference(monkeypatch, widen):
+    """Both CPU bf16 attention kernels (PyTorch's bf16 flash op, and the fp32 op on widened
+    inputs) agree with fp64 attention of the bf16 inputs within bf16 rounding."""
+    import loom.models.attention as attention
+
+    monkeypatch.setattr(attention, "bf16_via_fp32", lambda device: widen)
+    q = torch.randn(1, 4, 128, 32).bfloat16()
+    k = torch.randn(1, 2, 128, 32).bfloat16()
+    v = torch.randn(1, 2, 128, 32).bfloat16()
+    out, lse = attention.attention_forward(q, k, v, True, 32**-0.5)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _reference_attention(*ref_inputs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    g = torch.randn_like(out)
+    ref.backward(g.double())
+    grads = attention.attention_backward(g, q, k, v, out, lse, True, 32**-0.5)
+    for got, want in zip(grads, ref_inputs):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_model_as_accurate_with_widened_kernels(monkeypatch, micro_cfg):
+    """A bf16 training step through the widened kernels is at least as close to the fp32 step as
+    through PyTorch's native bf16 kernels (the widened attention keeps its probabilities in fp32
+    where the native one rounds them to bf16; the widened linear is the native one's result)."""
+    import loom.models.attention as attention_module
+    import loom.models.matmul as matmul_module
+
+    model = materialize(micro_cfg, torch.device("cpu"), seed=3)
+    tokens = torch.randint(0, micro_cfg.vocab_size, (2, 33))
+    results = {}
+    for mode in ("float32", "native", "widened"):
+        monkeypatch.setattr(matmul_module, "cpu_lacks_bf16_arithmetic", lambda: mode == "widened")
+        monkeypatch.setattr(attention_module, "bf16_via_fp32", lambda device: mode == "widened")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32"):
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+        loss.backward()
+        results[mode] = [loss.detach()] + [p.grad for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+
+    def errors(mode):
+        return [((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                for a, b in zip(results[mode], results["float32"])]
+
+    native, widened = errors("native"), errors("widened")
+    assert 0 < max(widened) <= 1.2 * max(native) and max(native) < 0.05
+    assert sum(widened) <= 1.2 * sum(native)

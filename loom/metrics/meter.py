@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from loom.models.matmul import bf16_via_fp32, matmul
+
 # Dense peak FLOP/s per device by compute dtype, from the vendors' data sheets (no sparsity).
 # `float32` is the plain fp32 rate; `tf32` applies when torch allows TF32 matmuls.
 ACCELERATOR_PEAKS: dict[str, dict[str, float]] = {
@@ -56,18 +58,20 @@ def _cpu_model() -> str:
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, warmup_s: float = 0.5) -> float:
-    """Best FLOP/s of an n x n x n matmul on CPU with the current thread count."""
+    """Best FLOP/s of an n x n x n matmul on CPU with the current thread count, through the
+    kernel loom's models use for `dtype` (bf16 widened to fp32 where the CPU lacks bf16
+    arithmetic, see loom.models.matmul)."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     # Warm up for a while, not once: the first half second of matmuls runs measurably slower
     # here (clock ramp-up, page faults), which would understate the peak and inflate MFU.
     t_end = time.perf_counter() + warmup_s
     while time.perf_counter() < t_end:
-        torch.mm(a, b)
+        matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        matmul(a, b)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -91,7 +95,8 @@ def cached_measurement(cache: Path, key: str, measure):
 
 def cpu_peak_flops(dtype: torch.dtype, cache: Path | None = None) -> float:
     """This machine's matmul rate in `dtype` at the current thread count, measured once and cached."""
-    key = f"{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    kernel = "|via-fp32" if dtype == torch.bfloat16 and bf16_via_fp32(torch.device("cpu")) else ""
+    key = f"{_cpu_model()}|threads={torch.get_num_threads()}|{dtype}{kernel}|torch={torch.__version__}"
     return cached_measurement(cache or cache_dir() / "cpu_peak.json", key, lambda: measure_matmul_flops(dtype))
 
 

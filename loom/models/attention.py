@@ -9,7 +9,9 @@ Layout everywhere: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Hq % Hkv == 0 
 attention); out [B, Hq, Lq, D]; lse [B, Hq, Lq] in fp32.
 
 Kernels: on CPU the flash op `_scaled_dot_product_flash_attention_for_cpu` (handles GQA
-natively); on CUDA the flash SDPA op for half types and the memory-efficient op for fp32.
+natively), in fp32 for bf16 inputs on CPUs without bf16 arithmetic (see loom.models.matmul:
+there the bf16 kernel runs 2-3x slower than the fp32 one); on CUDA the flash SDPA op for half
+types and the memory-efficient op for fp32.
 
 Masks are never materialized. What a query may see is described by tiles: rectangles of the
 attention matrix that are either fully visible or causal on identical positions (where the
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from loom.models.matmul import bf16_via_fp32
 
 aten = torch.ops.aten
 
@@ -60,6 +64,11 @@ def attention_forward(
             )
             lse = lse[..., : q.shape[2]]  # the efficient kernel pads L to a multiple of 32
         return out, lse
+    if q.dtype == torch.bfloat16 and bf16_via_fp32(q.device):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), 0.0, causal, scale=scale
+        )
+        return out.to(torch.bfloat16), lse
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
@@ -91,6 +100,11 @@ def attention_backward(
                 [True, True, True, False], causal, scale=scale,
             )
         return dq, _reduce_kv_grad(dk, n_rep), _reduce_kv_grad(dv, n_rep)
+    if q.dtype == torch.bfloat16 and bf16_via_fp32(q.device):
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, causal, scale=scale
+        )
+        return tuple(g.to(torch.bfloat16) for g in grads)
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, causal, scale=scale
     )

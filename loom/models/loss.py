@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from loom.models.matmul import matmul
+
 IGNORE_INDEX = -100
 
 
@@ -36,7 +38,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, n, step):
             end = min(n, start + step)
             hc, lc, vc = h[start:end], labels[start:end], valid[start:end]
-            logits = (hc @ w.t()).float()  # [c, V]
+            logits = matmul(hc, w.t()).float()  # [c, V]
             target = logits.gather(1, lc.clamp(min=0)[:, None])  # [c, 1]
             # One exp pass serves both the log-sum-exp and the softmax, in place.
             row_max = logits.amax(dim=-1, keepdim=True)
@@ -51,8 +53,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if not vc.all():
                     probs.mul_(vc[:, None])
                 g = probs.to(compute_dtype)
-                grad_h[start:end] = g @ w
-                grad_w.add_(g.t() @ hc)
+                grad_h[start:end] = matmul(g, w)
+                if g.dtype == grad_w.dtype:
+                    grad_w.addmm_(g.t(), hc)  # no [V, D] temporary per chunk
+                else:
+                    grad_w.add_(matmul(g.t(), hc))
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         return loss / n_valid
 
