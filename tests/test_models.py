@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -314,3 +315,21 @@ def test_bf16_model_as_accurate_with_widened_kernels(monkeypatch, micro_cfg):
     native, widened = errors("native"), errors("widened")
     assert 0 < max(widened) <= 1.2 * max(native) and max(native) < 0.05
     assert sum(widened) <= 1.2 * sum(native)
+
+
+def test_compiled_blocks_match_eager(micro_cfg):
+    """train.compile compiles each block; the compiled model computes the eager loss and
+    gradients (the eager-only fast paths, such as RoPE's in-place halves, must not break tracing)."""
+    cfg = dataclasses.replace(micro_cfg, n_layers=1)  # one block: one compilation
+    eager = materialize(cfg, torch.device("cpu"), seed=4)
+    compiled = materialize(cfg, torch.device("cpu"), seed=4)
+    for block in compiled.layers.values():
+        block.compile()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    results = []
+    for model in (eager, compiled):
+        loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for want, got in zip(*results):
+        assert_rel_close(got, want, 1e-5)
