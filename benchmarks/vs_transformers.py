@@ -1,29 +1,42 @@
 """loom vs Hugging Face transformers' LlamaForCausalLM: training tokens/s on the same shape.
 
-Both models get identical weights (ours copied into theirs), the same batches, the same loss
-(fp32 cross-entropy computed outside the model) and the same optimizer (torch AdamW, fused).
-Runs alternate in blocks within one process so that machine noise hits both alike; the figure
-of each is the median step time over all its blocks.
+Both models get identical weights (ours copied into theirs), the same batches and the same
+optimizer (torch AdamW, fused); each trains through its own path (loom: fused, chunked output
+layer + loss; transformers: logits, then fp32 cross-entropy). Runs alternate in blocks within one
+process so that machine noise hits both alike; the ratio is the median over blocks of the
+loom / transformers rates of a block pair run back to back.
+
+bf16 means autocast for both (fp32 master weights, bf16 matmuls with fp32 accumulation). On x86
+CPUs without AVX512-BF16/AMX loom runs those bf16 products as fp32 products of the bf16-rounded
+operands (loom.models.matmul: the same bf16 result, 3-4x faster there than PyTorch's bf16
+kernels); the row "loom, PyTorch bf16 kernels" runs loom with PyTorch's kernels instead, so the
+table shows what that choice contributes. --compile adds loom with `train.compile` (compiled
+blocks); the default trainer, and the headline ratio, are eager.
 
 Also reports loom's achieved model FLOP/s against this machine's measured matmul peak at
 hidden 1024 (target >= 60%).
 
-    python benchmarks/vs_transformers.py [--dtype float32|bfloat16|both] [--blocks 6] [--steps 4]
+    python benchmarks/vs_transformers.py [--dtype float32|bfloat16|both] [--blocks 10] [--steps 3]
+                                         [--compile] [--skip-peak]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from loom.metrics.flops import flops_per_token
 from loom.metrics.meter import cpu_peak_flops, measure_matmul_flops
+from loom.models import matmul as matmul_module
 from loom.models.hf import hf_param_name
 from loom.models.llama import LlamaConfig
+from loom.models.matmul import bf16_via_fp32
 from loom.train.trainer import materialize
+
 
 def hf_model(cfg: LlamaConfig, loom_model):
     import transformers
@@ -63,13 +76,29 @@ def make_step(model, loss_fn, dtype: torch.dtype):
 
 
 def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, blocks: int, steps: int,
-            with_hf: bool = True, with_peak: bool = False) -> dict:
-    """Median tokens/s of each runner; with_peak also measures the matmul peak in every block,
-    so that the fraction of peak compares figures taken under the same machine load."""
+            with_hf: bool = True, with_peak: bool = False, variants: bool = False,
+            compiled: bool = False) -> dict:
+    """Median tokens/s of each runner and, against transformers, the median over blocks of each
+    loom runner's rate over transformers' rate in the same block. with_peak also measures the
+    matmul peak in every block, so that the fraction of peak compares figures taken under the
+    same machine load. variants: also loom with PyTorch's own bf16 kernels (where loom would widen
+    them); compiled: also loom with compiled blocks."""
     ours = materialize(cfg, torch.device("cpu"), seed=0)
-    # Each library's own training path: loom's fused output layer + loss; for transformers the
-    # logits, then fp32 cross-entropy (its `labels=` path would add a shifted copy on top).
     runners = {"loom": make_step(ours, lambda x, y: ours(x, labels=y), dtype)}
+    if variants and dtype == torch.bfloat16 and bf16_via_fp32(torch.device("cpu")):
+        native = materialize(cfg, torch.device("cpu"), seed=0)
+        native_step = make_step(native, lambda x, y: native(x, labels=y), dtype)
+
+        def pytorch_bf16_kernels(x, y):
+            with mock.patch.object(matmul_module, "cpu_lacks_bf16_arithmetic", lambda: False):
+                return native_step(x, y)
+
+        runners["loom, PyTorch bf16 kernels"] = pytorch_bf16_kernels
+    if compiled:
+        comp = materialize(cfg, torch.device("cpu"), seed=0)
+        for block in comp.layers.values():
+            block.compile()
+        runners["loom, compiled blocks"] = make_step(comp, lambda x, y: comp(x, labels=y), dtype)
     if with_hf:
         theirs = hf_model(cfg, ours)
         runners["transformers"] = make_step(
@@ -80,11 +109,11 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    first = {name: run(inputs, labels) for name, run in runners.items()}  # also warms up
+    first = {name: run(inputs, labels) for name, run in runners.items()}  # also warms up (compiles)
     for run in runners.values():
         run(inputs, labels)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    block_ratios: list[float] = []  # loom / transformers, per block pair run back to back
+    block_ratios: dict[str, list[float]] = {name: [] for name in runners if name != "transformers"}
     peak_fractions: list[float] = []
     peaks: list[float] = []
     tokens_per_step = batch * seq_len
@@ -99,16 +128,16 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
             times[name] += block
             block_rate[name] = tokens_per_step / statistics.median(block)
         if with_hf:
-            block_ratios.append(block_rate["loom"] / block_rate["transformers"])
+            for name in block_ratios:
+                block_ratios[name].append(block_rate[name] / block_rate["transformers"])
         if with_peak:
             peak = measure_matmul_flops(dtype, repeats=5, warmup_s=0.2)
             peaks.append(peak)
             peak_fractions.append(block_rate["loom"] * flops_per_token(cfg, seq_len, "megatron") / peak)
-    out = {name: tokens_per_step / statistics.median(ts) for name, ts in times.items()}
-    out["first_loss"] = first
+    out = {"rate": {name: tokens_per_step / statistics.median(ts) for name, ts in times.items()},
+           "first_loss": first}
     if with_hf:
-        out["ratio"] = statistics.median(block_ratios)
-        out["ratio_range"] = (min(block_ratios), max(block_ratios))
+        out["ratio"] = {name: (statistics.median(r), min(r), max(r)) for name, r in block_ratios.items()}
     if with_peak:
         out["peak"] = statistics.median(peaks)
         out["fraction_of_peak"] = statistics.median(peak_fractions)
@@ -121,34 +150,45 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--compile", action="store_true", help="also loom with compiled blocks")
+    ap.add_argument("--skip-peak", action="store_true", help="skip the hidden-1024 fraction-of-peak table")
     args = ap.parse_args()
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"bf16 products widened to fp32: {bf16_via_fp32(torch.device('cpu'))}")
 
     shape = LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768, vocab_size=args.vocab)
     print(f"\n## loom vs transformers: 4 layers, hidden 256, 8 heads, ffn 768, vocab {args.vocab}, "
           f"seq 1024, batch 1, AdamW")
-    print("(ratio: median over blocks of loom / transformers, each block pair run back to back; range in brackets)")
-    print("| dtype | loom tokens/s | transformers tokens/s | ratio | first loss (loom / hf) |")
-    print("|---|---:|---:|---:|---|")
+    print("(ratio: median over blocks of loom / transformers, each block pair run back to back; "
+          "range over blocks in brackets)")
+    print("| dtype | runner | tokens/s | vs transformers | first loss |")
+    print("|---|---|---:|---:|---:|")
     for name in dtypes:
-        r = compare(shape, 1024, 1, getattr(torch, name), args.blocks, args.steps)
-        fl = r["first_loss"]
-        lo, hi = r["ratio_range"]
-        print(f"| {name} | {r['loom']:,.0f} | {r['transformers']:,.0f} | {r['ratio']:.2f}x [{lo:.2f}-{hi:.2f}] "
-              f"| {fl['loom']:.4f} / {fl['transformers']:.4f} |", flush=True)
+        r = compare(shape, 1024, 1, getattr(torch, name), args.blocks, args.steps, variants=True,
+                    compiled=args.compile)
+        for runner, rate in r["rate"].items():
+            if runner == "transformers":
+                ratio = "1"
+            else:
+                med, lo, hi = r["ratio"][runner]
+                ratio = f"{med:.2f}x [{lo:.2f}-{hi:.2f}]"
+            print(f"| {name} | {runner} | {rate:,.0f} | {ratio} | {r['first_loss'][runner]:.4f} |", flush=True)
+    if args.skip_peak:
+        return
 
     big = LlamaConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=args.vocab)
     print("\n## loom achieved model FLOP/s vs measured matmul peak: hidden 1024, 4 layers, 16 heads, "
           "ffn 2816, seq 1024, batch 1")
-    print("(peak: a 2048^3 matmul measured after every block of model steps; fraction: median over blocks)")
+    print("(peak: a 2048^3 matmul through loom's kernel for the dtype, measured after every block of "
+          "model steps; fraction: median over blocks)")
     print("| dtype | tokens/s | model TFLOP/s | matmul peak TFLOP/s (same run) | fraction of peak | cached calibration |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in dtypes:
         dtype = getattr(torch, name)
         r = compare(big, 1024, 1, dtype, max(4, args.blocks // 2), 2, with_hf=False, with_peak=True)
-        achieved = r["loom"] * flops_per_token(big, 1024, "megatron")
-        print(f"| {name} | {r['loom']:,.0f} | {achieved / 1e12:.4f} | {r['peak'] / 1e12:.4f} | "
+        achieved = r["rate"]["loom"] * flops_per_token(big, 1024, "megatron")
+        print(f"| {name} | {r['rate']['loom']:,.0f} | {achieved / 1e12:.4f} | {r['peak'] / 1e12:.4f} | "
               f"{r['fraction_of_peak']:.1%} | {cpu_peak_flops(dtype) / 1e12:.4f} |", flush=True)
 
 

@@ -15,7 +15,6 @@ Shapes: x [..., in], weight [out, in] -> [..., out].
 """
 from __future__ import annotations
 
-import functools
 import platform
 
 import torch
@@ -23,13 +22,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@functools.cache
-def cpu_lacks_bf16_arithmetic() -> bool:
-    """True on x86 CPUs with neither AVX512-BF16 nor AMX, where loom widens bf16 products to
-    fp32 (other CPU families keep PyTorch's own bf16 kernels)."""
+def _detect_cpu_lacks_bf16_arithmetic() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
     return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# A fact about the machine, read once: a constant that torch.compile traces as one.
+_CPU_LACKS_BF16_ARITHMETIC = _detect_cpu_lacks_bf16_arithmetic()
+
+
+def cpu_lacks_bf16_arithmetic() -> bool:
+    """True on x86 CPUs with neither AVX512-BF16 nor AMX, where loom widens bf16 products to
+    fp32 (other CPU families keep PyTorch's own bf16 kernels)."""
+    return _CPU_LACKS_BF16_ARITHMETIC
 
 
 def bf16_via_fp32(device: torch.device) -> bool:
