@@ -9,9 +9,10 @@ Layout everywhere: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Hq % Hkv == 0 
 attention); out [B, Hq, Lq, D]; lse [B, Hq, Lq] in fp32.
 
 Kernels: on CPU the flash op `_scaled_dot_product_flash_attention_for_cpu` (handles GQA
-natively), in fp32 for bf16 inputs on CPUs without bf16 arithmetic (see loom.models.matmul:
-there the bf16 kernel runs 2-3x slower than the fp32 one); on CUDA the flash SDPA op for half
-types and the memory-efficient op for fp32.
+natively), in fp32 for bf16 inputs on CPUs without bf16 arithmetic (see loom.models.matmul;
+there the op's bf16 backward runs ~3x slower than its fp32 one, and the fp32 op on widened
+inputs keeps the probabilities in fp32, so it is also a little more accurate); on CUDA the
+flash SDPA op for half types and the memory-efficient op for fp32.
 
 Masks are never materialized. What a query may see is described by tiles: rectangles of the
 attention matrix that are either fully visible or causal on identical positions (where the
