@@ -49,9 +49,12 @@ def _reduce_kv_grad(dk: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    partial: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32)."""
+    """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32). out has q's dtype, except with
+    partial=True (a partial result that will be merged in fp32) where a kernel that computed in
+    fp32 returns its fp32 result unrounded."""
     if q.device.type == "cuda":
         n_rep = q.shape[1] // k.shape[1]
         k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
@@ -69,7 +72,7 @@ def attention_forward(
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q.float(), k.float(), v.float(), 0.0, causal, scale=scale
         )
-        return out.to(torch.bfloat16), lse
+        return (out if partial else out.to(torch.bfloat16)), lse
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
@@ -82,8 +85,10 @@ def attention_backward(
     lse: torch.Tensor,
     causal: bool,
     scale: float,
+    partial: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv) with the shapes of q, k, v."""
+    """Returns (dq, dk, dv) with the shapes and dtypes of q, k, v; with partial=True (gradients
+    that will be summed in fp32) a kernel that computed in fp32 returns them unrounded."""
     if q.device.type == "cuda":
         n_rep = q.shape[1] // k.shape[1]
         ke, ve = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
@@ -105,7 +110,7 @@ def attention_backward(
         grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, causal, scale=scale
         )
-        return tuple(g.to(torch.bfloat16) for g in grads)
+        return grads if partial else tuple(g.to(torch.bfloat16) for g in grads)
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, causal, scale=scale
     )
@@ -296,7 +301,7 @@ def tiled_attention_accumulate(out: torch.Tensor, lse: torch.Tensor, q: torch.Te
     out [B, Hq, Lq, D] and lse [B, Hq, Lq] (start them at 0 and -inf)."""
     for t in tiles:
         b, h, qr, kr = _rows(t)
-        o, l = attention_forward(q[b, h, qr], k[b, h, kr], v[b, h, kr], t.causal, scale)
+        o, l = attention_forward(q[b, h, qr], k[b, h, kr], v[b, h, kr], t.causal, scale, partial=True)
         merge_partial(out[b, h, qr], lse[b, h, qr], o, l)
 
 
@@ -311,7 +316,7 @@ def tiled_attention_backward_accumulate(
         b, h, qr, kr = _rows(t)
         g_q, g_k, g_v = attention_backward(
             dout[b, h, qr].contiguous(), q[b, h, qr], k[b, h, kr], v[b, h, kr],
-            out[b, h, qr], lse[b, h, qr], t.causal, scale,
+            out[b, h, qr], lse[b, h, qr], t.causal, scale, partial=True,
         )
         dq[b, h, qr] += g_q
         dk[b, h, kr] += g_k
