@@ -119,6 +119,8 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
         return Peak(flops, f"{key} {dtype_name} data sheet")
     if device.type == "cpu":
         flops = cpu_peak_flops(dtype)
+        if dtype == torch.bfloat16 and bf16_via_fp32(device):
+            dtype_name += " products widened to fp32"
         return Peak(flops, f"cpu matmul calibration ({torch.get_num_threads()} threads, {dtype_name})")
     return Peak(None, f"no peak known for device type {device.type!r}")
 
