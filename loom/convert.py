@@ -18,8 +18,8 @@ import torch
 from loom.models.hf import HFFormatError, hf_config_from_llama, hf_param_name, llama_config_from_hf, loom_param_name
 from loom.models.llama import LlamaConfig, RopeScaling, build_model
 from loom.models.registry import MODELS
-from loom.train.checkpoint_files import (CheckpointError, check_files, checkpoint_tensor_shapes, load_model_tensors,
-                                   read_manifest, save_model_weights)
+from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, checkpoint_tensor_shapes,
+                                         load_model_tensors, read_manifest, save_model_weights)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensors some Hugging Face Llama checkpoints carry that are not parameters.
@@ -146,7 +146,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
         shards[-1].append(n)
         size += nbytes
 
-    tmp = output.with_name(f".tmp-{output.name}")
+    tmp = output.with_name(f"{TMP_PREFIX}{output.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files, weight_map, total = [], {}, 0

@@ -10,8 +10,6 @@ non-tensor entry is saved: optimizer hyperparameters come from the config on res
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
 import time
 import warnings
@@ -22,11 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loom.train.checkpoint_files import (DELETING_PREFIX, MANIFEST, TMP_PREFIX, DATA_KEYS, FORMAT, CheckpointError,
-                                         SINGLE_PROCESS_WARNING, check_compatible, check_files, checkpoint_name,
-                                         file_crc32, fsync_dir,
-                                         model_fields, one_line, published, read_manifest, safe_planner,
-                                         safe_reader, write_durably)
+from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SINGLE_PROCESS_WARNING, TMP_PREFIX,
+                                         CheckpointError, check_compatible, check_files, checkpoint_name,
+                                         file_record, model_fields, one_line, publish_folder, published,
+                                         read_manifest, safe_planner, safe_reader)
 
 
 # -- state dicts -------------------------------------------------------------------------------
@@ -215,19 +212,12 @@ class Checkpointer:
             with self._failing_as(p.final):
                 p.future.result()  # waits; re-raises a failed background write
         mine = sorted(p.tmp.glob(f"__{self.rank}_*.distcp")) + [p.tmp / "rng" / f"rank-{self.rank:05d}.pt"]
-        sums = {str(f.relative_to(p.tmp)): {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in mine}
-        gathered = self._all_gather(sums)
+        gathered = self._all_gather({str(f.relative_to(p.tmp)): file_record(f) for f in mine})
         if self.rank == 0:
             files = {k: v for part in gathered for k, v in part.items()}
-            meta = p.tmp / ".metadata"
-            files[".metadata"] = {"bytes": meta.stat().st_size, "crc32": file_crc32(meta)}
-            manifest = {**p.manifest, "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            write_durably(p.tmp / MANIFEST, json.dumps(manifest, indent=1))
-            fsync_dir(p.tmp)
-            if p.final.exists():  # the same step saved again (a resumed run): replace it whole
-                p.final.rename(self.directory / f"{DELETING_PREFIX}{p.final.name}")
-            os.rename(p.tmp, p.final)
-            fsync_dir(self.directory)
+            files[".metadata"] = file_record(p.tmp / ".metadata")
+            # The same step saved again (a resumed run) replaces the older folder whole.
+            publish_folder(p.tmp, p.final, {**p.manifest, "files": files})
             self._prune()
         self._barrier()
         if self.timings and self.timings[-1]["step"] == p.step:

@@ -171,6 +171,25 @@ def check_resume(cfg, model_cfg) -> Path | None:
     return path
 
 
+def file_record(path: Path) -> dict:
+    """A file's manifest entry: its size and CRC-32."""
+    return {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
+
+
+def publish_folder(tmp: Path, final: Path, manifest: dict) -> None:
+    """Write `manifest` (stamped with the time) into the complete folder `tmp` durably, then
+    rename it to `final`. A folder already there (the same step saved again) is first renamed
+    aside to `.deleting-...`, for the next prune or run to remove: a published name never shows
+    a half-written or half-deleted folder."""
+    manifest = {**manifest, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    fsync_dir(tmp)
+    if final.exists():
+        final.rename(final.with_name(f"{DELETING_PREFIX}{final.name}"))
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
 def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -299,15 +318,11 @@ def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | 
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_single_process():
         dcp.save({"model": tensors}, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
-    files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "crc32": file_crc32(f)}
-             for f in sorted(tmp.rglob("*")) if f.is_file()}
+    files = {str(f.relative_to(tmp)): file_record(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     manifest = {"format": FORMAT, "step": 0, "contents": ["model"], "model": model_fields(model_cfg),
-                "model_name": model_name, "source": source, "dtype": ",".join(dtypes), "files": files,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    fsync_dir(tmp)
-    os.rename(tmp, final)
+                "model_name": model_name, "source": source, "dtype": ",".join(dtypes), "files": files}
+    publish_folder(tmp, final, manifest)
     return final
 
 
