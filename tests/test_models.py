@@ -333,3 +333,68 @@ def test_compiled_blocks_match_eager(micro_cfg):
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
     for want, got in zip(*results):
         assert_rel_close(got, want, 1e-5)
+
+
+def _attention_fp64(q, k, v, causal: bool):
+    """softmax(QK^T / sqrt(D)) V in fp64 with GQA; causal is top-left aligned."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize(
+    "b, hq, hkv, lq, lk, d, causal",
+    [(1, 8, 8, 1024, 1024, 32, True),    # the benchmark's shape
+     (2, 4, 2, 200, 200, 64, True),      # GQA, lengths not a multiple of the 64-row tiles
+     (1, 4, 4, 130, 70, 32, False),      # a fully visible rectangle (context-parallel block)
+     (1, 2, 1, 77, 77, 128, True),
+     (1, 3, 3, 5, 5, 16, True)],         # fewer rows than one tile
+)
+def test_loom_cpu_attention_kernel_matches_fp64(b, hq, hkv, lq, lk, d, causal):
+    """loom's AVX-512 kernel (where this machine runs it) against fp64 attention: output, lse
+    and all three gradients, on [B, L, H, D]-strided inputs like the model's."""
+    from loom.kernels import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip(cpu_attention.status())
+    torch.manual_seed(0)
+    q = torch.randn(b, lq, hq, d).transpose(1, 2)
+    k = torch.randn(b, lk, hkv, d).transpose(1, 2)
+    v = torch.randn(b, lk, hkv, d).transpose(1, 2)
+    assert cpu_attention.supports(q, k, v)
+    out, lse = torch.ops.loom.cpu_attention_forward(q, k, v, causal, d**-0.5)
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = _attention_fp64(*ref_inputs, causal)
+    assert out.shape == q.shape and lse.shape == (b, hq, lq)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=2e-6)
+    g = torch.randn(b, hq, lq, d)
+    ref_out.backward(g.double())
+    grads = torch.ops.loom.cpu_attention_backward(g, q, k, v, out, lse, causal, d**-0.5)
+    for got, want in zip(grads, ref_inputs):
+        assert got.shape == want.shape
+        scale = want.grad.abs().max()
+        assert (got.double() - want.grad).abs().max() <= 1e-5 * scale
+
+
+def test_attention_interface_uses_loom_kernel_and_falls_back(monkeypatch):
+    """The CPU fp32 path of attention_forward/backward runs loom's kernel where available and
+    ATen's flash op otherwise; both give the same attention."""
+    from loom.kernels import cpu_attention
+    import loom.models.attention as attention
+
+    q, k, v = (torch.randn(1, 4, 96, 32) for _ in range(3))
+    calls = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(attention.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **kw: calls.append("aten") or real(*a, **kw), raising=False)
+    ours, _ = attention.attention_forward(q, k, v, True, 32**-0.5)
+    assert calls == ([] if cpu_attention.available() else ["aten"])
+    monkeypatch.setattr(cpu_attention, "supports", lambda *a: False)
+    theirs, _ = attention.attention_forward(q, k, v, True, 32**-0.5)
+    assert calls[-1] == "aten"
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -20,12 +20,15 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from loom.kernels import cpu_attention  # noqa: F401  (registers torch.ops.loom.cpu_attention_*)
+
 aten = torch.ops.aten
 _SAVE_OPS = {
     aten.mm.default,
     aten.addmm.default,
     aten.bmm.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.loom.cpu_attention_forward.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
 }

@@ -1,0 +1,390 @@
+// loom's CPU flash attention: fp32, AVX-512, forward and backward with the log-sum-exp.
+//
+// Why our own: ATen's CPU flash op computes whole 512-key blocks even where the causal mask
+// hides them (~1.5x the causal work at L = 1024) and runs its small products through generic
+// GEMM calls. Here both products of a 64 x 64 tile run in register-blocked AVX-512 loops, the
+// causal loop stops at the diagonal block, and the backward walks key blocks in the outer loop
+// so that dK and dV of a block stay in cache (FlashAttention-2 order).
+//
+// Layout: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (Hq % Hkv == 0), out like q, lse [B, Hq, Lq];
+// any strides for batch, head and row, unit stride along D. Causal means row i sees keys <= i
+// (top-left aligned, as ATen's op; loom only asks for causal tiles with Lq == Lk).
+// Built by loom.kernels (g++, no torch headers) and called through ctypes.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int BQ = 64;  // query rows per tile
+constexpr int BK = 64;  // keys per tile (4 vectors of 16)
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for a vector: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial (relative error < 1e-8 before rounding), times 2^n. -inf and anything below -104
+// give exactly 0.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lanes [0, n) of a 16-lane vector whose first lane is column c0 (n clipped to [0, 16]).
+inline __mmask16 lanes_below(int n) {
+  if (n <= 0) return 0;
+  if (n >= 16) return 0xFFFF;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// C[r][c] = sum_d A[r][d] * BT[d][c] for RB rows, c < BK: RB x 4 accumulators.
+template <int D, int RB>
+inline void tile_abt_rows(const float* A, const float* BT, int64_t ldb, float* C) {
+  __m512 c[RB][4];
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < 4; ++v) c[i][v] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const float* b = BT + d * ldb;
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    const __m512 b2 = _mm512_loadu_ps(b + 32), b3 = _mm512_loadu_ps(b + 48);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const __m512 a = _mm512_set1_ps(A[i * D + d]);
+      c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+      c[i][2] = _mm512_fmadd_ps(a, b2, c[i][2]);
+      c[i][3] = _mm512_fmadd_ps(a, b3, c[i][3]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(C + i * BK + 16 * v, c[i][v]);
+}
+
+// C[r][c] = sum_d A[r][d] * BT[d][c] for r < rows, c < BK.
+// A [rows][D] (row stride D), BT [D][ldb] (a packed, transposed operand), C [rows][BK].
+template <int D>
+void tile_abt(const float* A, const float* BT, int64_t ldb, float* C, int rows) {
+  int r = 0;
+  for (; r + 6 <= rows; r += 6) tile_abt_rows<D, 6>(A + r * D, BT, ldb, C + r * BK);
+  for (; r + 2 <= rows; r += 2) tile_abt_rows<D, 2>(A + r * D, BT, ldb, C + r * BK);
+  for (; r < rows; ++r) tile_abt_rows<D, 1>(A + r * D, BT, ldb, C + r * BK);
+}
+
+// C[r][:] += sum_{j < n} A(r, j) * B[j][:] for r < rows, with A(r, j) = A[r * ars + j * ajs]
+// (so A may be read transposed), B rows of D floats at stride ldb, C rows at stride ldc.
+template <int D, int RB>
+inline void tile_acc_rows(const float* A, int64_t ars, int64_t ajs, const float* B, int64_t ldb,
+                          float* C, int64_t ldc, int n) {
+  constexpr int NV = D / 16;
+  __m512 c[RB][NV];
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < NV; ++v) c[i][v] = _mm512_loadu_ps(C + i * ldc + 16 * v);
+  for (int j = 0; j < n; ++j) {
+    __m512 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + j * ldb + 16 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      __m512 a = _mm512_set1_ps(A[i * ars + j * ajs]);
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(a, b[v], c[i][v]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+}
+
+template <int D>
+void tile_acc(const float* A, int64_t ars, int64_t ajs, const float* B, int64_t ldb, float* C,
+              int64_t ldc, int rows, int n) {
+  constexpr int NV = D / 16;
+  constexpr int RB = NV >= 24 ? 1 : 24 / NV;  // up to 24 accumulators
+  int r = 0;
+  for (; r + RB <= rows; r += RB) tile_acc_rows<D, RB>(A + r * ars, ars, ajs, B, ldb, C + r * ldc, ldc, n);
+  for (; r < rows; ++r) tile_acc_rows<D, 1>(A + r * ars, ars, ajs, B, ldb, C + r * ldc, ldc, n);
+}
+
+struct Strides {
+  int64_t b, h, l;
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Packs one head of k ([L][D] at row stride ks) for the kernels: Kc [L][D] contiguous, and KT in
+// tiles of BK keys, KT[t][d][c] = k[t * BK + c][d] (zero past L). Contiguous tiles matter: rows of
+// a plain [D][L] transpose sit a multiple of 4 KiB apart and thrash the same L1 sets.
+template <int D>
+void pack_head(const float* k, int64_t ks, int L, float* Kc, float* KT) {
+  for (int j = 0; j < L; ++j) std::memcpy(Kc + j * D, k + j * ks, sizeof(float) * D);
+  const int tiles = (L + BK - 1) / BK;
+  std::memset(KT, 0, sizeof(float) * tiles * BK * D);
+  for (int j = 0; j < L; ++j)
+    for (int d = 0; d < D; ++d) KT[(j / BK) * BK * D + d * BK + j % BK] = k[j * ks + d];
+}
+
+// Runs task(t) for t in [0, n) on up to `threads` threads of the OpenMP pool. Loaded after torch,
+// this library binds to torch's own libgomp (same soname), so the kernel shares PyTorch's
+// threads instead of competing with them.
+template <class F>
+void parallel_tasks(int n, int threads, F&& task) {
+  threads = std::max(1, std::min(threads, n));
+  std::atomic<int> next{0};
+#pragma omp parallel num_threads(threads)
+  for (int t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
+}
+
+// Lanes whose index is at least n (n clipped to [0, 16]).
+inline __mmask16 lanes_from(int n) { return static_cast<__mmask16>(~lanes_below(n)); }
+
+// The forward works on S^T (keys x query rows): the softmax statistics of 16 query rows then
+// sit in one vector, so the running max and sum need no horizontal reductions.
+template <int D>
+void forward(const float* q, Strides qs, const float* k, Strides ks, const float* v, Strides vs,
+             float* o, Strides os, float* lse, Strides ls, int B, int Hq, int Hkv, int Lq, int Lk,
+             bool causal, float scale, int threads) {
+  static_assert(BQ == 64 && BK == 64, "tiles are 4 vectors wide");
+  const int rep = Hq / Hkv;
+  // Each task is one query head of one sample; its K and V are packed once.
+  parallel_tasks(B * Hq, threads, [&](int task) {
+    const int b = task / Hq, h = task % Hq, hk = h / rep;
+    thread_local std::vector<float> Kc, Vc, QT, ST, acc, alpha, m_out, l_out;
+    Kc.resize(static_cast<size_t>(Lk) * D);
+    Vc.resize(static_cast<size_t>(Lk) * D);
+    QT.resize(D * BQ);
+    ST.resize(BK * BQ);
+    acc.resize(BQ * D);
+    alpha.resize(BQ);
+    m_out.resize(BQ);
+    l_out.resize(BQ);
+    const float* qh = q + b * qs.b + h * qs.h;
+    const float* kh = k + b * ks.b + hk * ks.h;
+    const float* vh = v + b * vs.b + hk * vs.h;
+    float* oh = o + b * os.b + h * os.h;
+    float* lh = lse + b * ls.b + h * ls.h;
+    for (int j = 0; j < Lk; ++j) {
+      std::memcpy(Kc.data() + j * D, kh + j * ks.l, sizeof(float) * D);
+      std::memcpy(Vc.data() + j * D, vh + j * vs.l, sizeof(float) * D);
+    }
+    for (int i0 = 0; i0 < Lq; i0 += BQ) {
+      const int rows = std::min(BQ, Lq - i0);
+      // QT[d][r] = scale * q[i0 + r][d], zero for r >= rows.
+      std::fill(QT.begin(), QT.end(), 0.0f);
+      for (int r = 0; r < rows; ++r)
+        for (int d = 0; d < D; ++d) QT[d * BQ + r] = qh[(i0 + r) * qs.l + d] * scale;
+      __m512 m[4], l[4];
+      __mmask16 row_ok[4];
+      for (int g = 0; g < 4; ++g) {
+        m[g] = _mm512_set1_ps(NEG_INF);
+        l[g] = _mm512_setzero_ps();
+        row_ok[g] = lanes_below(rows - 16 * g);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int kend = causal ? std::min(Lk, i0 + rows) : Lk;
+      for (int j0 = 0; j0 < kend; j0 += BK) {
+        const int cols = std::min(BK, kend - j0);
+        tile_abt<D>(Kc.data() + j0 * D, QT.data(), BQ, ST.data(), cols);
+        // Key c is visible to row r when r < rows and (not causal or i0 + r >= j0 + c).
+        const bool all_before = !causal || j0 + cols - 1 <= i0;
+        auto visible = [&](int c, int g) -> __mmask16 {
+          return all_before ? row_ok[g] : static_cast<__mmask16>(row_ok[g] & lanes_from(j0 + c - i0 - 16 * g));
+        };
+        __m512 mx[4] = {m[0], m[1], m[2], m[3]};
+        for (int c = 0; c < cols; ++c)
+          for (int g = 0; g < 4; ++g)
+            mx[g] = _mm512_mask_max_ps(mx[g], visible(c, g), mx[g], _mm512_loadu_ps(ST.data() + c * BQ + 16 * g));
+        __m512 base[4];
+        for (int g = 0; g < 4; ++g) {
+          // Rows that have seen nothing yet keep -inf; subtract 0 there instead of -inf.
+          const __mmask16 seen = _mm512_cmp_ps_mask(mx[g], _mm512_set1_ps(NEG_INF), _CMP_NEQ_OQ);
+          base[g] = _mm512_maskz_mov_ps(seen, mx[g]);
+          const __m512 a = exp512(_mm512_sub_ps(m[g], base[g]));
+          _mm512_storeu_ps(alpha.data() + 16 * g, a);
+          l[g] = _mm512_mul_ps(l[g], a);
+          m[g] = mx[g];
+        }
+        for (int c = 0; c < cols; ++c)
+          for (int g = 0; g < 4; ++g) {
+            float* s = ST.data() + c * BQ + 16 * g;
+            const __m512 p = _mm512_maskz_mov_ps(visible(c, g), exp512(_mm512_sub_ps(_mm512_loadu_ps(s), base[g])));
+            _mm512_storeu_ps(s, p);
+            l[g] = _mm512_add_ps(l[g], p);
+          }
+        for (int r = 0; r < rows; ++r)
+          if (alpha[r] != 1.0f) {
+            const __m512 av = _mm512_set1_ps(alpha[r]);
+            for (int d = 0; d < D; d += 16)
+              _mm512_storeu_ps(acc.data() + r * D + d, _mm512_mul_ps(av, _mm512_loadu_ps(acc.data() + r * D + d)));
+          }
+        // acc[r][:] += sum_c P^T[c][r] V[j0 + c][:]
+        tile_acc<D>(ST.data(), 1, BQ, Vc.data() + j0 * D, D, acc.data(), D, rows, cols);
+      }
+      for (int g = 0; g < 4; ++g) {
+        _mm512_storeu_ps(m_out.data() + 16 * g, m[g]);
+        _mm512_storeu_ps(l_out.data() + 16 * g, l[g]);
+      }
+      for (int r = 0; r < rows; ++r) {
+        float* out = oh + (i0 + r) * os.l;
+        if (l_out[r] > 0.0f) {
+          const __m512 inv = _mm512_set1_ps(1.0f / l_out[r]);
+          for (int d = 0; d < D; d += 16)
+            _mm512_storeu_ps(out + d, _mm512_mul_ps(inv, _mm512_loadu_ps(acc.data() + r * D + d)));
+          lh[(i0 + r) * ls.l] = m_out[r] + std::log(l_out[r]);
+        } else {  // a row that sees no key
+          std::memset(out, 0, sizeof(float) * D);
+          lh[(i0 + r) * ls.l] = NEG_INF;
+        }
+      }
+    }
+  });
+}
+
+template <int D>
+void backward(const float* dout, Strides gs, const float* q, Strides qs, const float* k, Strides ks,
+              const float* v, Strides vs, const float* o, Strides os, const float* lse, Strides ls,
+              float* dq, Strides dqs, float* dk, Strides dks, float* dv, Strides dvs, int B, int Hq,
+              int Hkv, int Lq, int Lk, bool causal, float scale, int threads) {
+  const int64_t ldt = round_up(Lk, BK);
+  const int rep = Hq / Hkv;
+  // Each task is one KV head of one sample with all the query heads that share it, so that its
+  // dK and dV have a single writer.
+  parallel_tasks(B * Hkv, threads, [&](int task) {
+    const int b = task / Hkv, hk = task % Hkv;
+    thread_local std::vector<float> Kc, KT, Vc, VT, dK, dV, Qs, G, Dr, dQ, S, dP, L;
+    for (auto* buf : {&Kc, &KT, &Vc, &VT, &dK, &dV}) buf->resize(D * ldt);
+    Qs.resize(static_cast<size_t>(Lq) * D);
+    G.resize(static_cast<size_t>(Lq) * D);
+    dQ.resize(static_cast<size_t>(Lq) * D);
+    Dr.resize(Lq);
+    L.resize(Lq);
+    S.resize(BQ * BK);
+    dP.resize(BQ * BK);
+    const float* kh = k + b * ks.b + hk * ks.h;
+    const float* vh = v + b * vs.b + hk * vs.h;
+    float* dkh = dk + b * dks.b + hk * dks.h;
+    float* dvh = dv + b * dvs.b + hk * dvs.h;
+    std::fill(dK.begin(), dK.end(), 0.0f);
+    std::fill(dV.begin(), dV.end(), 0.0f);
+    pack_head<D>(kh, ks.l, Lk, Kc.data(), KT.data());
+    pack_head<D>(vh, vs.l, Lk, Vc.data(), VT.data());
+    for (int h = hk * rep; h < (hk + 1) * rep; ++h) {
+      const float* qh = q + b * qs.b + h * qs.h;
+      const float* gh = dout + b * gs.b + h * gs.h;
+      const float* oh = o + b * os.b + h * os.h;
+      const float* lh = lse + b * ls.b + h * ls.h;
+      for (int i = 0; i < Lq; ++i) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 16) {
+          const __m512 g = _mm512_loadu_ps(gh + i * gs.l + d);
+          _mm512_storeu_ps(G.data() + i * D + d, g);
+          _mm512_storeu_ps(Qs.data() + i * D + d, _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(qh + i * qs.l + d)));
+          dot = _mm512_fmadd_ps(g, _mm512_loadu_ps(oh + i * os.l + d), dot);
+        }
+        Dr[i] = _mm512_reduce_add_ps(dot);
+        L[i] = lh[i * ls.l];
+      }
+      std::fill(dQ.begin(), dQ.end(), 0.0f);
+      for (int j0 = 0; j0 < Lk; j0 += BK) {
+        const int cols = std::min(BK, Lk - j0);
+        const int istart = causal ? j0 / BQ * BQ : 0;
+        for (int i0 = istart; i0 < Lq; i0 += BQ) {
+          const int rows = std::min(BQ, Lq - i0);
+          tile_abt<D>(Qs.data() + i0 * D, KT.data() + j0 * D, BK, S.data(), rows);
+          tile_abt<D>(G.data() + i0 * D, VT.data() + j0 * D, BK, dP.data(), rows);
+          for (int r = 0; r < rows; ++r) {
+            float* s = S.data() + r * BK;
+            float* dp = dP.data() + r * BK;
+            const int visible = causal ? std::min(cols, i0 + r - j0 + 1) : cols;
+            const float lse_r = L[i0 + r];
+            if (visible <= 0 || lse_r == NEG_INF) {
+              std::memset(s, 0, sizeof(float) * BK);
+              std::memset(dp, 0, sizeof(float) * BK);
+              continue;
+            }
+            const __m512 lv = _mm512_set1_ps(lse_r), dv_r = _mm512_set1_ps(Dr[i0 + r]);
+            for (int v4 = 0; v4 < 4; ++v4) {
+              const __mmask16 mk = lanes_below(visible - 16 * v4);
+              const __m512 p = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v4), lv)));
+              _mm512_storeu_ps(s + 16 * v4, p);
+              _mm512_storeu_ps(dp + 16 * v4, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + 16 * v4), dv_r)));
+            }
+          }
+          // dV_j += P^T dO_i ; dK_j += dS^T (scale Q_i) ; dQ_i += dS K_j (scaled at the end)
+          tile_acc<D>(S.data(), 1, BK, G.data() + i0 * D, D, dV.data() + j0 * D, D, cols, rows);
+          tile_acc<D>(dP.data(), 1, BK, Qs.data() + i0 * D, D, dK.data() + j0 * D, D, cols, rows);
+          tile_acc<D>(dP.data(), BK, 1, Kc.data() + j0 * D, D, dQ.data() + i0 * D, D, rows, cols);
+        }
+      }
+      float* dqh = dq + b * dqs.b + h * dqs.h;
+      const __m512 sv = _mm512_set1_ps(scale);
+      for (int i = 0; i < Lq; ++i)
+        for (int d = 0; d < D; d += 16)
+          _mm512_storeu_ps(dqh + i * dqs.l + d, _mm512_mul_ps(sv, _mm512_loadu_ps(dQ.data() + i * D + d)));
+    }
+    for (int j = 0; j < Lk; ++j) {
+      std::memcpy(dkh + j * dks.l, dK.data() + j * D, sizeof(float) * D);
+      std::memcpy(dvh + j * dvs.l, dV.data() + j * D, sizeof(float) * D);
+    }
+  });
+}
+
+Strides strides(const int64_t* s) { return Strides{s[0], s[1], s[2]}; }
+
+}  // namespace
+
+#define LOOM_HEAD_DIMS(X) X(16) X(32) X(48) X(64) X(80) X(96) X(128) X(256)
+
+extern "C" {
+
+// Returns 0 on success, 1 when head_dim has no compiled kernel.
+int loom_attention_forward(int head_dim, const float* q, const int64_t* qs, const float* k,
+                           const int64_t* ks, const float* v, const int64_t* vs, float* o,
+                           const int64_t* os, float* lse, const int64_t* ls, int B, int Hq, int Hkv,
+                           int Lq, int Lk, int causal, float scale, int threads) {
+  switch (head_dim) {
+#define CASE(DIM)                                                                                  \
+  case DIM:                                                                                        \
+    forward<DIM>(q, strides(qs), k, strides(ks), v, strides(vs), o, strides(os), lse, strides(ls), \
+                 B, Hq, Hkv, Lq, Lk, causal != 0, scale, threads);                                 \
+    return 0;
+    LOOM_HEAD_DIMS(CASE)
+#undef CASE
+    default:
+      return 1;
+  }
+}
+
+int loom_attention_backward(int head_dim, const float* dout, const int64_t* gs, const float* q,
+                            const int64_t* qs, const float* k, const int64_t* ks, const float* v,
+                            const int64_t* vs, const float* o, const int64_t* os, const float* lse,
+                            const int64_t* ls, float* dq, const int64_t* dqs, float* dk,
+                            const int64_t* dks, float* dv, const int64_t* dvs, int B, int Hq,
+                            int Hkv, int Lq, int Lk, int causal, float scale, int threads) {
+  switch (head_dim) {
+#define CASE(DIM)                                                                                \
+  case DIM:                                                                                      \
+    backward<DIM>(dout, strides(gs), q, strides(qs), k, strides(ks), v, strides(vs), o,          \
+                  strides(os), lse, strides(ls), dq, strides(dqs), dk, strides(dks), dv,         \
+                  strides(dvs), B, Hq, Hkv, Lq, Lk, causal != 0, scale, threads);               \
+    return 0;
+    LOOM_HEAD_DIMS(CASE)
+#undef CASE
+    default:
+      return 1;
+  }
+}
+
+}  // extern "C"
