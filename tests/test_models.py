@@ -167,8 +167,16 @@ def test_matches_transformers_llama(micro_cfg):
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("loom_kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_equals_cross_entropy_of_logits(dtype):
+def test_fused_loss_equals_cross_entropy_of_logits(dtype, loom_kernel, monkeypatch):
+    """Both softmax paths (loom's CPU kernel where available, PyTorch ops) give the loss and
+    gradients of cross-entropy over materialized logits, also for an upstream gradient != 1."""
+    from loom.kernels import cpu_kernels
+
+    if not loom_kernel:
+        monkeypatch.setattr(cpu_kernels, "softmax_cross_entropy_supports", lambda logits: False)
+    upstream = 1.0 if loom_kernel else 0.5
     # vocabulary 40000 makes the CPU chunk 64 tokens, so 300 tokens take 5 chunks.
     h = torch.randn(3, 100, 32, requires_grad=True)
     w = (0.1 * torch.randn(40000, 32)).requires_grad_()
@@ -182,7 +190,7 @@ def test_fused_loss_equals_cross_entropy_of_logits(dtype):
             else:
                 loss = torch.nn.functional.cross_entropy(
                     torch.nn.functional.linear(h, w).float().flatten(0, 1), labels.flatten())
-        loss.backward()
+        (loss * upstream).backward()
         grads.append((loss.detach(), h.grad, w.grad))
         h.grad = w.grad = None
     for got, want in zip(*grads):
@@ -229,6 +237,45 @@ def test_rmsnorm_matches_formula_and_gradcheck():
     out = RMSNorm(8, 1e-5)
     out.init_weights()
     assert out(xb).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dim", [40, 256])
+def test_rmsnorm_fp32_kernel_matches_fp64(dim):
+    """fp32 RMSNorm (loom's CPU kernel where available) against the fp64 formula: output and
+    the gradients of input and weight (the weight's summed over 300 rows across threads)."""
+    from loom.models.llama import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim))
+    x = torch.randn(3, 100, dim, requires_grad=True)
+    g = torch.randn(3, 100, dim)
+    y = norm(x)
+    y.backward(g)
+    xd, wd = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd
+    want.backward(g.double())
+    for got, ref in ((y, want), (x.grad, xd.grad), (norm.weight.grad, wd.grad)):
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_swiglu_fp32_kernel_matches_fp64():
+    """silu(a) * b (loom's CPU kernel where available) against fp64, values and gradients; the
+    length is not a multiple of the kernel's vector or chunk sizes."""
+    from loom.models.llama import swiglu
+
+    torch.manual_seed(0)
+    a = (4 * torch.randn(3, 1000, 37)).requires_grad_()
+    b = torch.randn(3, 1000, 37, requires_grad=True)
+    g = torch.randn(3, 1000, 37)
+    y = swiglu(a, b)
+    y.backward(g)
+    ad, bd = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    want = torch.nn.functional.silu(ad) * bd
+    want.backward(g.double())
+    for got, ref in ((y, want), (a.grad, ad.grad), (b.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=2e-6)
 
 
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> float:

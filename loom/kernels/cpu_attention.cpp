@@ -10,6 +10,8 @@
 // any strides for batch, head and row, unit stride along D. Causal means row i sees keys <= i
 // (top-left aligned, as ATen's op; loom only asks for causal tiles with Lq == Lk).
 // Built by loom.kernels (g++, no torch headers) and called through ctypes.
+#include "simd.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -22,36 +24,10 @@
 
 namespace {
 
+using namespace loom_simd;
+
 constexpr int BQ = 64;  // query rows per tile
 constexpr int BK = 64;  // keys per tile (4 vectors of 16)
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// exp(x) for a vector: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
-// polynomial (relative error < 1e-8 before rounding), times 2^n. -inf and anything below -104
-// give exactly 0.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// Lanes [0, n) of a 16-lane vector whose first lane is column c0 (n clipped to [0, 16]).
-inline __mmask16 lanes_below(int n) {
-  if (n <= 0) return 0;
-  if (n >= 16) return 0xFFFF;
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
 
 // C[r][c] = sum_d A[r][d] * BT[d][c] for RB rows, c < BK: RB x 4 accumulators.
 template <int D, int RB>
@@ -146,9 +122,6 @@ void parallel_tasks(int n, int threads, F&& task) {
 #pragma omp parallel num_threads(threads)
   for (int t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
 }
-
-// Lanes whose index is at least n (n clipped to [0, 16]).
-inline __mmask16 lanes_from(int n) { return static_cast<__mmask16>(~lanes_below(n)); }
 
 // The forward works on S^T (keys x query rows): the softmax statistics of 16 query rows then
 // sit in one vector, so the running max and sum need no horizontal reductions.

@@ -22,6 +22,7 @@ from torch import nn
 
 from loom.models.attention import CoreAttention, document_starts
 from loom.models.loss import linear_cross_entropy
+from loom.kernels import cpu_kernels
 from loom.models.matmul import Linear
 
 
@@ -136,6 +137,10 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
+        if cpu_kernels.rms_norm_supports(x, weight):  # fp32 on CPU: one fused pass
+            y, rstd = cpu_kernels.rms_norm_forward(x, weight, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -144,6 +149,9 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        if cpu_kernels.rms_norm_supports(x, weight):
+            dx, dw = cpu_kernels.rms_norm_backward(grad, x, weight, rstd)
+            return dx, dw, None
         xhat = x.to(rstd.dtype) * rstd
         g = grad.to(rstd.dtype)
         grad_weight = (g * xhat).flatten(0, -2).sum(0)
@@ -200,6 +208,26 @@ class Attention(nn.Module):
         nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(a) * b in one pass each way (loom's CPU kernel); saves a and b only."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return cpu_kernels.swiglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return cpu_kernels.swiglu_backward(grad, *ctx.saved_tensors)
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b: a, b [..., F]."""
+    if cpu_kernels.swiglu_supports(a, b):
+        return _SwiGLUFn.apply(a, b)
+    return F.silu(a) * b
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -210,7 +238,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(cfg.ffn_dim, cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for w in (self.w1, self.w3):

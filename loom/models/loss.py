@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from loom.kernels import cpu_kernels
 from loom.models.matmul import matmul
 
 IGNORE_INDEX = -100
@@ -21,52 +22,70 @@ def _chunk_tokens(n: int, vocab: int, device: torch.device) -> int:
     return max(64, min(n, budget // vocab))
 
 
+def _softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
+                            want_grads: bool) -> torch.Tensor:
+    """logits [c, V] fp32, labels [c] -> per-token losses [c] (0 where ignored); with want_grads,
+    logits are overwritten by grad_scale * (softmax - one_hot(label)), zero where ignored."""
+    if cpu_kernels.softmax_cross_entropy_supports(logits):
+        return cpu_kernels.softmax_cross_entropy_(logits, labels, IGNORE_INDEX, grad_scale, want_grads)
+    valid = labels != IGNORE_INDEX
+    target = logits.gather(1, labels.clamp(min=0)[:, None])  # [c, 1]
+    # One exp pass serves both the log-sum-exp and the softmax, in place.
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()
+    row_sum = probs.sum(dim=-1, keepdim=True)
+    losses = (row_max + row_sum.log() - target).squeeze(1) * valid
+    if want_grads:
+        probs.mul_(grad_scale / row_sum)
+        probs.scatter_add_(1, labels.clamp(min=0)[:, None], -grad_scale.expand(labels.shape[0], 1))
+        if not valid.all():
+            probs.mul_(valid[:, None])
+    return losses
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, compute_dtype):
         n = hidden.shape[0]
-        valid = labels != IGNORE_INDEX
-        n_valid = valid.sum().clamp(min=1)
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        # Gradients are of the mean loss from the start, so that backward has nothing left to
+        # do for the usual upstream gradient of 1 (no pass over a [V, D] gradient).
+        grad_scale = 1.0 / n_valid.float()
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         grad_h = torch.empty_like(hidden) if want_grads else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grads else None
+        grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_tokens(n, weight.shape[0], hidden.device)
         for start in range(0, n, step):
             end = min(n, start + step)
-            hc, lc, vc = h[start:end], labels[start:end], valid[start:end]
+            hc = h[start:end]
             logits = matmul(hc, w.t()).float()  # [c, V]
-            target = logits.gather(1, lc.clamp(min=0)[:, None])  # [c, 1]
-            # One exp pass serves both the log-sum-exp and the softmax, in place.
-            row_max = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(row_max).exp_()
-            row_sum = probs.sum(dim=-1, keepdim=True)
-            lse = row_max + row_sum.log()
-            loss += ((lse - target).squeeze(1) * vc).sum()
+            loss += _softmax_cross_entropy_(logits, labels[start:end], grad_scale, want_grads).sum()
             if want_grads:
-                # d(sum of losses)/d logits = softmax - one_hot(label), zero for ignored tokens.
-                probs.div_(row_sum)
-                probs.scatter_add_(1, lc.clamp(min=0)[:, None], -torch.ones_like(target))
-                if not vc.all():
-                    probs.mul_(vc[:, None])
-                g = probs.to(compute_dtype)
+                g = logits.to(compute_dtype)  # d(mean loss)/d logits
                 grad_h[start:end] = matmul(g, w)
-                if g.dtype == grad_w.dtype:
+                if grad_w is None:
+                    grad_w = matmul(g.t(), hc).float()  # [V, D]; no zero-filled start
+                elif g.dtype == grad_w.dtype:
                     grad_w.addmm_(g.t(), hc)  # no [V, D] temporary per chunk
                 else:
                     grad_w.add_(matmul(g.t(), hc))
-        ctx.save_for_backward(grad_h, grad_w, n_valid)
-        return loss / n_valid
+        # Kept on ctx, not saved tensors, so that backward can hand them over without a copy.
+        ctx.grads = (grad_h, grad_w)
+        return loss * grad_scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, n_valid = ctx.saved_tensors
-        scale = grad_loss / n_valid
-        gh = grad_h * scale.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+            grad_w = grad_w * grad_loss
+        gh = grad_h if ctx.needs_input_grad[0] else None
+        gw = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None
 
 

@@ -1,0 +1,42 @@
+// Vector helpers shared by loom's CPU kernels (AVX-512).
+#pragma once
+
+#include <immintrin.h>
+
+#include <limits>
+
+namespace loom_simd {
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// exp(x) for a vector: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial (relative error < 1e-8 before rounding), times 2^n. -inf and anything below -104
+// give exactly 0.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Lanes [0, n) of a 16-lane vector (n clipped to [0, 16]).
+inline __mmask16 lanes_below(int n) {
+  if (n <= 0) return 0;
+  if (n >= 16) return 0xFFFF;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Lanes whose index is at least n (n clipped to [0, 16]).
+inline __mmask16 lanes_from(int n) { return static_cast<__mmask16>(~lanes_below(n)); }
+
+}  // namespace loom_simd
