@@ -1,4 +1,5 @@
-"""loom's element-wise CPU kernels (cpu_loss.cpp, cpu_norm.cpp, cpu_swiglu.cpp) as plain functions on torch tensors.
+"""loom's element-wise CPU kernels (cpu_loss.cpp, cpu_norm.cpp, cpu_swiglu.cpp,
+cpu_rope.cpp) as plain functions on torch tensors.
 
 Each has a `..._supports` check; callers keep PyTorch ops where it says no (not CPU fp32, not
 contiguous, or the kernels not available on this machine: see loom.kernels.library).
@@ -28,6 +29,8 @@ def _lib() -> ctypes.CDLL:
         lib.loom_swiglu_forward.restype = None
         lib.loom_swiglu_backward.argtypes = [p, p, p, p, p, i64, ctypes.c_int]
         lib.loom_swiglu_backward.restype = None
+        lib.loom_rope.argtypes = [p, p, p, p, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+        lib.loom_rope.restype = None
         lib._elementwise_typed = True
     return lib
 
@@ -99,3 +102,19 @@ def swiglu_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tup
     da, db = torch.empty_like(a), torch.empty_like(b)
     _lib().loom_swiglu_backward(ptr(grad), ptr(a), ptr(b), ptr(da), ptr(db), a.numel(), torch.get_num_threads())
     return da, db
+
+
+def rope_supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """x [B, L, H, E]; cos, sin [L, E/2] or [B, L, E/2], all fp32 and contiguous."""
+    return (_plain_fp32(x, cos, sin) and x.dim() == 4 and x.shape[-1] % 2 == 0
+            and cos.shape == sin.shape and cos.shape[-1] == x.shape[-1] // 2
+            and tuple(cos.shape[:-1]) in ((x.shape[1],), (x.shape[0], x.shape[1])))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """Rotate the halves of x's heads by the angles (sign -1: by minus the angles)."""
+    b, l, h, e = x.shape
+    out = torch.empty_like(x)
+    _lib().loom_rope(ptr(x), ptr(cos), ptr(sin), ptr(out), b, l, h, e, int(cos.dim() == 3),
+                     ctypes.c_float(sign), torch.get_num_threads())
+    return out

@@ -112,11 +112,16 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
+        if cpu_kernels.rope_supports(x, cos, sin):  # fp32 on CPU: one pass
+            return cpu_kernels.rope(x, cos, sin)
         return _rotate(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
+        grad = grad.contiguous()
+        if cpu_kernels.rope_supports(grad, cos, sin):
+            return cpu_kernels.rope(grad, cos, sin, sign=-1.0), None, None
         return _rotate(grad, cos, -sin), None, None
 
 

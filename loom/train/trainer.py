@@ -12,7 +12,7 @@ import torch
 
 from loom.config import Config
 from loom.data.dataset import Batch, BatchSchedule, open_splits
-from loom.kernels import cpu_attention
+from loom.kernels import library
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.attention import document_positions
@@ -126,11 +126,11 @@ class Trainer:
         self.progress = progress and self.rank == 0
 
         if self.device.type == "cpu":
-            # Build (first run on this machine) or load the CPU attention kernel before any step
-            # is timed; where it cannot run, attention uses ATen's op and the summary says why.
-            self.attention_kernel = cpu_attention.status()
+            # Build (first run on this machine) or load loom's CPU kernels before any step is
+            # timed; where they cannot run, PyTorch's ops do the work and the summary says why.
+            self.kernels = library.status()
         else:
-            self.attention_kernel = "CUDA SDPA flash / memory-efficient op"
+            self.kernels = "PyTorch CUDA ops (SDPA flash / memory-efficient attention)"
         torch.manual_seed(t.seed)
         # Every rank initializes the full model from the seed before sharding, so each layout
         # starts from exactly the single-process weights.
@@ -514,7 +514,7 @@ class Trainer:
             "dtype": t.dtype,
             "recompute": t.recompute,
             "device": str(self.device),
-            "attention_kernel": self.attention_kernel,
+            "kernels": self.kernels,
         }
         if cfg.metrics.plot and self.rank == 0:
             plot_losses(cfg.metrics.plot, train_curve, val_curve,
@@ -538,7 +538,7 @@ def format_summary(s: dict, jsonl: str, plot: str) -> str:
         ("model TFLOP/s per device", f"{s['tflops_per_device']:.4f} ({s['flops_convention']} convention)"),
         ("peak FLOP/s", f"{s['peak_flops'] / 1e12:.4f} TFLOP/s, {s['peak_source']}" if s["peak_flops"] else s["peak_source"]),
         ("MFU", f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a"),
-        ("attention kernel", s["attention_kernel"]),
+        ("kernels", s["kernels"]),
         ("peak memory per device", format_bytes(s["peak_memory_bytes"])),
         ("metrics", jsonl + (f", loss curve {plot}" if plot else "")),
     ]
