@@ -81,7 +81,7 @@ def load(cache: Path | None = None) -> ctypes.CDLL | None:
             from loom.metrics.meter import cache_dir
 
             _lib = ctypes.CDLL(str(_build(cache or cache_dir() / "kernels")))
-            _status = "loom AVX-512 CPU kernels (attention, loss, RMSNorm, SwiGLU)"
+            _status = "loom AVX-512 CPU kernels (attention, loss, RMSNorm, SwiGLU, RoPE)"
             return _lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             reason = f"build failed: {e}"
