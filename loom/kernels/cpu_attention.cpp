@@ -15,11 +15,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -112,19 +110,6 @@ void pack_head(const float* k, int64_t ks, int L, float* Kc, float* KT) {
     for (int d = 0; d < D; ++d) KT[(j / BK) * BK * D + d * BK + j % BK] = k[j * ks + d];
 }
 
-// Runs task(t) for t in [0, n) on up to `threads` threads of the OpenMP pool. Loaded after torch,
-// this library binds to torch's own libgomp (same soname), so the kernel shares PyTorch's
-// threads instead of competing with them.
-template <class F>
-void parallel_tasks(int n, int threads, F&& task) {
-  threads = std::max(1, std::min(threads, n));
-  std::atomic<int> next{0};
-#pragma omp parallel num_threads(threads)
-  for (int t = next.fetch_add(1); t < n; t = next.fetch_add(1)) task(t);
-}
-
-// The forward works on S^T (keys x query rows): the softmax statistics of 16 query rows then
-// sit in one vector, so the running max and sum need no horizontal reductions.
 template <int D>
 void forward(const float* q, Strides qs, const float* k, Strides ks, const float* v, Strides vs,
              float* o, Strides os, float* lse, Strides ls, int B, int Hq, int Hkv, int Lq, int Lk,
@@ -132,7 +117,7 @@ void forward(const float* q, Strides qs, const float* k, Strides ks, const float
   static_assert(BQ == 64 && BK == 64, "tiles are 4 vectors wide");
   const int rep = Hq / Hkv;
   // Each task is one query head of one sample; its K and V are packed once.
-  parallel_tasks(B * Hq, threads, [&](int task) {
+  parallel_for(B * Hq, threads, [&](int64_t task, int) {
     const int b = task / Hq, h = task % Hq, hk = h / rep;
     thread_local std::vector<float> Kc, Vc, QT, ST, acc, alpha, m_out, l_out;
     Kc.resize(static_cast<size_t>(Lk) * D);
@@ -234,7 +219,7 @@ void backward(const float* dout, Strides gs, const float* q, Strides qs, const f
   const int rep = Hq / Hkv;
   // Each task is one KV head of one sample with all the query heads that share it, so that its
   // dK and dV have a single writer.
-  parallel_tasks(B * Hkv, threads, [&](int task) {
+  parallel_for(B * Hkv, threads, [&](int64_t task, int) {
     const int b = task / Hkv, hk = task % Hkv;
     thread_local std::vector<float> Kc, KT, Vc, VT, dK, dV, Qs, G, Dr, dQ, S, dP, L;
     for (auto* buf : {&Kc, &KT, &Vc, &VT, &dK, &dV}) buf->resize(D * ldt);

@@ -7,7 +7,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -21,10 +20,7 @@ extern "C" {
 void loom_softmax_cross_entropy(float* logits, int64_t ld, int64_t rows, int64_t V,
                                 const int64_t* labels, int64_t ignore_index, float* loss,
                                 float grad_scale, int want_grad, int threads) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
-  std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(threads)
-  for (int64_t r = next.fetch_add(1); r < rows; r = next.fetch_add(1)) {
+  parallel_for(rows, threads, [&](int64_t r, int) {
     float* x = logits + r * ld;
     const int64_t label = labels[r];
     const bool ignored = label == ignore_index || label < 0 || label >= V;
@@ -43,14 +39,14 @@ void loom_softmax_cross_entropy(float* logits, int64_t ld, int64_t rows, int64_t
     }
     const float total = _mm512_reduce_add_ps(sum);
     loss[r] = ignored ? 0.0f : row_max + std::log(total) - target;
-    if (!want_grad) continue;
+    if (!want_grad) return;
     const __m512 k = _mm512_set1_ps(ignored ? 0.0f : grad_scale / total);
     for (int64_t c = 0; c < V; c += 16) {
       const __mmask16 m = lanes_below(static_cast<int>(V - c));
       _mm512_mask_storeu_ps(x + c, m, _mm512_mul_ps(k, _mm512_maskz_loadu_ps(m, x + c)));
     }
     if (!ignored) x[label] -= grad_scale;
-  }
+  });
 }
 
 }  // extern "C"

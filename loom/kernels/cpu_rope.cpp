@@ -15,9 +15,7 @@ extern "C" {
 void loom_rope(const float* x, const float* cos, const float* sin, float* out, int64_t B, int64_t L,
                int64_t H, int64_t E, int batched, float sign, int threads) {
   const int64_t half = E / 2, rows = B * L;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t bl = 0; bl < rows; ++bl) {
+  parallel_for(rows, threads, [&](int64_t bl, int) {
     const int64_t angle_row = batched ? bl : bl % L;
     const float* c = cos + angle_row * half;
     const float* s = sin + angle_row * half;
@@ -35,7 +33,7 @@ void loom_rope(const float* x, const float* cos, const float* sin, float* out, i
         _mm512_mask_storeu_ps(o2 + i, m, _mm512_fmadd_ps(a, sv, _mm512_mul_ps(b, cv)));
       }
     }
-  }
+  });
 }
 
 }  // extern "C"

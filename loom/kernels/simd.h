@@ -1,8 +1,11 @@
-// Vector helpers shared by loom's CPU kernels (AVX-512).
+// Vector helpers and the parallel loop shared by loom's CPU kernels (AVX-512, OpenMP).
 #pragma once
 
 #include <immintrin.h>
+#include <omp.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <limits>
 
 namespace loom_simd {
@@ -38,5 +41,16 @@ inline __mmask16 lanes_below(int n) {
 
 // Lanes whose index is at least n (n clipped to [0, 16]).
 inline __mmask16 lanes_from(int n) { return static_cast<__mmask16>(~lanes_below(n)); }
+
+// Runs body(i, thread) for i in [0, n) on up to `threads` threads of the OpenMP pool, in static
+// contiguous blocks, so that what a thread sums (its slot `thread` < threads) is the same from
+// run to run. Loaded after torch, the library binds to torch's own libgomp (same soname): the
+// kernels share PyTorch's threads instead of competing with them.
+template <class F>
+inline void parallel_for(int64_t n, int threads, F&& body) {
+  const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+#pragma omp parallel for num_threads(used) schedule(static)
+  for (int64_t i = 0; i < n; ++i) body(i, omp_get_thread_num());
+}
 
 }  // namespace loom_simd
