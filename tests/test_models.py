@@ -464,3 +464,31 @@ def test_attention_interface_uses_loom_kernel_and_falls_back(monkeypatch):
     theirs, _ = attention.attention_forward(q, k, v, True, 32**-0.5)
     assert calls[-1] == "aten"
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
+    """One fp32 CPU forward + backward of the model calls each of loom's CPU kernels (where the
+    library is available; none where it is not). Value tests alone would pass on PyTorch's ops."""
+    from loom.kernels import cpu_attention, cpu_kernels, library
+
+    called = set()
+
+    class Spy:
+        def __init__(self, lib):
+            self.lib = lib
+
+        def __getattr__(self, name):
+            called.add(name)
+            return getattr(self.lib, name)
+
+    for module in (cpu_attention, cpu_kernels):
+        real = module._lib
+        monkeypatch.setattr(module, "_lib", lambda real=real: Spy(real()))
+    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=256)
+    model = materialize(cfg, torch.device("cpu"), seed=0)
+    tokens = torch.randint(0, 256, (2, 65))
+    model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+    kernels = {"loom_attention_forward", "loom_attention_backward", "loom_rms_norm_forward",
+               "loom_rms_norm_backward", "loom_swiglu_forward", "loom_swiglu_backward", "loom_rope",
+               "loom_softmax_cross_entropy"}
+    assert called == (kernels if library.available() else set())

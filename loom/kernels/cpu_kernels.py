@@ -53,9 +53,13 @@ def softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, ignore_in
     return losses
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_fp32(*tensors: torch.Tensor) -> bool:
-    # type() is Tensor: a DTensor (tensor parallelism) keeps PyTorch's ops.
-    return (all(type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
+    # A plain tensor or parameter: a DTensor (tensor parallelism; FSDP's sharded parameters)
+    # keeps PyTorch's ops.
+    return (all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.dtype == torch.float32
                 and t.is_contiguous() for t in tensors)
             and not torch.compiler.is_compiling() and library.available())
 
