@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -98,18 +99,53 @@ struct Strides {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// dst[d][c] = scale * src[c * stride + d] for c < rows, 0 for rows <= c < 64: 64 rows of D floats
+// at any row stride, transposed into a [D][64] tile, 16 rows per gather. (Scalar transposes
+// were ~8% of the backward.)
+template <int D>
+void pack_transposed(const float* src, int64_t stride, int rows, float scale, float* dst) {
+  static_assert(BQ == 64 && BK == 64, "tiles are 4 vectors wide");
+  const __m512 sv = _mm512_set1_ps(scale);
+  if (stride > INT32_MAX / 64) {  // offsets would not fit the gather's 32-bit indices
+    for (int d = 0; d < D; ++d)
+      for (int c = 0; c < 64; ++c) dst[d * 64 + c] = c < rows ? scale * src[c * stride + d] : 0.0f;
+    return;
+  }
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int g = 0; g < 4; ++g) {
+    const __mmask16 ok = lanes_below(rows - 16 * g);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * g)),
+                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    for (int d = 0; d < D; ++d) {
+      const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok, idx, src + d, 4);
+      _mm512_storeu_ps(dst + d * 64 + 16 * g, _mm512_mul_ps(sv, x));
+    }
+  }
+}
+
+// dst[j][:] = src[j * stride][:] for j < L. Rows a head stride apart cross a page every few rows,
+// where the hardware prefetchers stop: fetch 16 rows ahead by hand (the copies were bound by
+// memory latency).
+template <int D>
+void copy_rows(const float* src, int64_t stride, int L, float* dst) {
+  for (int j = 0; j < L; ++j) {
+    if (j + 16 < L)
+      for (int d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(src + (j + 16) * stride + d), _MM_HINT_T0);
+    std::memcpy(dst + j * D, src + j * stride, sizeof(float) * D);
+  }
+}
+
 // Packs one head of k ([L][D] at row stride ks) for the kernels: Kc [L][D] contiguous, and KT in
 // tiles of BK keys, KT[t][d][c] = k[t * BK + c][d] (zero past L). Contiguous tiles matter: rows of
 // a plain [D][L] transpose sit a multiple of 4 KiB apart and thrash the same L1 sets.
 template <int D>
 void pack_head(const float* k, int64_t ks, int L, float* Kc, float* KT) {
-  for (int j = 0; j < L; ++j) std::memcpy(Kc + j * D, k + j * ks, sizeof(float) * D);
-  const int tiles = (L + BK - 1) / BK;
-  std::memset(KT, 0, sizeof(float) * tiles * BK * D);
-  for (int j = 0; j < L; ++j)
-    for (int d = 0; d < D; ++d) KT[(j / BK) * BK * D + d * BK + j % BK] = k[j * ks + d];
+  copy_rows<D>(k, ks, L, Kc);
+  for (int j0 = 0; j0 < L; j0 += BK) pack_transposed<D>(Kc + j0 * D, D, std::min(BK, L - j0), 1.0f, KT + j0 * D);
 }
 
+// Scores are kept in log2 units (q is scaled by scale * log2(e) when packed), so that the
+// softmax takes 2^x, which is cheaper than e^x; the log-sum-exp is returned in natural units.
 template <int D>
 void forward(const float* q, Strides qs, const float* k, Strides ks, const float* v, Strides vs,
              float* o, Strides os, float* lse, Strides ls, int B, int Hq, int Hkv, int Lq, int Lk,
@@ -133,16 +169,15 @@ void forward(const float* q, Strides qs, const float* k, Strides ks, const float
     const float* vh = v + b * vs.b + hk * vs.h;
     float* oh = o + b * os.b + h * os.h;
     float* lh = lse + b * ls.b + h * ls.h;
-    for (int j = 0; j < Lk; ++j) {
-      std::memcpy(Kc.data() + j * D, kh + j * ks.l, sizeof(float) * D);
-      std::memcpy(Vc.data() + j * D, vh + j * vs.l, sizeof(float) * D);
-    }
+    copy_rows<D>(kh, ks.l, Lk, Kc.data());
+    copy_rows<D>(vh, vs.l, Lk, Vc.data());
     for (int i0 = 0; i0 < Lq; i0 += BQ) {
       const int rows = std::min(BQ, Lq - i0);
-      // QT[d][r] = scale * q[i0 + r][d], zero for r >= rows.
-      std::fill(QT.begin(), QT.end(), 0.0f);
-      for (int r = 0; r < rows; ++r)
-        for (int d = 0; d < D; ++d) QT[d * BQ + r] = qh[(i0 + r) * qs.l + d] * scale;
+      // QT[d][r] = scale * log2(e) * q[i0 + r][d], zero for r >= rows.
+      pack_transposed<D>(qh + i0 * qs.l, qs.l, rows, scale * LOG2E, QT.data());
+      // The next tile's rows are far apart (a row per head stride): fetch them while this one runs.
+      for (int r = 0; r < std::min(BQ, Lq - i0 - BQ); ++r)
+        for (int d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(qh + (i0 + BQ + r) * qs.l + d), _MM_HINT_T0);
       __m512 m[4], l[4];
       __mmask16 row_ok[4];
       for (int g = 0; g < 4; ++g) {
@@ -155,32 +190,40 @@ void forward(const float* q, Strides qs, const float* k, Strides ks, const float
       for (int j0 = 0; j0 < kend; j0 += BK) {
         const int cols = std::min(BK, kend - j0);
         tile_abt<D>(Kc.data() + j0 * D, QT.data(), BQ, ST.data(), cols);
-        // Key c is visible to row r when r < rows and (not causal or i0 + r >= j0 + c).
-        const bool all_before = !causal || j0 + cols - 1 <= i0;
-        auto visible = [&](int c, int g) -> __mmask16 {
-          return all_before ? row_ok[g] : static_cast<__mmask16>(row_ok[g] & lanes_from(j0 + c - i0 - 16 * g));
-        };
-        __m512 mx[4] = {m[0], m[1], m[2], m[3]};
-        for (int c = 0; c < cols; ++c)
-          for (int g = 0; g < 4; ++g)
-            mx[g] = _mm512_mask_max_ps(mx[g], visible(c, g), mx[g], _mm512_loadu_ps(ST.data() + c * BQ + 16 * g));
-        __m512 base[4];
-        for (int g = 0; g < 4; ++g) {
-          // Rows that have seen nothing yet keep -inf; subtract 0 there instead of -inf.
-          const __mmask16 seen = _mm512_cmp_ps_mask(mx[g], _mm512_set1_ps(NEG_INF), _CMP_NEQ_OQ);
-          base[g] = _mm512_maskz_mov_ps(seen, mx[g]);
-          const __m512 a = exp512(_mm512_sub_ps(m[g], base[g]));
-          _mm512_storeu_ps(alpha.data() + 16 * g, a);
-          l[g] = _mm512_mul_ps(l[g], a);
-          m[g] = mx[g];
-        }
-        for (int c = 0; c < cols; ++c)
+        // Key c is visible to row r when r < rows and (not causal or i0 + r >= j0 + c). Tiles
+        // wholly visible (all but the diagonal and the last) skip the masks.
+        auto softmax_tile = [&](auto masked) {
+          constexpr bool kMasked = decltype(masked)::value;
+          auto visible = [&](int c, int g) -> __mmask16 {
+            if (!kMasked) return 0xFFFF;
+            return causal ? static_cast<__mmask16>(row_ok[g] & lanes_from(j0 + c - i0 - 16 * g)) : row_ok[g];
+          };
+          __m512 mx[4] = {m[0], m[1], m[2], m[3]};
+          for (int c = 0; c < cols; ++c)
+            for (int g = 0; g < 4; ++g)
+              mx[g] = _mm512_mask_max_ps(mx[g], visible(c, g), mx[g], _mm512_loadu_ps(ST.data() + c * BQ + 16 * g));
+          __m512 base[4];
           for (int g = 0; g < 4; ++g) {
-            float* s = ST.data() + c * BQ + 16 * g;
-            const __m512 p = _mm512_maskz_mov_ps(visible(c, g), exp512(_mm512_sub_ps(_mm512_loadu_ps(s), base[g])));
-            _mm512_storeu_ps(s, p);
-            l[g] = _mm512_add_ps(l[g], p);
+            // Rows that have seen nothing yet keep -inf; subtract 0 there instead of -inf.
+            const __mmask16 seen = _mm512_cmp_ps_mask(mx[g], _mm512_set1_ps(NEG_INF), _CMP_NEQ_OQ);
+            base[g] = _mm512_maskz_mov_ps(seen, mx[g]);
+            const __m512 a = exp2_512(_mm512_sub_ps(m[g], base[g]));
+            _mm512_storeu_ps(alpha.data() + 16 * g, a);
+            l[g] = _mm512_mul_ps(l[g], a);
+            m[g] = mx[g];
           }
+          for (int c = 0; c < cols; ++c)
+            for (int g = 0; g < 4; ++g) {
+              float* s = ST.data() + c * BQ + 16 * g;
+              __m512 p = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(s), base[g]));
+              if (kMasked) p = _mm512_maskz_mov_ps(visible(c, g), p);
+              _mm512_storeu_ps(s, p);
+              l[g] = _mm512_add_ps(l[g], p);
+            }
+        };
+        const bool whole = rows == BQ && (!causal || j0 + cols - 1 <= i0);
+        if (whole) softmax_tile(std::false_type{});
+        else softmax_tile(std::true_type{});
         for (int r = 0; r < rows; ++r)
           if (alpha[r] != 1.0f) {
             const __m512 av = _mm512_set1_ps(alpha[r]);
@@ -200,7 +243,7 @@ void forward(const float* q, Strides qs, const float* k, Strides ks, const float
           const __m512 inv = _mm512_set1_ps(1.0f / l_out[r]);
           for (int d = 0; d < D; d += 16)
             _mm512_storeu_ps(out + d, _mm512_mul_ps(inv, _mm512_loadu_ps(acc.data() + r * D + d)));
-          lh[(i0 + r) * ls.l] = m_out[r] + std::log(l_out[r]);
+          lh[(i0 + r) * ls.l] = m_out[r] * LN2 + std::log(l_out[r]);
         } else {  // a row that sees no key
           std::memset(out, 0, sizeof(float) * D);
           lh[(i0 + r) * ls.l] = NEG_INF;
@@ -238,21 +281,27 @@ void backward(const float* dout, Strides gs, const float* q, Strides qs, const f
     std::fill(dV.begin(), dV.end(), 0.0f);
     pack_head<D>(kh, ks.l, Lk, Kc.data(), KT.data());
     pack_head<D>(vh, vs.l, Lk, Vc.data(), VT.data());
+    // Scores in log2 units, as in the forward: Qs = scale * log2(e) * q, P = 2^(S - lse log2(e)).
+    const __m512 qscale = _mm512_set1_ps(scale * LOG2E);
     for (int h = hk * rep; h < (hk + 1) * rep; ++h) {
       const float* qh = q + b * qs.b + h * qs.h;
       const float* gh = dout + b * gs.b + h * gs.h;
       const float* oh = o + b * os.b + h * os.h;
       const float* lh = lse + b * ls.b + h * ls.h;
       for (int i = 0; i < Lq; ++i) {
+        if (i + 16 < Lq)  // rows a head stride apart: see copy_rows
+          for (int d = 0; d < D; d += 16)
+            for (const float* t : {gh + (i + 16) * gs.l, qh + (i + 16) * qs.l, oh + (i + 16) * os.l})
+              _mm_prefetch(reinterpret_cast<const char*>(t + d), _MM_HINT_T0);
         __m512 dot = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 16) {
           const __m512 g = _mm512_loadu_ps(gh + i * gs.l + d);
           _mm512_storeu_ps(G.data() + i * D + d, g);
-          _mm512_storeu_ps(Qs.data() + i * D + d, _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(qh + i * qs.l + d)));
+          _mm512_storeu_ps(Qs.data() + i * D + d, _mm512_mul_ps(qscale, _mm512_loadu_ps(qh + i * qs.l + d)));
           dot = _mm512_fmadd_ps(g, _mm512_loadu_ps(oh + i * os.l + d), dot);
         }
         Dr[i] = _mm512_reduce_add_ps(dot);
-        L[i] = lh[i * ls.l];
+        L[i] = lh[i * ls.l] * LOG2E;
       }
       std::fill(dQ.begin(), dQ.end(), 0.0f);
       for (int j0 = 0; j0 < Lk; j0 += BK) {
@@ -262,25 +311,32 @@ void backward(const float* dout, Strides gs, const float* q, Strides qs, const f
           const int rows = std::min(BQ, Lq - i0);
           tile_abt<D>(Qs.data() + i0 * D, KT.data() + j0 * D, BK, S.data(), rows);
           tile_abt<D>(G.data() + i0 * D, VT.data() + j0 * D, BK, dP.data(), rows);
-          for (int r = 0; r < rows; ++r) {
-            float* s = S.data() + r * BK;
-            float* dp = dP.data() + r * BK;
-            const int visible = causal ? std::min(cols, i0 + r - j0 + 1) : cols;
-            const float lse_r = L[i0 + r];
-            if (visible <= 0 || lse_r == NEG_INF) {
-              std::memset(s, 0, sizeof(float) * BK);
-              std::memset(dp, 0, sizeof(float) * BK);
-              continue;
+          // P = 2^(S - lse) where visible, 0 elsewhere; dS = P * (dP - D_r). Whole tiles (all but
+          // the diagonal and the edges) skip the masks.
+          auto softmax_rows = [&](auto masked) {
+            constexpr bool kMasked = decltype(masked)::value;
+            for (int r = 0; r < rows; ++r) {
+              float* s = S.data() + r * BK;
+              float* dp = dP.data() + r * BK;
+              const int visible = !kMasked ? BK : causal ? std::min(cols, i0 + r - j0 + 1) : cols;
+              const float lse_r = L[i0 + r];
+              if (visible <= 0 || lse_r == NEG_INF) {
+                std::memset(s, 0, sizeof(float) * BK);
+                std::memset(dp, 0, sizeof(float) * BK);
+                continue;
+              }
+              const __m512 lv = _mm512_set1_ps(lse_r), dv_r = _mm512_set1_ps(Dr[i0 + r]);
+              for (int v4 = 0; v4 < 4; ++v4) {
+                __m512 p = exp2_512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v4), lv));
+                if (kMasked) p = _mm512_maskz_mov_ps(lanes_below(visible - 16 * v4), p);
+                _mm512_storeu_ps(s + 16 * v4, p);
+                _mm512_storeu_ps(dp + 16 * v4, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + 16 * v4), dv_r)));
+              }
             }
-            const __m512 lv = _mm512_set1_ps(lse_r), dv_r = _mm512_set1_ps(Dr[i0 + r]);
-            for (int v4 = 0; v4 < 4; ++v4) {
-              const __mmask16 mk = lanes_below(visible - 16 * v4);
-              const __m512 p = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v4), lv)));
-              _mm512_storeu_ps(s + 16 * v4, p);
-              _mm512_storeu_ps(dp + 16 * v4, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + 16 * v4), dv_r)));
-            }
-          }
-          // dV_j += P^T dO_i ; dK_j += dS^T (scale Q_i) ; dQ_i += dS K_j (scaled at the end)
+          };
+          if (rows == BQ && cols == BK && (!causal || i0 >= j0 + BK)) softmax_rows(std::false_type{});
+          else softmax_rows(std::true_type{});
+          // dV_j += P^T dO_i ; dK_j += dS^T Qs_i ; dQ_i += dS K_j (dK and dQ scaled at the end)
           tile_acc<D>(S.data(), 1, BK, G.data() + i0 * D, D, dV.data() + j0 * D, D, cols, rows);
           tile_acc<D>(dP.data(), 1, BK, Qs.data() + i0 * D, D, dK.data() + j0 * D, D, cols, rows);
           tile_acc<D>(dP.data(), BK, 1, Kc.data() + j0 * D, D, dQ.data() + i0 * D, D, rows, cols);
@@ -292,8 +348,10 @@ void backward(const float* dout, Strides gs, const float* q, Strides qs, const f
         for (int d = 0; d < D; d += 16)
           _mm512_storeu_ps(dqh + i * dqs.l + d, _mm512_mul_ps(sv, _mm512_loadu_ps(dQ.data() + i * D + d)));
     }
+    const __m512 ln2 = _mm512_set1_ps(LN2);  // Qs carried a factor log2(e)
     for (int j = 0; j < Lk; ++j) {
-      std::memcpy(dkh + j * dks.l, dK.data() + j * D, sizeof(float) * D);
+      for (int d = 0; d < D; d += 16)
+        _mm512_storeu_ps(dkh + j * dks.l + d, _mm512_mul_ps(ln2, _mm512_loadu_ps(dK.data() + j * D + d)));
       std::memcpy(dvh + j * dvs.l, dV.data() + j * D, sizeof(float) * D);
     }
   });
