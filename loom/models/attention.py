@@ -353,7 +353,9 @@ class _TiledAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         if covers_all(ctx.tiles, q.shape[2], k.shape[2]):
-            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, True, ctx.scale)
+            if not (dout.stride(-1) == 1 and cpu_attention.supports(q, k, v)):  # loom's kernel takes strides
+                dout = dout.contiguous()
+            dq, dk, dv = attention_backward(dout, q, k, v, out, lse, True, ctx.scale)
             return dq, dk, dv, None, None
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
         tiled_attention_backward_accumulate(dq, dk, dv, dout, q, k, v, out, lse, ctx.tiles, ctx.scale)
