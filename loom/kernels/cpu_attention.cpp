@@ -99,23 +99,17 @@ struct Strides {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// dst[d][c] = scale * src[c * stride + d] for c < rows, 0 for rows <= c < 64: 64 rows of D floats
-// at any row stride, transposed into a [D][64] tile, 16 rows per gather. (Scalar transposes
-// were ~8% of the backward.)
+// dst[d][c] = scale * src[c][d] for c < rows, 0 for rows <= c < 64: 64 contiguous rows of D floats
+// transposed into a [D][64] tile, 16 rows per gather (scalar transposes were ~8% of the
+// backward). src is one of the kernel's own packed copies, so the gathers read L1.
 template <int D>
-void pack_transposed(const float* src, int64_t stride, int rows, float scale, float* dst) {
+void pack_transposed(const float* src, int rows, float scale, float* dst) {
   static_assert(BQ == 64 && BK == 64, "tiles are 4 vectors wide");
   const __m512 sv = _mm512_set1_ps(scale);
-  if (stride > INT32_MAX / 64) {  // offsets would not fit the gather's 32-bit indices
-    for (int d = 0; d < D; ++d)
-      for (int c = 0; c < 64; ++c) dst[d * 64 + c] = c < rows ? scale * src[c * stride + d] : 0.0f;
-    return;
-  }
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int g = 0; g < 4; ++g) {
     const __mmask16 ok = lanes_below(rows - 16 * g);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * g)),
-                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    const __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * g)), _mm512_set1_epi32(D));
     for (int d = 0; d < D; ++d) {
       const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), ok, idx, src + d, 4);
       _mm512_storeu_ps(dst + d * 64 + 16 * g, _mm512_mul_ps(sv, x));
@@ -141,7 +135,7 @@ void copy_rows(const float* src, int64_t stride, int L, float* dst) {
 template <int D>
 void pack_head(const float* k, int64_t ks, int L, float* Kc, float* KT) {
   copy_rows<D>(k, ks, L, Kc);
-  for (int j0 = 0; j0 < L; j0 += BK) pack_transposed<D>(Kc + j0 * D, D, std::min(BK, L - j0), 1.0f, KT + j0 * D);
+  for (int j0 = 0; j0 < L; j0 += BK) pack_transposed<D>(Kc + j0 * D, std::min(BK, L - j0), 1.0f, KT + j0 * D);
 }
 
 // Scores are kept in log2 units (q is scaled by scale * log2(e) when packed), so that the
@@ -155,9 +149,10 @@ void forward(const float* q, Strides qs, const float* k, Strides ks, const float
   // Each task is one query head of one sample; its K and V are packed once.
   parallel_for(B * Hq, threads, [&](int64_t task, int) {
     const int b = task / Hq, h = task % Hq, hk = h / rep;
-    thread_local std::vector<float> Kc, Vc, QT, ST, acc, alpha, m_out, l_out;
+    thread_local std::vector<float> Kc, Vc, Qc, QT, ST, acc, alpha, m_out, l_out;
     Kc.resize(static_cast<size_t>(Lk) * D);
     Vc.resize(static_cast<size_t>(Lk) * D);
+    Qc.resize(BQ * D);
     QT.resize(D * BQ);
     ST.resize(BK * BQ);
     acc.resize(BQ * D);
@@ -174,7 +169,8 @@ void forward(const float* q, Strides qs, const float* k, Strides ks, const float
     for (int i0 = 0; i0 < Lq; i0 += BQ) {
       const int rows = std::min(BQ, Lq - i0);
       // QT[d][r] = scale * log2(e) * q[i0 + r][d], zero for r >= rows.
-      pack_transposed<D>(qh + i0 * qs.l, qs.l, rows, scale * LOG2E, QT.data());
+      copy_rows<D>(qh + i0 * qs.l, qs.l, rows, Qc.data());
+      pack_transposed<D>(Qc.data(), rows, scale * LOG2E, QT.data());
       // The next tile's rows are far apart (a row per head stride): fetch them while this one runs.
       for (int r = 0; r < std::min(BQ, Lq - i0 - BQ); ++r)
         for (int d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(qh + (i0 + BQ + r) * qs.l + d), _MM_HINT_T0);
