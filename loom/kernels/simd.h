@@ -33,7 +33,7 @@ inline __m512 exp512(__m512 x) {
 }
 
 // 2^x for a vector: x = n + r with |r| <= 1/2, 2^r by a degree-6 polynomial fitted for relative
-// error (< 2e-9 before rounding; ~1e-7 after fp32 evaluation), times 2^n. Four operations fewer
+// error (< 2e-9 before rounding; ~1e-7 after fp32 evaluation), times 2^n. Three operations fewer
 // than exp512: attention keeps its scores in log2 units so that it can call this directly.
 // -inf and anything below -150 give exactly 0.
 inline __m512 exp2_512(__m512 x) {
