@@ -129,6 +129,16 @@ void copy_rows(const float* src, int64_t stride, int L, float* dst) {
   }
 }
 
+// dst[j * stride][:] = scale * src[j][:] for j < L: the way back from a packed copy to the
+// caller's rows.
+template <int D>
+void store_rows(const float* src, int L, float scale, float* dst, int64_t stride) {
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int j = 0; j < L; ++j)
+    for (int d = 0; d < D; d += 16)
+      _mm512_storeu_ps(dst + j * stride + d, _mm512_mul_ps(sv, _mm512_loadu_ps(src + j * D + d)));
+}
+
 // Packs one head of k ([L][D] at row stride ks) for the kernels: Kc [L][D] contiguous, and KT in
 // tiles of BK keys, KT[t][d][c] = k[t * BK + c][d] (zero past L). Contiguous tiles matter: rows of
 // a plain [D][L] transpose sit a multiple of 4 KiB apart and thrash the same L1 sets.
@@ -338,18 +348,10 @@ void backward(const float* dout, Strides gs, const float* q, Strides qs, const f
           tile_acc<D>(dP.data(), BK, 1, Kc.data() + j0 * D, D, dQ.data() + i0 * D, D, rows, cols);
         }
       }
-      float* dqh = dq + b * dqs.b + h * dqs.h;
-      const __m512 sv = _mm512_set1_ps(scale);
-      for (int i = 0; i < Lq; ++i)
-        for (int d = 0; d < D; d += 16)
-          _mm512_storeu_ps(dqh + i * dqs.l + d, _mm512_mul_ps(sv, _mm512_loadu_ps(dQ.data() + i * D + d)));
+      store_rows<D>(dQ.data(), Lq, scale, dq + b * dqs.b + h * dqs.h, dqs.l);
     }
-    const __m512 ln2 = _mm512_set1_ps(LN2);  // Qs carried a factor log2(e)
-    for (int j = 0; j < Lk; ++j) {
-      for (int d = 0; d < D; d += 16)
-        _mm512_storeu_ps(dkh + j * dks.l + d, _mm512_mul_ps(ln2, _mm512_loadu_ps(dK.data() + j * D + d)));
-      std::memcpy(dvh + j * dvs.l, dV.data() + j * D, sizeof(float) * D);
-    }
+    store_rows<D>(dK.data(), Lk, LN2, dkh, dks.l);  // Qs carried a factor log2(e)
+    store_rows<D>(dV.data(), Lk, 1.0f, dvh, dvs.l);
   });
 }
 

@@ -11,13 +11,15 @@
 namespace loom_simd {
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float LN2 = 0.693147180559945309f;
 
 // exp(x) for a vector: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
 // polynomial (relative error < 1e-8 before rounding), times 2^n. -inf and anything below -104
 // give exactly 0.
 inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
@@ -49,9 +51,6 @@ inline __m512 exp2_512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
-
-constexpr float LOG2E = 1.44269504088896341f;
-constexpr float LN2 = 0.693147180559945309f;
 
 // Lanes [0, n) of a 16-lane vector (n clipped to [0, 16]).
 inline __mmask16 lanes_below(int n) {
