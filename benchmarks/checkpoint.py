@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loom.config import load_config, validate  # noqa: E402
 from loom.train.checkpoint import Checkpointer, TrainState  # noqa: E402
-from loom.train.trainer import build_optimizer, materialize  # noqa: E402
+from loom.train.trainer import build_optimizer, init_model  # noqa: E402
 
 
 def _setup(model: str, ck: Path):
     cfg = load_config(None, [f"--model.name={model}", "--parallel.dp_shard=1", "--parallel.pp=1",
                              f"--checkpoint.dir={ck}", "--checkpoint.keep=1"])
     model_cfg = validate(cfg)
-    net = materialize(model_cfg, torch.device("cpu"), 0)
+    net = init_model(model_cfg, torch.device("cpu"), 0)
     opt = build_optimizer(net, cfg.train)
     tokens = torch.randint(0, model_cfg.vocab_size, (1, 65))
     net(tokens[:, :-1], labels=tokens[:, 1:]).backward()
@@ -68,7 +68,7 @@ def bench_io(models: list[str], repeats: int) -> None:
                 blocks.append(time.perf_counter() - t0)
                 asyn.wait()
                 totals.append(time.perf_counter() - t0)
-                fresh_net = materialize(model_cfg, torch.device("cpu"), 1)
+                fresh_net = init_model(model_cfg, torch.device("cpu"), 1)
                 fresh_opt = build_optimizer(fresh_net, cfg.train)
                 loader = Checkpointer(cfg, model_cfg, [fresh_net], [fresh_opt], torch.device("cpu"), layout)
                 t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from loom.models import matmul as matmul_module
 from loom.models.hf import hf_param_name
 from loom.models.llama import LlamaConfig
 from loom.models.matmul import bf16_via_fp32
-from loom.train.trainer import materialize
+from loom.train.trainer import init_model
 
 
 def hf_model(cfg: LlamaConfig, loom_model):
@@ -83,10 +83,10 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
     matmul peak in every block, so that the fraction of peak compares figures taken under the
     same machine load. variants: also loom with PyTorch's own bf16 kernels (where loom would widen
     them); compiled: also loom with compiled blocks."""
-    ours = materialize(cfg, torch.device("cpu"), seed=0)
+    ours = init_model(cfg, torch.device("cpu"), seed=0)
     runners = {"loom": make_step(ours, lambda x, y: ours(x, labels=y), dtype)}
     if variants and dtype == torch.bfloat16 and bf16_via_fp32(torch.device("cpu")):
-        native = materialize(cfg, torch.device("cpu"), seed=0)
+        native = init_model(cfg, torch.device("cpu"), seed=0)
         native_step = make_step(native, lambda x, y: native(x, labels=y), dtype)
 
         def pytorch_bf16_kernels(x, y):
@@ -95,7 +95,7 @@ def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
 
         runners["loom, PyTorch bf16 kernels"] = pytorch_bf16_kernels
     if compiled:
-        comp = materialize(cfg, torch.device("cpu"), seed=0)
+        comp = init_model(cfg, torch.device("cpu"), seed=0)
         for block in comp.layers.values():
             block.compile()
         runners["loom, compiled blocks"] = make_step(comp, lambda x, y: comp(x, labels=y), dtype)

@@ -71,6 +71,10 @@ class ParallelSection:
     cp_comm: str = "p2p"
     cp_load_balance: bool = True
     sequence_parallel: bool = True
+    # FSDP's sharding: 3 frees gathered parameters after each forward and reduce-scatters
+    # gradients every micro-batch; 1 keeps both whole through a step (Megatron's distributed
+    # optimizer). See loom/parallel/fsdp.py.
+    zero: int = 3
 
 
 DTYPES = ("float32", "bfloat16")
@@ -334,6 +338,9 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
     _need(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 (fill) or a positive integer")
     _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     _one_of("parallel.cp_comm", p.cp_comm, CP_COMMS)
+    from loom.parallel.fsdp import ZERO_MODES
+
+    _need(p.zero in ZERO_MODES, f"parallel.zero={p.zero} is not allowed; allowed: {', '.join(map(str, ZERO_MODES))}")
     _need(
         model.n_kv_heads % p.tp == 0,
         f"parallel.tp={p.tp} does not divide model.n_kv_heads={model.n_kv_heads}",

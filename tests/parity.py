@@ -6,6 +6,8 @@ Rank 0 saves {case: {"losses": [...], "grads": {name: full tensor after step 1}}
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import torch
@@ -14,11 +16,34 @@ from loom.config import load_config, validate
 from loom.train.trainer import Trainer
 
 
+@contextlib.contextmanager
+def counting_fsdp_collectives(counts: dict):
+    """Count FSDP2's all-gathers and reduce-scatters (torch.distributed's *_single functions,
+    which FSDP2 calls by module attribute) while the block runs."""
+    import torch.distributed as dist
+
+    originals = {name: getattr(dist, name, None) for name in ("all_gather_single", "reduce_scatter_single")}
+    for name, fn in originals.items():
+        if fn is not None:
+            def counted(*args, _fn=fn, _name=name, **kwargs):
+                counts[_name] = counts.get(_name, 0) + 1
+                return _fn(*args, **kwargs)
+            setattr(dist, name, counted)
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            if fn is not None:
+                setattr(dist, name, fn)
+
+
 def run_case(overrides: list[str], steps: int) -> dict:
     cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, validate(cfg, world_size=None if "WORLD_SIZE" not in __import__("os").environ
-                                    else int(__import__("os").environ["WORLD_SIZE"])), progress=False)
-    loss = trainer.forward_backward(trainer.micro_batches(0))
+    world = os.environ.get("WORLD_SIZE")
+    trainer = Trainer(cfg, validate(cfg, world_size=int(world) if world else None), progress=False)
+    collectives: dict[str, int] = {}
+    with counting_fsdp_collectives(collectives):  # one step's worth, per rank
+        loss = trainer.forward_backward(trainer.micro_batches(0))
     grads = {}
     for name, p in trainer.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
@@ -33,7 +58,7 @@ def run_case(overrides: list[str], steps: int) -> dict:
     trainer.optimizer_step(cfg.train.lr)
     for step in range(1, steps):
         losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
-    return {"losses": losses, "grads": grads, "trainer": trainer}
+    return {"losses": losses, "grads": grads, "collectives": collectives, "trainer": trainer}
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "dp_shard2": ["--parallel.dp_shard=2"],
         "dp_replicate2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=1"],
         "dp_shard2_bf16": ["--parallel.dp_shard=2", "--train.dtype=bfloat16"],
+        "dp_shard2_zero1": ["--parallel.dp_shard=2", "--parallel.zero=1"],
         "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"],
         "tp2_no_sp": ["--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.sequence_parallel=false"],
         "tp2_bf16_selective": ["--parallel.tp=2", "--parallel.dp_shard=1", "--train.dtype=bfloat16",
@@ -65,6 +66,9 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "dp_replicate2_dp_shard2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"],
         "dp_shard4": ["--parallel.dp_shard=4", "--train.micro_batch=1"],
         "dp_shard2_tp2": ["--parallel.dp_shard=2", "--parallel.tp=2"],
+        "dp_shard2_tp2_zero1": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.zero=1"],
+        "dp_shard2_pp2_zero1": ["--parallel.dp_shard=2", "--parallel.pp=2", "--parallel.zero=1"],
+        "cp2_dp_shard2_zero1": ["--parallel.dp_shard=2", "--parallel.cp=2", "--parallel.zero=1"],
         "dp_shard2_tp2_full_recompute": ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.recompute=full"],
         "tp4": ["--parallel.dp_shard=1", "--parallel.tp=4"],
         "dp_shard2_pp2_full_recompute": ["--parallel.dp_shard=2", "--parallel.pp=2", "--train.recompute=full"],
@@ -124,6 +128,21 @@ def test_parallel_layouts_match_single_process(world, dataset, reference, tmp_pa
         assert got["grads"].keys() == ref["grads"].keys()
         for pname, g in got["grads"].items():
             assert_rel_close(g, ref["grads"][pname], rel), (name, pname)
+    check_zero_collectives(results)
+
+
+def check_zero_collectives(results: dict) -> None:
+    """parallel.zero's communication pattern, counted on rank 0 over one step of 2 micro-batches
+    with 6 FSDP units (embedding, 4 blocks, norm + output): zero=3 gathers every unit for each
+    forward and (all but the last unit) again for its backward, and reduce-scatters every unit
+    after every micro-batch; zero=1 gathers and reduce-scatters each unit once per step."""
+    units, micro = 6, 2
+    zero3 = {"all_gather_single": micro * (2 * units - 1), "reduce_scatter_single": micro * units}
+    zero1 = {"all_gather_single": units, "reduce_scatter_single": units}
+    for zero3_case in ("dp_shard2", "cp2_dp_shard2"):
+        if zero3_case in results:
+            assert results[zero3_case]["collectives"] == zero3, (zero3_case, results[zero3_case]["collectives"])
+            assert results[f"{zero3_case}_zero1"]["collectives"] == zero1, results[f"{zero3_case}_zero1"]["collectives"]
 
 
 def test_nproc_launches_torchrun_and_rank0_reports(dataset, tmp_path):

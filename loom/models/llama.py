@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.models.attention import CoreAttention, document_starts
+from loom.models.init import InitSpec, fill_region
 from loom.models.loss import linear_cross_entropy
 from loom.kernels import cpu_kernels
 from loom.models.matmul import Linear
@@ -175,9 +176,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -206,11 +204,6 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc_starts)
         return self.wo(out.transpose(1, 2).reshape(b, l, -1))
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        for w in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(w.weight, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -245,11 +238,6 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for w in (self.w1, self.w3):
-            nn.init.trunc_normal_(w.weight, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -264,11 +252,17 @@ class TransformerBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), rope, doc_starts=doc_starts)
         return x + self.feed_forward(self.ffn_norm(x))
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attention.init_weights(std, out_std)
-        self.feed_forward.init_weights(std, out_std)
+
+class OutputLayer(Linear):
+    """The output projection [V, D], and with labels the loss: h [B, L, D] -> logits [B, L, V],
+    or with labels [B, L] the mean cross-entropy, fused and chunked so that the logits are never
+    materialized (see loom.models.loss). One module for both, so that whoever shards the
+    output layer (tensor parallelism over the vocabulary, FSDP) also shards the loss."""
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels)
 
 
 class Transformer(nn.Module):
@@ -282,7 +276,7 @@ class Transformer(nn.Module):
         # parameter names (and so checkpoints) of the full model.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size)
+        self.output = OutputLayer(cfg.dim, cfg.vocab_size)
 
     def forward(
         self,
@@ -299,7 +293,7 @@ class Transformer(nn.Module):
         Without labels: logits [B, L, V]. With labels [B, L]: the mean cross-entropy, computed
         by the fused, chunked output layer so that the logits are never materialized.
         A pipeline stage lacks some parts (set to None): without the embedding it takes hidden
-        states [B, L, D]; without the output layer it returns them.
+        states [B, L, D]; without the output layer it returns them (and ignores labels).
         """
         rope = rope_cos_sin(self.cfg, positions) if positions is not None else None
         # Once per forward, not per layer: every layer masks alike (and on GPUs reading the
@@ -310,30 +304,30 @@ class Transformer(nn.Module):
             h = layer(h, rope, doc_starts)
         if self.output is None:
             return h
-        h = self.norm(h)
-        if labels is None:
-            return self.output(h)
-        return linear_cross_entropy(h, self.output.weight, labels)
+        return self.output(self.norm(h), labels)
+
+    def init_spec(self, name: str, std: float = 0.02) -> InitSpec:
+        """How parameter `name` (a full-model name) starts. Norm gains are ones; matrices are
+        normal (embedding) or truncated normal; the output projections of each block are scaled
+        by 1/sqrt(2 * n_layers) (GPT-2 / Megatron), so the residual stream does not grow with
+        depth; the output layer has std dim^-1/2."""
+        if name.endswith("norm.weight"):
+            return InitSpec("ones")
+        if name == "tok_embeddings.weight":
+            return InitSpec("normal", std)
+        if name == "output.weight":
+            return InitSpec("trunc_normal", self.cfg.dim ** -0.5)
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            return InitSpec("trunc_normal", std / math.sqrt(2 * self.cfg.n_layers))
+        return InitSpec("trunc_normal", std)
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
-        """Initialize every parameter from `seed`, independently of where the model lives.
-
-        Output projections of each block are scaled by 1/sqrt(2 * n_layers) (GPT-2 / Megatron),
-        so the residual stream does not grow with depth.
-        """
-        cuda = sorted({p.device.index or 0 for p in self.parameters() if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            out_std = std / math.sqrt(2 * self.cfg.n_layers)
-            nn.init.normal_(self.tok_embeddings.weight, std=std)
-            for layer in self.layers.values():
-                layer.init_weights(std, out_std)
-            self.norm.init_weights()
-            final_std = self.cfg.dim**-0.5
-            nn.init.trunc_normal_(
-                self.output.weight, std=final_std, a=-3 * final_std, b=3 * final_std
-            )
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every parameter of this (unsharded) model from `seed`. The values are a
+        pure function of (seed, parameter name, element index) (see loom.models.init), so a
+        sharded model initialized shard by shard (loom.parallel.init) holds the same bits."""
+        for name, param in self.named_parameters():
+            fill_region(param, name, tuple(param.shape), (0,) * param.ndim, self.init_spec(name), seed)
 
 
 def build_model(cfg: LlamaConfig, device: torch.device | str = "meta") -> Transformer:

@@ -16,8 +16,9 @@ from loom.models.matmul import matmul
 IGNORE_INDEX = -100
 
 
-def _chunk_tokens(n: int, vocab: int, device: torch.device) -> int:
-    """Tokens per chunk: logits of about 8 MiB (fp32) on CPU, 1 GiB on GPUs; at least 64."""
+def chunk_tokens(n: int, vocab: int, device: torch.device) -> int:
+    """Tokens per chunk of n against a vocabulary (or vocabulary shard) of `vocab`: logits of
+    about 8 MiB (fp32) on CPU, 1 GiB on GPUs; at least 64."""
     budget = 2**21 if device.type == "cpu" else 2**28
     return max(64, min(n, budget // vocab))
 
@@ -43,6 +44,17 @@ def _softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, grad_sca
     return losses
 
 
+def take_saved_grads(ctx) -> tuple:
+    """The gradients a fused loss computed in forward, for its backward. Dropped from ctx
+    (so they do not outlive the backward) unless the graph is retained: zero-bubble pipeline
+    schedules run backward twice over it, once for the inputs and once for the weights."""
+    grads = ctx.grads
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
+    if not keep:
+        del ctx.grads
+    return grads
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, compute_dtype):
@@ -58,7 +70,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_grads else None
         grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = _chunk_tokens(n, weight.shape[0], hidden.device)
+        step = chunk_tokens(n, weight.shape[0], hidden.device)
         for start in range(0, n, step):
             end = min(n, start + step)
             hc = h[start:end]
@@ -79,14 +91,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.grads
-        del ctx.grads
+        grad_h, grad_w = take_saved_grads(ctx)
         if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
             grad_w = grad_w * grad_loss
         gh = grad_h if ctx.needs_input_grad[0] else None
         gw = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None
+
+
+def compute_dtype_of(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype an nn.Linear would compute in here: autocast's, else the input's."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,6 +113,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     Under autocast the matmuls run in the autocast dtype, as an nn.Linear would.
     """
     dev = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    compute_dtype = compute_dtype_of(hidden)
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), compute_dtype)

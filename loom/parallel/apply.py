@@ -1,14 +1,20 @@
-"""Apply a layout to a materialized model, in loom's fixed order:
-pipeline split, then context parallelism, tensor parallelism, recomputation, and FSDP on each
-stage."""
+"""Apply a layout to a model built on the meta device, in loom's fixed order: pipeline split,
+then context parallelism, tensor parallelism, recomputation, and FSDP on each stage; then
+allocate this rank's shards and initialize them.
+
+Nothing here allocates a whole parameter: the split and the sharding happen on meta, and
+`materialize` allocates and initializes only the local shards (loom.parallel.init), with the
+values one process would have.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from loom.parallel.context import apply_context_parallel
-from loom.parallel.data import apply_data_parallel
 from loom.parallel.dims import LayoutMesh, ParallelDims
+from loom.parallel.fsdp import apply_fsdp
+from loom.parallel.init import init_local_shards
 from loom.parallel.pipeline import local_stage_ids, stage_module
 from loom.parallel.tensor import apply_tensor_parallel
 from loom.train.recompute import apply_recompute
@@ -18,7 +24,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
                 recompute: str, param_dtype: torch.dtype) -> tuple[list[nn.Module], list[int]]:
     """Returns (modules, stage ids): the pipeline stages this rank holds, or ([model], [0]).
 
-    `parallel` is the config's [parallel] section; mesh is None for a single process.
+    `model` should be on the meta device; `parallel` is the config's [parallel] section; mesh is
+    None for a single process.
     """
     if mesh is not None and dims.pp > 1:
         n_stages = dims.pp * parallel.pp_virtual_stages
@@ -33,5 +40,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
         apply_recompute(list(module.layers.values()), recompute)
         if mesh is not None and dims.dp * dims.cp > 1:
-            apply_data_parallel(module, dims, mesh, param_dtype)
+            apply_fsdp(module, dims, mesh, param_dtype, parallel.zero)
     return modules, stage_ids
+
+
+def materialize(modules: list[nn.Module], device: torch.device, seed: int, spec_of) -> None:
+    """Allocate each module's local shards on `device` and initialize them from `seed`
+    (spec_of(name) -> InitSpec, the model's `init_spec`)."""
+    for module in modules:
+        module.to_empty(device=device)
+        init_local_shards(module, spec_of, seed)

@@ -35,7 +35,11 @@ def stage_layers(n_layers: int, n_stages: int) -> list[list[int]]:
 
 
 def stage_module(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
-    """A copy of `model` keeping only stage `stage`'s parts."""
+    """A copy of `model` (on the meta device: the copy holds no weights) keeping only stage
+    `stage`'s parts."""
+    if any(not p.is_meta for p in model.parameters()):
+        raise ValueError("stage_module splits a model built on the meta device (a materialized model "
+                         "would be copied whole)")
     keep = {str(i) for i in stage_layers(len(model.layers), n_stages)[stage]}
     module = copy.deepcopy(model)
     for name in list(module.layers.keys()):

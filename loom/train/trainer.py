@@ -17,7 +17,8 @@ from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.attention import document_positions
 from loom.models.llama import LlamaConfig, Transformer, build_model
-from loom.parallel.apply import parallelize
+from loom.parallel.apply import materialize, parallelize
+from loom.parallel.fsdp import set_micro_batch
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.checkpoint import Checkpointer, TrainState
@@ -77,10 +78,10 @@ def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
     return total
 
 
-def _logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean fp32 cross-entropy of logits [B, L, V] (vocabulary-sharded under tensor parallelism,
-    where the fused output-layer loss cannot run) against labels [B, L]."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The pipeline schedule's loss function: the last stage already returns its micro-batch's
+    mean loss (the fused output layer gets the labels as a keyword input, like the positions)."""
+    return output
 
 
 def _local_shard(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def materialize(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Transformer:
+def init_model(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Transformer:
+    """A whole model on one device, initialized from `seed` (tests, benchmarks, one process)."""
     model = build_model(model_cfg, "meta")
     model.to_empty(device=device)
     model.init_weights(seed=seed)
@@ -132,14 +134,15 @@ class Trainer:
         else:
             self.kernels = "PyTorch CUDA ops (SDPA flash / memory-efficient attention)"
         torch.manual_seed(t.seed)
-        # Every rank initializes the full model from the seed before sharding, so each layout
-        # starts from exactly the single-process weights.
-        self.model = materialize(model_cfg, self.device, t.seed)
+        # Built and laid out on meta; each rank then allocates and initializes only its shards,
+        # with the values of one process (loom.parallel.init), so every layout starts alike.
+        self.model = build_model(model_cfg, "meta")
         self.pp = self.mesh is not None and self.dims.pp > 1
         self.tp = self.mesh is not None and self.dims.tp > 1
         self.cp = self.dims.cp if self.mesh is not None else 1
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
+        materialize(modules, self.device, t.seed, self.model.init_spec)
         if self.pp:
             from loom.parallel.pipeline import build_schedule
 
@@ -148,7 +151,7 @@ class Trainer:
             n_micro = t.global_batch // self.dims.dp // t.micro_batch
             self.pp_schedule = build_schedule(
                 modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(), self.device,
-                p.pp_schedule, n_micro, _logits_loss,
+                p.pp_schedule, n_micro, _stage_loss,
             )
         if t.compile:
             for module in modules:
@@ -199,15 +202,6 @@ class Trainer:
         # fp32 master weights and optimizer; matmuls and attention in bf16 (see README).
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def loss_context(self):
-        """Under tensor parallelism the logits stay vocabulary-sharded: the loss, and its
-        backward, must run inside `loss_parallel`."""
-        if self.tp:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            return loss_parallel()
-        return contextlib.nullcontext()
-
     def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """This rank's (tokens [B, L], labels [B, L], keyword inputs of the model) of a batch of
         whole sequences [B, S]: under context parallelism L = S / cp, the rank's load-balanced
@@ -232,13 +226,11 @@ class Trainer:
         return inputs, labels, kwargs
 
     def forward_loss(self, batch: Batch) -> torch.Tensor:
-        """Mean loss of a micro-batch (of this rank's tokens). Call inside `loss_context()`."""
+        """Mean loss of a micro-batch (of this rank's tokens), by the fused output layer (the
+        vocabulary-parallel one under tensor parallelism)."""
         inputs, labels, kwargs = self.model_inputs(batch)
         with self.autocast():
-            if not self.tp:
-                return self.model(inputs, labels=labels, **kwargs)  # fused output layer + loss
-            logits = self.model(inputs, **kwargs)  # [B, L, V/tp] sharded DTensor
-        return _logits_loss(logits, labels)
+            return self.model(inputs, labels=labels, **kwargs)
 
     def named_parameters(self):
         """(full-model name, parameter) of this rank's parameters (a pipeline stage keeps the
@@ -255,15 +247,17 @@ class Trainer:
         parts = [self.model_inputs(b) for b in micro_batches]
         inputs = torch.cat([x for x, _, _ in parts])
         labels = torch.cat([y for _, y, _ in parts])
-        # Positions and documents go to every stage (the schedule splits them into micro-batches).
+        # Positions, documents and labels go to every stage (the schedule splits them into
+        # micro-batches); the last stage's fused output layer turns the labels into the loss.
         kwargs = {key: torch.cat([kw[key] for _, _, kw in parts]) for key in parts[0][2]}
+        kwargs["labels"] = labels
         first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
         losses: list[torch.Tensor] = []
         run = self.pp_schedule.step if train else self.pp_schedule.eval
-        with self.loss_context(), self.autocast():
+        with self.autocast():
             args = (inputs,) if first else ()
             if last:
-                run(*args, target=labels, losses=losses, **kwargs)
+                run(*args, target=labels, losses=losses, return_outputs=False, **kwargs)
             else:
                 run(*args, **kwargs)
         if last:
@@ -279,12 +273,11 @@ class Trainer:
             return self._pipeline_run(micro_batches, train=True)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            if self.fsdp:  # reduce gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            with self.loss_context():
-                loss = self.forward_loss(batch) / len(micro_batches)
-                loss.backward()
-            total += _local(loss.detach())
+            if self.fsdp:
+                set_micro_batch(self.model, self.cfg.parallel.zero, last=i == len(micro_batches) - 1)
+            loss = self.forward_loss(batch) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
         return total
 
     def clip_gradients(self) -> float:
@@ -382,8 +375,7 @@ class Trainer:
                 repeats = self.pp_schedule._n_microbatches
                 losses.append(self._pipeline_run([batch] * repeats, train=False).item())
             else:
-                with self.loss_context():
-                    losses.append(_local(self.forward_loss(batch)).item())
+                losses.append(self.forward_loss(batch).item())
             counts.append(len(batch.inputs))
         local = torch.tensor(np.average(losses, weights=counts), dtype=torch.float64, device=self.device)
         # Under context parallelism each rank holds a part of every sequence's tokens.

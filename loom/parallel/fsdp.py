@@ -1,0 +1,81 @@
+"""Data parallelism with FSDP2 (`fully_shard`): parameters, gradients and AdamW states sharded.
+
+Parameters are sharded over the flattened (dp_shard, cp) axis, so context-parallel ranks also
+share the optimizer state and average gradients; with dp_replicate > 1 the mesh is 2-D and FSDP
+replicates across it (HSDP). Gradients are averaged over all of these ranks, which is what the
+loss (a mean over every rank's tokens, all ranks holding equal token counts) asks for.
+
+Units, each gathered and freed on its own: the embedding, every block, and the final norm with
+the output layer; the root holds no parameter of its own. Two sharding modes (parallel.zero):
+- 3 (ZeRO-3, the default): parameters are freed after each unit's forward and gathered again
+  for its backward; gradients are reduce-scattered after every micro-batch, so no unsharded
+  gradient outlives a unit's backward.
+- 1 (Megatron's distributed optimizer): parameters stay gathered, and gradients unsharded
+  (accumulated in fp32), through all micro-batches of a step; one reduce-scatter of the
+  gradients after the last one. More memory, one gather and one reduce-scatter per step.
+Under pipeline parallelism a stage runs many micro-batches between a forward and its backward:
+parameters are never freed after forward (no re-gather per micro-batch), and the pipeline
+schedule itself keeps gradients unsharded until a stage's last backward (torch.distributed.
+pipelining's FSDP integration), so both modes run the zero=1 pattern there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from loom.parallel.dims import LayoutMesh, ParallelDims
+
+ZERO_MODES = (3, 1)
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """The modules FSDP gathers as one, in forward order: embedding, blocks, [norm, output]
+    (whichever this pipeline stage holds)."""
+    units: list = []
+    if model.tok_embeddings is not None:
+        units.append(model.tok_embeddings)
+    units += list(model.layers.values())
+    if model.output is not None:
+        units.append([model.norm, model.output])
+    return units
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dtype: torch.dtype,
+               zero: int) -> nn.Module:
+    """Shard `model` (a whole model or a pipeline stage, on meta or materialized) in place,
+    unit by unit, then the root; returns it.
+
+    param_dtype bf16 gathers parameters in bf16 and reduces gradients in fp32, over fp32 master
+    shards; fp32 leaves everything in fp32.
+    """
+    fsdp_mesh = mesh["hsdp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+    # Inputs are not cast: the residual stream stays fp32 between units, as autocast keeps it
+    # in one process (matmuls run in bf16 either way, under autocast).
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    units = fsdp_units(model)
+    reshard = zero == 3 and dims.pp == 1
+    for i, unit in enumerate(units):
+        # The last unit's parameters are the first needed in backward: never freed in between.
+        fully_shard(unit, mesh=fsdp_mesh, mp_policy=_policy_of(unit, model, policy),
+                    reshard_after_forward=reshard and i < len(units) - 1)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    return model
+
+
+def _policy_of(unit, model: nn.Module, policy: MixedPrecisionPolicy) -> MixedPrecisionPolicy:
+    """The embedding is gathered in fp32: autocast leaves an embedding lookup in fp32, so the
+    residual stream starts in fp32 as in one process (a bf16 embedding would put every residual
+    addition of the model in bf16)."""
+    if unit is model.tok_embeddings:
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+    return policy
+
+
+def set_micro_batch(model: nn.Module, zero: int, last: bool) -> None:
+    """Before each micro-batch's backward outside pipeline schedules: under zero=1 keep
+    parameters gathered and gradients unsharded until the step's last micro-batch."""
+    if zero == 1:
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)

@@ -1,0 +1,142 @@
+"""The output layer and its loss, vocabulary-parallel over the `tp` axis (Megatron's
+vocab-parallel cross-entropy, fused with the output projection and chunked over tokens).
+
+Rank r of tp holds rows [r V/tp, (r+1) V/tp) of the output weight [V, D] and the whole
+sequence of hidden states h [N, D] (gathered from the sequence shards under sequence
+parallelism). For each chunk of tokens it computes its logits [c, V/tp] in fp32 and their
+local max, sum of exponentials and (where it owns the label) the target logit; one all-gather
+of these [3, c] statistics over tp gives every rank the global log-sum-exp and target, hence
+the loss and, at once, the gradient of its logits. So no rank ever holds more than one chunk
+of logits of its vocabulary shard, never the [N, V/tp] logits, let alone the [N, V] ones.
+
+Gradients: the weight's rows are this rank's alone; the hidden states' gradient is a partial
+sum over the vocabulary shards, summed over tp by DTensor in backward (an all-reduce, or a
+reduce-scatter back to the sequence shards under sequence parallelism).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from loom.models.loss import IGNORE_INDEX, chunk_tokens, compute_dtype_of, take_saved_grads
+from loom.models.matmul import linear, matmul
+
+
+def _chunk_statistics(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group) -> tuple:
+    """logits [c, Vl] fp32 (overwritten by exp(logits - local max)), labels [c] global ids ->
+    (global max [c], global sum of exp(logit - global max) [c], target logit [c], local max [c],
+    local label index [c], whether this rank owns the label [c])."""
+    c, n_local = logits.shape
+    local_label = labels - vocab_start
+    owned = (local_label >= 0) & (local_label < n_local)
+    index = local_label.clamp(0, n_local - 1)[:, None]
+    target = logits.gather(1, index).squeeze(1) * owned
+    local_max = logits.amax(dim=-1)
+    local_sum = logits.sub_(local_max[:, None]).exp_().sum(dim=-1)
+    mine = torch.stack([local_max, local_sum, target])  # [3, c]
+    size = dist.get_world_size(group)
+    gathered = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(gathered, mine, group=group)
+    stats = torch.stack(gathered)  # [tp, 3, c]
+    global_max = stats[:, 0].amax(dim=0)
+    global_sum = (stats[:, 1] * (stats[:, 0] - global_max).exp()).sum(dim=0)
+    return global_max, global_sum, stats[:, 2].sum(dim=0), local_max, index, owned
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean loss over the valid tokens; gradients computed in forward, as in loom.models.loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, vocab_start: int, group, compute_dtype):
+        n = hidden.shape[0]
+        valid = labels != IGNORE_INDEX
+        grad_scale = 1.0 / valid.sum().clamp(min=1).float()
+        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        grad_h = torch.empty_like(hidden) if want_grads else None
+        grad_w = None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        step = chunk_tokens(n, weight.shape[0], hidden.device)
+        for start in range(0, n, step):
+            end = min(n, start + step)
+            hc, ok = h[start:end], valid[start:end]
+            logits = matmul(hc, w.t()).float()  # [c, V/tp]
+            gmax, gsum, target, lmax, index, owned = _chunk_statistics(logits, labels[start:end], vocab_start, group)
+            loss += ((gmax + gsum.log() - target) * ok).sum()
+            if not want_grads:
+                continue
+            # logits now hold exp(logit - local max): rescale to softmax, subtract the target.
+            row_scale = (lmax - gmax).exp() / gsum * grad_scale * ok
+            logits.mul_(row_scale[:, None])
+            logits.scatter_add_(1, index, -(grad_scale * (owned & ok))[:, None])
+            g = logits.to(compute_dtype)
+            grad_h[start:end] = matmul(g, w)  # a partial sum over the vocabulary shards
+            if grad_w is None:
+                grad_w = matmul(g.t(), hc).float()
+            elif g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hc)
+            else:
+                grad_w.add_(matmul(g.t(), hc))
+        ctx.grads = (grad_h, grad_w)
+        return loss * grad_scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = take_saved_grads(ctx)
+        grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = grad_w * grad_loss
+        gh = grad_h if ctx.needs_input_grad[0] else None
+        gw = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 vocab_start: int, group) -> torch.Tensor:
+    """Mean loss (fp32 scalar, the same on every tp rank) of hidden [..., D] against labels
+    [...], this rank holding rows vocab_start.. of the output weight (weight [V/tp, D])."""
+    dev = hidden.device.type
+    compute_dtype = compute_dtype_of(hidden)
+    with torch.autocast(dev, enabled=False):
+        return _VocabParallelCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(),
+                                                vocab_start, group, compute_dtype)
+
+
+class VocabParallelOutput(nn.Module):
+    """Drop-in for `OutputLayer` under tensor parallelism: weight [V, D] a DTensor sharded by
+    vocabulary rows over tp. h [B, L, D] (a sequence-sharded DTensor under sequence
+    parallelism, else this rank's replicated tensor) -> with labels [B, L] the mean loss (a
+    plain fp32 scalar, equal on every tp rank), else logits [B, L, V] as a DTensor sharded
+    over the vocabulary."""
+
+    def __init__(self, weight: nn.Parameter, tp_mesh):
+        super().__init__()
+        self.weight = weight
+        self.tp_mesh = tp_mesh
+
+    def _whole_sequence(self, h: torch.Tensor) -> torch.Tensor:
+        """h as this rank's local [B, L, D] of the whole sequence, whose gradient is a partial
+        sum over tp (summed by DTensor in backward)."""
+        if not isinstance(h, DTensor):
+            h = DTensor.from_local(h, self.tp_mesh, [Replicate()], run_check=False)
+        return h.redistribute(self.tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self._whole_sequence(h)
+        w = self.weight.to_local()  # [V/tp, D]
+        if labels is None:
+            return DTensor.from_local(linear(h, w), self.tp_mesh, [Shard(-1)], run_check=False)
+        vocab_start = self.tp_mesh.get_local_rank() * w.shape[0]
+        return vocab_parallel_cross_entropy(h, w, labels, vocab_start, self.tp_mesh.get_group())
+
+
+def apply_vocab_parallel_output(model: nn.Module, tp_mesh) -> None:
+    """Swap model.output (an OutputLayer, on meta or materialized) for a VocabParallelOutput
+    holding its weight sharded by rows over tp; the parameter keeps the name output.weight."""
+    from torch.distributed.tensor import distribute_tensor
+
+    weight = model.output.weight
+    sharded = nn.Parameter(distribute_tensor(weight.data, tp_mesh, [Shard(0)]), requires_grad=weight.requires_grad)
+    model.output = VocabParallelOutput(sharded, tp_mesh)
