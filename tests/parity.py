@@ -37,10 +37,48 @@ def counting_fsdp_collectives(counts: dict):
                 setattr(dist, name, fn)
 
 
+def resident_bytes() -> int:
+    """This process's resident set now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def init_checksums(trainer) -> dict:
+    """{"crc32": {name: CRC-32 of the whole initial parameter's bytes}, "peak_bytes",
+    "shard_bytes" (this rank's), "block_bytes"}: the weights every layout starts from, gathered
+    (collectives on every rank), and what initializing them cost in memory."""
+    import zlib
+
+    from loom.models.init import BLOCK_ELEMENTS
+
+    crcs = {}
+    for name, p in trainer.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        crcs[name] = zlib.crc32(full.detach().cpu().contiguous().numpy().tobytes())
+    if trainer.pp:
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, crcs)
+        crcs = {k: v for part in parts for k, v in part.items()}
+    return {"crc32": crcs, "peak_bytes": trainer.init_peak_bytes, "shard_bytes": trainer.shard_bytes,
+            "block_bytes": 4 * BLOCK_ELEMENTS}
+
+
 def run_case(overrides: list[str], steps: int) -> dict:
     cfg = load_config(None, overrides)
     world = os.environ.get("WORLD_SIZE")
-    trainer = Trainer(cfg, validate(cfg, world_size=int(world) if world else None), progress=False)
+    model_cfg = validate(cfg, world_size=int(world) if world else None)
+    rss_before = resident_bytes()
+    trainer = Trainer(cfg, model_cfg, progress=False)
+    rss_growth = peak_resident_bytes() - rss_before
+    init = {**init_checksums(trainer), "rss_growth_bytes": rss_growth}
     collectives: dict[str, int] = {}
     with counting_fsdp_collectives(collectives):  # one step's worth, per rank
         loss = trainer.forward_backward(trainer.micro_batches(0))
@@ -58,11 +96,27 @@ def run_case(overrides: list[str], steps: int) -> dict:
     trainer.optimizer_step(cfg.train.lr)
     for step in range(1, steps):
         losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
-    return {"losses": losses, "grads": grads, "collectives": collectives, "trainer": trainer}
+    return {"losses": losses, "grads": grads, "collectives": collectives, "init": init, "trainer": trainer}
+
+
+def warm_up() -> None:
+    """Start the process group and load what every Trainer loads (modules, loom's kernels)
+    before any case, so that a case's resident-set growth is its own."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+
+    from loom.kernels import library
+
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    library.status()
 
 
 def main() -> None:
     torch.set_num_threads(1)
+    warm_up()
     out, cases = sys.argv[1], sys.argv[2:]
     results, trainer = {}, None
     for case in cases:

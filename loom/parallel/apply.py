@@ -14,7 +14,8 @@ from torch import nn
 from loom.parallel.context import apply_context_parallel
 from loom.parallel.dims import LayoutMesh, ParallelDims
 from loom.parallel.fsdp import apply_fsdp
-from loom.parallel.init import init_local_shards
+from loom.metrics.memory import LiveTensorBytes
+from loom.parallel.init import init_local_shards, local_region
 from loom.parallel.pipeline import local_stage_ids, stage_module
 from loom.parallel.tensor import apply_tensor_parallel
 from loom.train.recompute import apply_recompute
@@ -44,9 +45,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
     return modules, stage_ids
 
 
-def materialize(modules: list[nn.Module], device: torch.device, seed: int, spec_of) -> None:
+def materialize(modules: list[nn.Module], device: torch.device, seed: int, spec_of) -> tuple[int, int]:
     """Allocate each module's local shards on `device` and initialize them from `seed`
-    (spec_of(name) -> InitSpec, the model's `init_spec`)."""
-    for module in modules:
-        module.to_empty(device=device)
-        init_local_shards(module, spec_of, seed)
+    (spec_of(name) -> InitSpec, the model's `init_spec`). Returns (peak bytes of tensors alive
+    during this, bytes of the local shards): measured, so that tests can hold the peak to the
+    shards plus one generated block."""
+    with LiveTensorBytes() as mem:
+        for module in modules:
+            module.to_empty(device=device)
+            init_local_shards(module, spec_of, seed)
+    shards = sum(local_region(p)[0].untyped_storage().nbytes() for m in modules for p in m.parameters())
+    return mem.peak, shards

@@ -142,7 +142,7 @@ class Trainer:
         self.cp = self.dims.cp if self.mesh is not None else 1
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
-        materialize(modules, self.device, t.seed, self.model.init_spec)
+        self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
         if self.pp:
             from loom.parallel.pipeline import build_schedule
 

@@ -1,0 +1,64 @@
+"""Bytes of tensor storage alive, counted op by op: a measurement that needs no allocator
+statistics, so it works the same on CPU, on GPUs and on fake tensors (where nothing is
+allocated at all, as in `loom train --dry-run`).
+
+    with LiveTensorBytes() as mem:
+        ...
+    mem.peak      # the most bytes alive at once, of storages created inside the block
+    mem.current   # those still alive
+
+Storages created before the block are not counted (pass them to `count` to include them).
+A DTensor counts its local shard.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _storage_of(t: torch.Tensor):
+    local = t._local_tensor if hasattr(t, "_local_tensor") else t
+    try:
+        return local.untyped_storage()
+    except (NotImplementedError, RuntimeError):  # tensors without storage (some wrappers)
+        return None
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak and current bytes of the tensor storages created while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+
+    def count(self, tensor: torch.Tensor) -> None:
+        """Count `tensor`'s storage (once, until it is freed)."""
+        storage = _storage_of(tensor)
+        if storage is None:
+            return
+        key = id(storage)
+        if key in self._seen and self._seen[key][0]() is storage:
+            return
+        nbytes = storage.nbytes()
+        self._seen[key] = (weakref.ref(storage, lambda _, k=key, n=nbytes: self._free(k, n)), nbytes)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.pop(key, None)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: not a new allocation.
+        inputs = {id(s) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                  and (s := _storage_of(t)) is not None}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(_storage_of(t)) not in inputs:
+                self.count(t)
+        return out
