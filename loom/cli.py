@@ -24,6 +24,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     prog = "loom train"
     under_torchrun = "WORLD_SIZE" in os.environ
+    if args.dry_run or args.world is not None:
+        return cmd_dry_run(args, overrides)
     if args.nproc is not None and args.nproc < 1:
         return fail(prog, f"--nproc={args.nproc} must be a positive integer")
     if under_torchrun and args.nproc is not None:
@@ -82,6 +84,33 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         trainer.close()
     if trainer.rank == 0:
         print(format_summary(summary, cfg.metrics.jsonl, cfg.metrics.plot))
+    return 0
+
+
+def cmd_dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from loom.config import ConfigError, load_config, validate
+    from loom.train.dry_run import dry_run, format_dry_run
+
+    prog = "loom train --dry-run"
+    if not args.dry_run:
+        return fail("loom train", f"--world={args.world} needs --dry-run; allowed without it: --nproc")
+    for flag, value in (("--nproc", args.nproc), ("--max-restarts", args.max_restarts or None)):
+        if value is not None:
+            return fail(prog, f"{flag}={value} starts processes; a dry run starts none (--world N sets its size)")
+    if "WORLD_SIZE" in os.environ:
+        return fail(prog, "under torchrun: a dry run is one process; run it without torchrun")
+    if args.world is not None and args.world < 1:
+        return fail(prog, f"--world={args.world} must be a positive integer")
+    try:
+        cfg = load_config(args.config, overrides)
+        model_cfg = validate(cfg, world_size=args.world, check_files=False)
+    except ConfigError as e:
+        return fail(prog, str(e))
+    try:
+        report = dry_run(cfg, model_cfg, args.world)
+    except RuntimeError as e:
+        return fail(prog, str(e))
+    print(format_dry_run(report, cfg, model_cfg))
     return 0
 
 
@@ -156,7 +185,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                    "inter_node_gbps": args.inter_node_gbps, "gpus_per_node": args.gpus_per_node,
                                    "peak_tflops": args.peak_tflops})
         rows = plan(cfg, args.gpus, spec, args.seq_len, args.global_batch, args.dtype, args.tp, args.cp, args.pp,
-                    args.micro_batch, args.recompute)
+                    args.micro_batch, args.recompute, args.zero)
     except PlanError as e:
         return fail(prog, str(e))
     shown = rows if (args.tp and args.cp and args.pp and args.micro_batch) else rows[: args.top]
@@ -167,12 +196,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{args.model} on {args.gpus} x {spec.name} ({spec.description}); seq {args.seq_len:,}, global batch "
           f"{args.global_batch} sequences, {args.dtype}; {len(rows)} layouts, {fitting} fit; "
           f"model TFLOP/s in the megatron convention")
-    head = ["#", "TP", "CP", "PP", "DP", "MB", "recompute", "memory GB", "fits", "tokens/s/dev", "TFLOP/s/dev", "MFU"]
+    head = ["#", "TP", "CP", "PP", "DP", "MB", "recompute", "zero", "memory GB", "fits", "tokens/s/dev",
+            "TFLOP/s/dev", "MFU"]
     table = []
     for i, r in enumerate(shown, 1):
         lay = r.layout
         table.append([str(i), str(lay.tp), str(lay.cp), str(lay.pp), str(lay.dp), str(lay.micro_batch), lay.recompute,
-                      f"{r.memory.total / GIB:.1f}", "yes" if r.fits else "OOM", f"{r.perf.tokens_per_s_per_device:,.0f}",
+                      str(lay.zero), f"{r.memory.total / GIB:.1f}", "yes" if r.fits else "OOM", f"{r.perf.tokens_per_s_per_device:,.0f}",
                       f"{r.perf.tflops_per_device:.{1 if r.perf.tflops_per_device >= 10 else 4}f}",
                       f"{100 * r.perf.mfu:.1f}%"])
     widths = [max(len(x) for x in col) for col in zip(head, *table)]
@@ -185,7 +215,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for i, r in enumerate(shown, 1):
             lay = r.layout
             print(f"\n#{i} TP={lay.tp} CP={lay.cp} PP={lay.pp} DP={lay.dp} MB={lay.micro_batch} "
-                  f"recompute={lay.recompute}: {lay.n_micro} micro-batches per step")
+                  f"recompute={lay.recompute} zero={lay.zero}: {lay.n_micro} micro-batches per step")
             print("  memory per device" + " " * 20 + "GiB")
             for name, v in r.memory.rows():
                 print(f"    {name:<36}{v / GIB:8.2f}")
@@ -256,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-restarts", type=int, default=0,
                        help="with --nproc: restarts of the whole job after a worker fails (torchrun's)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="build the real layout for the whole world on a fake process group in this "
+                            "process, allocating nothing, and print the memory of each kind of rank")
+    train.add_argument("--world", type=int, help="with --dry-run: ranks of the job (default: the layout's size)")
 
     prep = sub.add_parser("prepare", help="tokenize a folder of .txt/.jsonl files into a token dataset")
     prep.add_argument("--input", required=True, help="a folder (or file) of .txt and .jsonl documents")
@@ -292,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         pl.add_argument(flag, type=int)
     pl.add_argument("--recompute", choices=["none", "selective", "full"],
                     help="default: the fastest that fits, per layout")
+    pl.add_argument("--zero", type=int, choices=[3, 1],
+                    help="FSDP sharding mode (parallel.zero); default: the faster that fits, per layout")
     pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     pl.add_argument("--top", type=int, default=20, help="rows shown when searching")
     pl.add_argument("--json", action="store_true")

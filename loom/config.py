@@ -281,11 +281,48 @@ def data_vocab_size(data: DataSection) -> int:
     return int(read_meta(data.path)["vocab_size"])
 
 
-def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
+def validate_files(cfg: Config, model: LlamaConfig) -> None:
+    """The checks that read the disk: the dataset, the tokenizer, the checkpoint to resume."""
+    t, c = cfg.train, cfg.checkpoint
+    d = cfg.data
+    if d.path != BUILTIN_STDLIB:
+        _need(
+            Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
+            f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
+            f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`",
+        )
+    if d.tokenizer:
+        _need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
+    if d.path != BUILTIN_STDLIB:
+        for split, info in read_meta(d.path)["splits"].items():
+            _need(
+                info["tokens"] > t.seq_len,
+                f"train.seq_len={t.seq_len} is longer than the {split} split of data.path={d.path!r} "
+                f"({info['tokens']} tokens)",
+            )
+    vocab = data_vocab_size(d)
+    _need(
+        model.vocab_size >= vocab,
+        f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of "
+        f"data.path={d.path!r}",
+    )
+
+    _need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
+          f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
+    from loom.train.checkpoint_files import CheckpointError, check_resume
+
+    try:
+        check_resume(cfg, model)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> LlamaConfig:
     """Check every setting; return the resolved model config. Raises ConfigError.
 
     world_size: the ranks the job has (torchrun's WORLD_SIZE, or --nproc), or None where the
-    layout decides (parallel.dp_shard=-1 then counts as 1).
+    layout decides (parallel.dp_shard=-1 then counts as 1). check_files=False skips what reads
+    the disk (data, tokenizer, checkpoints): a dry run needs none of them.
     """
     try:
         model = cfg.model.resolve()
@@ -406,43 +443,14 @@ def validate(cfg: Config, world_size: int | None = None) -> LlamaConfig:
             f"'interleaved-1f1b' or 'zero-bubble', not {p.pp_schedule!r}",
         )
 
-    d = cfg.data
-    if d.path != BUILTIN_STDLIB:
-        _need(
-            Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
-            f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
-            f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`",
-        )
-    if d.tokenizer:
-        _need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
-    if d.path != BUILTIN_STDLIB:
-        for split, info in read_meta(d.path)["splits"].items():
-            _need(
-                info["tokens"] > t.seq_len,
-                f"train.seq_len={t.seq_len} is longer than the {split} split of data.path={d.path!r} "
-                f"({info['tokens']} tokens)",
-            )
-    vocab = data_vocab_size(d)
-    _need(
-        model.vocab_size >= vocab,
-        f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of "
-        f"data.path={d.path!r}",
-    )
-
     c = cfg.checkpoint
     _need(c.every >= 0, f"checkpoint.every={c.every} must be 0 or positive")
     _need(c.keep >= 1, f"checkpoint.keep={c.keep} must be a positive integer")
     _need(c.every == 0 or bool(c.dir),
           f"checkpoint.every={c.every} needs checkpoint.dir (a folder to write checkpoints to)")
     _need(bool(c.resume), "checkpoint.resume='' must be 'auto', 'never' or a checkpoint folder")
-    _need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
-          f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
-    from loom.train.checkpoint_files import CheckpointError, check_resume
-
-    try:
-        check_resume(cfg, model)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    if check_files:
+        validate_files(cfg, model)
 
     m = cfg.metrics
     _need(m.log_every > 0, f"metrics.log_every={m.log_every} must be a positive integer")

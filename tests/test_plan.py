@@ -1,5 +1,6 @@
 """The planner: memory model against hand computations, FLOPs against `loom flops`, ranking and
 output contract, bad input; the bench grid parser and an end-to-end two-layout sweep."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from loom.models.llama import LlamaConfig
 from loom.plan.hardware import GIB, get_spec
-from loom.plan.memory import Layout, memory_breakdown
+from loom.plan.memory import Layout, memory_breakdown, rank_memory
 
 CFG = LlamaConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=8, ffn_dim=4096, vocab_size=32000)
 
@@ -18,34 +19,39 @@ def test_memory_of_a_4d_layout_by_hand():
     """tp=2 x cp=2 x pp=2 x dp=2, micro batch 1, seq 4096, 16 sequences, bf16, no recompute, 1F1B."""
     spec = get_spec("h100-sxm-80gb")
     lay = Layout(tp=2, cp=2, pp=2, dp=2, micro_batch=1, seq_len=4096, global_batch=16)
-    m = memory_breakdown(CFG, lay, spec)
+    m = rank_memory(CFG, lay, spec, 1)  # the last stage
 
-    # The most loaded device is on the last stage (its logits outweigh stage 0's second micro-batch).
     # One block: wq, wo 1024 x 1024; wk, wv 1024 x 512; w1, w3, w2 1024 x 4096; two norms of 1024.
     block = (2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 4096) / 2 + 2 * 1024  # matrices over tp=2
     root = 32000 * 1024 / 2 + 1024  # output layer (vocab-parallel) + final norm
-    per_device = (4 * block + root) / 4  # layers 4-7; FSDP over dp x cp = 4
+    stage = 4 * block + root  # layers 4-7
+    per_device = stage / 4  # FSDP over dp x cp = 4
     assert m.parameters == pytest.approx(4 * per_device)
-    assert m.gradients == pytest.approx(4 * per_device)
+    # Under a pipeline FSDP also accumulates the stage's gradients unsharded, in fp32.
+    assert m.gradients == pytest.approx(4 * per_device + 4 * stage)
     assert m.optimizer == pytest.approx(8 * per_device)
-    # FSDP: current + prefetched + kept-last block gathered in bf16, one block of fp32 gradients,
-    # the root's parameters gathered (bf16) with their fp32 gradients.
-    assert m.fsdp_buffers == pytest.approx((3 * 2 + 4) * block + (2 + 4) * root)
+    # ... and keeps every unit of the stage gathered (bf16) from the first forward to the last backward.
+    assert m.fsdp_buffers == pytest.approx(2 * stage)
     # Activations per layer and local token (t = 4096 / cp = 2048), e = 2, h = 1024, hk = 512,
     # f = 4096, sp = tp = 2: 8h/2 + 2*2h + 2(h + 2hk)/2 + 2h/2 + 4*16/2 + 3*2f/2.
     per_token = 8 * 1024 / 2 + 4 * 1024 + 2 * 2048 / 2 + 1024 + 32 + 3 * 4096
     in_flight = 1  # the last stage of 1F1B holds one micro-batch (stage 0 holds pp = 2)
     assert m.activations == pytest.approx(4 * 2048 * per_token * in_flight)
-    # Under tp the vocabulary-sharded logits are kept: fp32 + the bf16 copy, V / tp per token.
-    assert m.logits == pytest.approx(2048 * (4 + 2) * 32000 / 2)
+    # The fused vocabulary-parallel loss: one chunk (all 2048 tokens fit a GPU's 1 GiB budget) of
+    # fp32 logits over V / tp and their bf16 copy, plus the fp32 gradients of the output weight
+    # shard and of h that it computes in forward.
+    assert m.logits == pytest.approx(2048 * 16000 * (4 + 2) + 4 * (16000 * 1024 + 2048 * 1024))
     # Ring buffers (two KV blocks in bf16 + the fp32 dKV) and one gathered matmul input under SP.
     assert m.comm_buffers == pytest.approx(2048 * 2 * 512 / 2 * (2 * 2 + 4) + 2048 * 1024 * 2)
     counted = (m.parameters + m.gradients + m.optimizer + m.fsdp_buffers + m.activations + m.logits
                + m.comm_buffers)
     assert m.margin == pytest.approx(0.08 * counted)
     assert m.total == pytest.approx(counted * 1.08 + 1.5 * GIB)
-    stage0_acts = 4 * 2048 * per_token * 2
-    assert stage0_acts < m.activations + m.logits  # so the last stage is indeed the peak
+    first = rank_memory(CFG, lay, spec, 0)
+    assert first.activations == pytest.approx(4 * 2048 * per_token * 2)  # pp = 2 micro-batches in flight
+    assert memory_breakdown(CFG, lay, spec).total == max(m.total, first.total)
+    # zero=1 changes nothing under a pipeline (the schedule already keeps units gathered).
+    assert rank_memory(CFG, dataclasses.replace(lay, zero=1), spec, 1) == m
 
 
 def test_memory_of_data_parallel_fp32_selective_by_hand():
@@ -56,16 +62,21 @@ def test_memory_of_data_parallel_fp32_selective_by_hand():
                  dtype="float32")
     m = memory_breakdown(CFG, lay, spec)
     block = 2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 4096 + 2 * 1024
-    params = (8 * block + 2 * 32000 * 1024 + 1024) / 8
-    assert m.parameters + m.gradients + m.optimizer == pytest.approx(16 * params)
-    root = 2 * 32000 * 1024 + 1024
-    assert m.fsdp_buffers == pytest.approx((3 * 4 + 4) * block + (4 + 4) * root)
+    stage = 8 * block + 2 * 32000 * 1024 + 1024
+    assert m.parameters + m.gradients + m.optimizer == pytest.approx(16 * stage / 8)
+    # zero=3: the last unit (norm + output) kept, two others (the embedding, in fp32, is the
+    # largest), and one block's fp32 gradients before their reduce-scatter.
+    assert m.fsdp_buffers == pytest.approx(4 * (32000 * 1024 + 1024) + 2 * 4 * 32000 * 1024 + 4 * block)
     # e = 4, no sp: 8h + 2*4h + 4(h + 2hk) + 4h + 4*16 + 3*4f, minus selective's 2*4h + 4f.
     per_token = 8 * 1024 + 8 * 1024 + 4 * 2048 + 4 * 1024 + 64 + 12 * 4096 - 8 * 1024 - 4 * 4096
     assert m.activations == pytest.approx(8 * (2 * 2048) * per_token)
-    chunk = (1 << 30) // (4 * 32000)  # tokens whose fp32 logits fill 1 GiB
-    assert m.logits == pytest.approx(min(4096, chunk) * 4 * 32000 * 2)
+    chunk = (1 << 28) // 32000  # tokens whose fp32 logits fill 1 GiB
+    assert m.logits == pytest.approx(min(4096, chunk) * 32000 * (4 + 4) + 4 * (32000 * 1024 + 4096 * 1024))
     assert m.comm_buffers == 0
+    # zero=1: every unit stays gathered and the gradients accumulate unsharded.
+    z1 = memory_breakdown(CFG, dataclasses.replace(lay, zero=1), spec)
+    assert z1.gradients == pytest.approx(m.gradients + 4 * stage)
+    assert z1.fsdp_buffers == pytest.approx(4 * stage)
 
 
 def _cli(args, capsys):

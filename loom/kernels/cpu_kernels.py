@@ -36,7 +36,8 @@ def _lib() -> ctypes.CDLL:
 
 
 def softmax_cross_entropy_supports(logits: torch.Tensor) -> bool:
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+    return (type(logits) is torch.Tensor and logits.device.type == "cpu" and logits.dtype == torch.float32
+            and logits.dim() == 2
             and logits.stride(1) == 1 and not torch.compiler.is_compiling() and library.available())
 
 

@@ -39,7 +39,7 @@ def _softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, grad_sca
     if want_grads:
         probs.mul_(grad_scale / row_sum)
         probs.scatter_add_(1, labels.clamp(min=0)[:, None], -grad_scale.expand(labels.shape[0], 1))
-        if not valid.all():
+        if type(valid) is not torch.Tensor or not valid.all():  # fake tensors have no values to test
             probs.mul_(valid[:, None])
     return losses
 
@@ -92,7 +92,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = take_saved_grads(ctx)
-        if grad_loss.device.type != "cpu" or grad_loss.item() != 1.0:
+        # A plain CPU upstream gradient of 1 (the usual loss.backward()) needs no pass; elsewhere
+        # (GPUs, where .item() would synchronize; fake tensors, which have no value) multiply.
+        if not (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
             grad_w = grad_w * grad_loss
         gh = grad_h if ctx.needs_input_grad[0] else None

@@ -3,10 +3,13 @@
 Conventions (what loom does, see README):
 - fp32 master weights, fp32 gradients and two fp32 AdamW states: 16 bytes per parameter, sharded by
   FSDP over (dp_shard, cp), by tp for the block matrices, embedding and output layer (norm gains
-  are replicated over tp), and by pipeline stage.
-- Under FSDP each block's parameters are gathered for its forward and backward in the compute
-  dtype (bf16: 2 bytes), the next block is prefetched, the last block stays gathered, and one
-  block's unsharded fp32 gradients wait for their reduce-scatter.
+  are replicated over tp), and by pipeline stage. Under parallel.zero=1, and under any pipeline
+  (torch's schedules defer the reduce to a stage's last backward), FSDP also accumulates each
+  micro-batch's gradients unsharded in fp32: 4 more bytes per parameter of the stage.
+- FSDP units are the embedding (gathered in fp32), each block and the final norm with the output
+  layer (compute dtype). zero=3 without a pipeline holds the last unit (kept for backward) and two
+  others (current + prefetched) gathered, plus one block's unsharded fp32 gradients waiting for
+  their reduce-scatter; zero=1 or a pipeline holds every unit of the stage gathered.
 - Activations saved per layer and token of the local sequence shard (t = micro_batch * seq_len /
   cp tokens), e = bytes of the compute dtype, h = hidden, hk = kv heads x head dim, f = ffn, with
   sequence parallelism (sp = tp) the residual stream is sharded over tp:
@@ -19,8 +22,10 @@ Conventions (what loom does, see README):
   layer's input (4 h / sp) plus one layer's activations during its backward.
 - Pipeline: the first stage holds the most micro-batches in flight: min(pp, micro-batches) for
   1F1B (x (1 + (pp - 1) / (pp v)) interleaved), all of them for GPipe; 1 without pipelining.
-- Output layer: loom's loss is fused and chunked (no full logits) without tp; under tp the
-  vocabulary-sharded logits are kept in fp32 (4 V / tp per token) plus the compute-dtype copy.
+- Output layer and loss, fused and chunked in every layout (vocabulary-parallel under tp): one
+  chunk of fp32 logits [c, V/tp] and its compute-dtype copy, plus what the fused loss computes in
+  forward and holds until backward, per micro-batch in flight on the last stage: the output
+  weight's fp32 gradient [V/tp, D] and the hidden states' fp32 gradient [t, D].
 - A fixed reserve (CUDA context, NCCL/cuBLAS workspaces) and an allocator margin of 8% of the rest.
 """
 from __future__ import annotations
@@ -52,10 +57,20 @@ class Layout:
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
     sequence_parallel: bool = True
+    zero: int = 3
 
     @property
     def world(self) -> int:
         return self.tp * self.cp * self.pp * self.dp
+
+    @classmethod
+    def from_config(cls, cfg, dims) -> "Layout":
+        """The layout of a loom config (its [parallel] and [train] sections) with resolved
+        degrees `dims` (a ParallelDims; dp_replicate counts as more data-parallel ranks)."""
+        p, t = cfg.parallel, cfg.train
+        return cls(tp=dims.tp, cp=dims.cp, pp=dims.pp, dp=dims.dp, micro_batch=t.micro_batch, seq_len=t.seq_len,
+                   global_batch=t.global_batch, recompute=t.recompute, dtype=t.dtype, pp_schedule=p.pp_schedule,
+                   pp_virtual_stages=p.pp_virtual_stages, sequence_parallel=p.sequence_parallel, zero=p.zero)
 
     @property
     def n_micro(self) -> int:
@@ -143,52 +158,72 @@ class MemoryBreakdown:
                 (f"allocator margin ({100 * ALLOCATOR_MARGIN:.0f}%)", self.margin), ("total", self.total)]
 
 
-def memory_breakdown(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> MemoryBreakdown:
-    """Per-device memory of the most loaded device (the first pipeline stage, or the last when
-    the output layer outweighs the first stage's in-flight activations)."""
+def loss_chunk_tokens(tokens: int, vocab_local: int, spec: HardwareSpec) -> int:
+    """Tokens per chunk of the fused loss (loom.models.loss.chunk_tokens on this device kind)."""
+    budget = 2**21 if spec.cores is not None else 2**28
+    return max(64, min(tokens, budget // vocab_local))
+
+
+def rank_memory(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, r: int) -> MemoryBreakdown:
+    """Per-device memory of pp rank r (all its virtual stages)."""
     e = DTYPE_BYTES[layout.dtype]
     shard = layout.dp * layout.cp  # FSDP's group
-    per_stage = stage_params(cfg, layout)
-    n_layers_stage = [len(x) for x in device_layers(cfg, layout)]
+    stage = stage_params(cfg, layout)[r]
+    n_layers = len(device_layers(cfg, layout)[r])
     matrices, norms = block_params(cfg)
     block = matrices / layout.tp + norms
     t = layout.local_tokens
     sp = layout.tp if (layout.tp > 1 and layout.sequence_parallel) else 1
+    n_stages = layout.pp * layout.pp_virtual_stages
+    holds_first, holds_last = r == 0, r == (n_stages - 1) % layout.pp
+    embedding = cfg.vocab_size * cfg.dim / layout.tp if holds_first else 0.0
 
-    candidates = []
-    for r in range(layout.pp):
-        params = per_stage[r] / shard
-        fsdp = 0.0
-        if shard > 1:
-            root = per_stage[r] - n_layers_stage[r] * block
-            fsdp = (3 * e + 4) * block + (e + 4) * root
-        if layout.recompute == "full":
-            acts = n_layers_stage[r] * t * 4 * cfg.dim / sp + t * activation_bytes_per_token(
-                cfg, dataclasses.replace(layout, recompute="none"))
-        else:
-            acts = n_layers_stage[r] * t * activation_bytes_per_token(cfg, layout)
-        # Stage r of 1F1B keeps pp - r micro-batches in flight.
-        in_flight = in_flight_micro_batches(layout) if layout.pp == 1 else max(
-            1.0, in_flight_micro_batches(layout) * (layout.pp - r) / layout.pp)
-        acts *= in_flight
-        logits = 0.0
-        if r == layout.pp - 1 and layout.tp > 1:
-            logits = t * (4 + e) * cfg.vocab_size / layout.tp
-        elif r == layout.pp - 1:  # one chunk's fp32 logits and their gradient
-            chunk_bytes = 8 * 2**20 if spec.cores is not None else GIB
-            logits = min(t, max(64, chunk_bytes // (4 * cfg.vocab_size))) * 4 * cfg.vocab_size * 2
-        comm = 0.0
-        if layout.cp > 1:  # two KV blocks in flight (current and next) + the fp32 dKV accumulator
-            hk = cfg.n_kv_heads * cfg.head_dim / layout.tp
-            comm += t * 2 * hk * (2 * e + 4)
-        if layout.tp > 1:  # the gathered sequence of one matmul input
-            comm += layout.micro_batch * layout.seq_len / layout.cp * cfg.dim * e
-        counted = 4 * params + 4 * params + 8 * params + fsdp + acts + logits + comm
-        candidates.append(MemoryBreakdown(
-            parameters=4 * params, gradients=4 * params, optimizer=8 * params, fsdp_buffers=fsdp,
-            activations=acts, logits=logits, comm_buffers=comm, reserved=spec.reserved_gb * GIB,
-            margin=ALLOCATOR_MARGIN * counted))
-    return max(candidates, key=lambda m: m.total)
+    params = stage / shard
+    gradients = 4 * params
+    whole = shard > 1 and (layout.zero == 1 or layout.pp > 1)  # every unit gathered, grads accumulated whole
+    if whole:
+        gradients += 4 * stage
+    fsdp = 0.0
+    if shard > 1 and whole:
+        fsdp = e * (stage - embedding) + 4 * embedding
+    elif shard > 1:
+        last_unit = (cfg.vocab_size * cfg.dim / layout.tp + cfg.dim) if holds_last else block
+        others = [block] * (n_layers - (0 if holds_last else 1))
+        fsdp = e * last_unit + 2 * max([e * x for x in others] + [4 * embedding]) + 4 * block
+
+    if layout.recompute == "full":
+        acts = n_layers * t * 4 * cfg.dim / sp + t * activation_bytes_per_token(
+            cfg, dataclasses.replace(layout, recompute="none"))
+    else:
+        acts = n_layers * t * activation_bytes_per_token(cfg, layout)
+    # Stage r of 1F1B keeps pp - r micro-batches in flight.
+    in_flight = in_flight_micro_batches(layout) if layout.pp == 1 else max(
+        1.0, in_flight_micro_batches(layout) * (layout.pp - r) / layout.pp)
+    acts *= in_flight
+    logits = 0.0
+    if holds_last:
+        vocab_local = cfg.vocab_size / layout.tp
+        chunk = loss_chunk_tokens(t, int(vocab_local), spec)
+        held = 4 * (vocab_local * cfg.dim + t * cfg.dim)  # grad of the output weight and of h
+        # The last stage runs each micro-batch's backward right after its forward, but GPipe.
+        last_in_flight = layout.n_micro if layout.pp > 1 and layout.pp_schedule == "gpipe" else 1
+        logits = chunk * vocab_local * (4 + e) + held * last_in_flight
+    comm = 0.0
+    if layout.cp > 1:  # two KV blocks in flight (current and next) + the fp32 dKV accumulator
+        hk = cfg.n_kv_heads * cfg.head_dim / layout.tp
+        comm += t * 2 * hk * (2 * e + 4)
+    if layout.tp > 1:  # the gathered sequence of one matmul input
+        comm += layout.micro_batch * layout.seq_len / layout.cp * cfg.dim * e
+    optimizer = 8 * params
+    counted = 4 * params + gradients + optimizer + fsdp + acts + logits + comm
+    return MemoryBreakdown(parameters=4 * params, gradients=gradients, optimizer=optimizer, fsdp_buffers=fsdp,
+                           activations=acts, logits=logits, comm_buffers=comm, reserved=spec.reserved_gb * GIB,
+                           margin=ALLOCATOR_MARGIN * counted)
+
+
+def memory_breakdown(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> MemoryBreakdown:
+    """Per-device memory of the most loaded device."""
+    return max((rank_memory(cfg, layout, spec, r) for r in range(layout.pp)), key=lambda m: m.total)
 
 
 def device_layers(cfg: LlamaConfig, layout: Layout) -> list[list[int]]:

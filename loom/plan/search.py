@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from loom.models.llama import LlamaConfig
 from loom.models.registry import UnknownModelError, get_model_config
+from loom.parallel.fsdp import ZERO_MODES
 from loom.plan.hardware import GIB, HardwareSpec, PlanError
 from loom.plan.memory import Layout, MemoryBreakdown, capacity_bytes, memory_breakdown
 from loom.plan.timing import Throughput, TimeBreakdown, step_time, throughput
@@ -25,7 +26,7 @@ class PlanRow:
     def as_json(self) -> dict:
         lay = self.layout
         return {"tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "dp": lay.dp, "micro_batch": lay.micro_batch,
-                "recompute": lay.recompute, "memory_gb": round(self.memory.total / GIB, 3), "fits": self.fits,
+                "recompute": lay.recompute, "zero": lay.zero, "memory_gb": round(self.memory.total / GIB, 3), "fits": self.fits,
                 "tokens_per_s_per_device": round(self.perf.tokens_per_s_per_device, 3),
                 "tflops_per_device": round(self.perf.tflops_per_device, 4),
                 "mfu": round(self.perf.mfu, 4), "step_time_s": round(self.perf.step_time_s, 6)}
@@ -70,8 +71,10 @@ def check_inputs(cfg: LlamaConfig, gpus: int, seq_len: int, global_batch: int, t
 
 def candidate_layouts(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int,
                       dtype: str, tp: int | None = None, cp: int | None = None, pp: int | None = None,
-                      micro_batch: int | None = None, recompute: str | None = None) -> list[Layout]:
-    """Every layout loom can run (its config validation's rules), one per recompute mode."""
+                      micro_batch: int | None = None, recompute: str | None = None,
+                      zero: int | None = None) -> list[Layout]:
+    """Every layout loom can run (its config validation's rules), one per recompute mode and
+    FSDP sharding mode (parallel.zero; only 3 where nothing is FSDP-sharded)."""
     out = []
     tps = [tp] if tp else [d for d in _divisors(gpus) if cfg.n_kv_heads % d == 0 and cfg.n_heads % d == 0
                            and (spec.cores is not None or d <= spec.gpus_per_node)]
@@ -88,9 +91,11 @@ def candidate_layouts(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: 
                 for mb in ([micro_batch] if micro_batch else MICRO_BATCHES):
                     if global_batch % (dp * mb) or global_batch // (dp * mb) < p:
                         continue
+                    zeros = [zero] if zero else (ZERO_MODES if dp * c > 1 else (3,))
                     for rc in ([recompute] if recompute else RECOMPUTE_ORDER):
-                        out.append(Layout(tp=t, cp=c, pp=p, dp=dp, micro_batch=mb, seq_len=seq_len,
-                                          global_batch=global_batch, recompute=rc, dtype=dtype))
+                        for z in zeros:
+                            out.append(Layout(tp=t, cp=c, pp=p, dp=dp, micro_batch=mb, seq_len=seq_len,
+                                              global_batch=global_batch, recompute=rc, dtype=dtype, zero=z))
     return out
 
 
@@ -103,12 +108,14 @@ def evaluate(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> PlanRow:
 
 def plan(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int, dtype: str = "bfloat16",
          tp: int | None = None, cp: int | None = None, pp: int | None = None, micro_batch: int | None = None,
-         recompute: str | None = None) -> list[PlanRow]:
+         recompute: str | None = None, zero: int | None = None) -> list[PlanRow]:
     """Ranked rows: layouts that fit first, by predicted tokens/s per device; per (tp, cp, pp, micro
-    batch) the fastest recompute mode that fits (or, if none fits, `full`, marked OOM)."""
+    batch) the fastest recompute and zero modes that fit (or, if none fits, the smallest, marked
+    OOM)."""
     check_inputs(cfg, gpus, seq_len, global_batch, tp, cp, pp, micro_batch)
     spec.peak_flops(dtype)  # a dtype the spec has a peak for
-    layouts = candidate_layouts(cfg, gpus, spec, seq_len, global_batch, dtype, tp, cp, pp, micro_batch, recompute)
+    layouts = candidate_layouts(cfg, gpus, spec, seq_len, global_batch, dtype, tp, cp, pp, micro_batch, recompute,
+                                zero)
     if not layouts:
         raise PlanError(f"no layout of {gpus} devices runs --seq-len={seq_len} with --global-batch={global_batch} "
                         f"(global batch must be a multiple of dp x micro batch, with at least pp micro-batches)")

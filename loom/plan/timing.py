@@ -15,9 +15,11 @@ Work per micro-batch and pipeline stage, with t = micro_batch * seq_len / cp loc
 - pp: one activation forward and one gradient backward per micro-batch and boundary; bubble:
   (pp - 1) / v extra micro-batch slots for 1F1B, GPipe and interleaved (v virtual stages), a third
   of that for zero-bubble.
-- FSDP over (dp_shard, cp): each micro-batch all-gathers every parameter twice (forward, backward)
-  in the compute dtype; gradients are reduce-scattered once per step in fp32; the `dp_overlap`
-  share of min(transfer, compute) is hidden.
+- FSDP over (dp_shard, cp): under parallel.zero=3 without a pipeline each micro-batch all-gathers
+  every parameter twice (forward, and again for backward) in the compute dtype and reduce-scatters
+  its gradients in fp32; under zero=1, and under any pipeline, parameters are gathered once and
+  gradients reduce-scattered once per step. The `dp_overlap` share of min(transfer, compute) is
+  hidden.
 - AdamW (and gradient clipping): memory-bound passes over the local fp32 states.
 Links: tp is innermost, so it is in a node when tp <= GPUs per node; cp when tp cp fits; FSDP
 when tp cp dp fits; pp when the whole world fits. Otherwise the inter-node bandwidth applies.
@@ -151,9 +153,11 @@ def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     shard = layout.dp * cp
     dp_s = 0.0
     if shard > 1:
-        gather = 2 * layout.n_micro * params * e * (shard - 1) / shard
-        reduce = params * 4 * (shard - 1) / shard
-        ops = (2 * layout.n_micro + 1) * (len(layers[slowest]) + 1)  # per block: 2 gathers per micro-batch, 1 reduce
+        per_micro_batch = layout.zero == 3 and pp == 1
+        gathers, reduces = (2 * layout.n_micro, layout.n_micro) if per_micro_batch else (1, 1)
+        gather = gathers * params * e * (shard - 1) / shard
+        reduce = reduces * params * 4 * (shard - 1) / shard
+        ops = (gathers + reduces) * (len(layers[slowest]) + 2)  # per unit: blocks, embedding, norm + output
         comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp, count=ops * (shard - 1))
         compute = mm_s + attn_s + over_s
         dp_s = comm - eff.dp_overlap * min(comm, compute) + ops * eff.fsdp_block_overhead_s / share
