@@ -1,7 +1,8 @@
 """`loom convert`: Hugging Face Llama folders (config.json + safetensors) <-> loom checkpoints.
 
 Import reads safetensors only (never pickled `.bin` files) and writes a weights-only loom
-checkpoint that `checkpoint.resume=PATH` starts a run from under any layout. Export reads a loom
+checkpoint that `checkpoint.resume=PATH` starts a run from under any layout, one tensor at a
+time (read from the memory-mapped file as the checkpoint writes it). Export reads a loom
 checkpoint (training or imported) a shard at a time and writes safetensors shards, their index and
 config.json, so memory stays near one shard whatever the model's size.
 """
@@ -60,11 +61,11 @@ def _hf_weight_files(folder: Path) -> list[Path]:
     raise HFFormatError(f"{folder}: no *.safetensors weights")
 
 
-def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, LlamaConfig]:
-    """Hugging Face Llama folder -> weights-only loom checkpoint at `output`."""
-    from safetensors import SafetensorError, safe_open
+# safetensors dtype names -> torch dtypes (what HF checkpoints carry).
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
-    folder = Path(folder)
+
+def _read_hf_config(folder: Path) -> tuple[dict, LlamaConfig]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise HFFormatError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -72,12 +73,15 @@ def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, LlamaConfig
         hf_cfg = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise HFFormatError(f"{config_path}: not JSON ({e})") from None
-    cfg = llama_config_from_hf(hf_cfg, str(config_path))
-    if Path(output).exists():
-        raise CheckpointError(f"checkpoint {output} already exists; nothing was overwritten")
-    expected = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
+    return hf_cfg, llama_config_from_hf(hf_cfg, str(config_path))
 
-    tensors: dict[str, torch.Tensor] = {}
+
+def _index_hf_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]]:
+    """loom name -> (file, HF key, shape, dtype) of every weight, read from the safetensors
+    headers only (no tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = {}
     for f in _hf_weight_files(folder):
         if not f.is_file():
             raise HFFormatError(f"{f}: listed in the index but missing")
@@ -89,23 +93,54 @@ def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, LlamaConfig
                         if key.endswith(_IGNORED):
                             continue
                         raise HFFormatError(f"{f}: tensor {key!r} is not part of a Llama model")
-                    tensors[name] = sf.get_tensor(key)
+                    info = sf.get_slice(key)
+                    dtype = _SAFETENSORS_DTYPES.get(info.get_dtype())
+                    if dtype is None:
+                        raise HFFormatError(f"{f}: tensor {key!r} has dtype {info.get_dtype()}; allowed: "
+                                            f"{', '.join(_SAFETENSORS_DTYPES)}")
+                    index[name] = (f, key, tuple(info.get_shape()), dtype)
         except SafetensorError as e:
             raise HFFormatError(f"{f}: not a readable safetensors file ({e})") from None
-    if "output.weight" not in tensors and hf_cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
-        tensors["output.weight"] = tensors["tok_embeddings.weight"].clone()  # loom's output layer is untied
+    return index
+
+
+def _check_hf_tensors(index: dict, cfg: LlamaConfig, folder: Path) -> None:
+    expected = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
     for name, shape in expected.items():
-        if name not in tensors:
+        if name not in index:
             raise HFFormatError(f"{folder}: no tensor {hf_param_name(name)!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise HFFormatError(f"{folder}: tensor {hf_param_name(name)!r} has shape {tuple(tensors[name].shape)}, "
+        if index[name][2] != shape:
+            raise HFFormatError(f"{folder}: tensor {hf_param_name(name)!r} has shape {index[name][2]}, "
                                 f"config.json implies {shape}")
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(index) - set(expected))
     if extra:
         raise HFFormatError(f"{folder}: tensor {hf_param_name(extra[0])!r} is beyond config.json's "
                             f"num_hidden_layers={cfg.n_layers}")
+
+
+def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, LlamaConfig]:
+    """Hugging Face Llama folder -> weights-only loom checkpoint at `output`, streamed: each
+    tensor is read from its memory-mapped safetensors file when the checkpoint writes it, so
+    memory stays near the largest tensor (not the model: 810 GB for 405B in bf16)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    hf_cfg, cfg = _read_hf_config(folder)
+    if Path(output).exists():
+        raise CheckpointError(f"checkpoint {output} already exists; nothing was overwritten")
+    index = _index_hf_tensors(folder)
+    if "output.weight" not in index and hf_cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in index:
+        index["output.weight"] = index["tok_embeddings.weight"]  # loom's output layer is untied: a copy
+    _check_hf_tensors(index, cfg, folder)
+
+    def load(name: str) -> torch.Tensor:
+        f, key, _, _ = index[name]
+        with safe_open(str(f), framework="pt") as sf:
+            return sf.get_tensor(key)
+
+    described = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (_, _, shape, dtype) in index.items()}
     name, _ = model_config_overrides(cfg)
-    path = save_model_weights(tensors, cfg, output, name, source=str(folder.resolve()))
+    path = save_model_weights(described, cfg, output, name, source=str(folder.resolve()), load=load)
     return path, cfg
 
 

@@ -439,3 +439,49 @@ def test_hugging_face_import_of_bf16_weights_and_refusals(tmp_path, capsys):
         assert main(["convert", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+_STREAMED_IMPORT = r"""
+import json, resource, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from loom.convert import import_hf
+from loom.models.hf import hf_config_from_llama, hf_param_name
+from loom.models.llama import LlamaConfig, build_model
+
+folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = LlamaConfig(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=4096, vocab_size=8192)
+folder.mkdir()
+(folder / "config.json").write_text(json.dumps(hf_config_from_llama(cfg, "bfloat16")))
+weight_map, largest, total = {}, 0, 0
+for i, (name, p) in enumerate(build_model(cfg, "meta").named_parameters()):  # one file per tensor
+    t = torch.full(p.shape, float(i % 7), dtype=torch.bfloat16)
+    save_file({hf_param_name(name): t}, str(folder / f"w{i:03d}.safetensors"))
+    weight_map[hf_param_name(name)] = f"w{i:03d}.safetensors"
+    largest, total = max(largest, t.nbytes), total + t.nbytes
+    del t
+(folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import_hf(folder, out)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(json.dumps({"grew": grew, "largest": largest, "total": total}))
+"""
+
+
+def test_hugging_face_import_streams_one_tensor_at_a_time(tmp_path):
+    """Importing a 302 MB (bf16) model grows the process by about its largest tensor (16 MB), not
+    by the model; the checkpoint holds every tensor."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _STREAMED_IMPORT, str(tmp_path / "hf"), str(tmp_path / "ck")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["total"] > 15 * m["largest"]
+    assert m["grew"] < 4 * m["largest"], m  # holding the model would grow by m["total"]
+    from loom.train.checkpoint_files import checkpoint_tensor_shapes
+
+    assert len(checkpoint_tensor_shapes(tmp_path / "ck")) == 8 * 9 + 3

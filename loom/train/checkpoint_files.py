@@ -304,10 +304,14 @@ def load_model_weights(path: str | Path, model: nn.Module) -> dict:
 
 
 def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | Path, model_name: str,
-                       source: str) -> Path:
+                       source: str, load=None) -> Path:
     """Write a weights-only checkpoint (what `loom convert --from-hf` produces) at `path`, through
     the same temporary-folder-then-rename as training checkpoints. `tensors` maps loom parameter
-    names to full tensors (any float dtype: they load into the run's fp32 master weights)."""
+    names to tensors (any float dtype: they load into the run's fp32 master weights).
+
+    With load(name) -> tensor, `tensors` need only describe the tensors (meta tensors of the
+    right shape and dtype): each is loaded when it is written and dropped after, one file per
+    tensor, so memory stays near the largest tensor whatever the model's size."""
     import torch.distributed.checkpoint as dcp
 
     final = Path(path)
@@ -316,14 +320,30 @@ def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
+    # DCP keeps every tensor of a file until the file is written: one file per tensor streams.
+    writer = dcp.FileSystemWriter(tmp, single_file_per_rank=load is None, thread_count=1)
     with quiet_single_process():
-        dcp.save({"model": tensors}, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+        dcp.save({"model": tensors}, storage_writer=writer, planner=_loading_planner(load), no_dist=True)
     files = {str(f.relative_to(tmp)): file_record(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     manifest = {"format": FORMAT, "step": 0, "contents": ["model"], "model": model_fields(model_cfg),
                 "model_name": model_name, "source": source, "dtype": ",".join(dtypes), "files": files}
     publish_folder(tmp, final, manifest)
     return final
+
+
+def _loading_planner(load):
+    """DCP's save planner, which with load(name) reads each model tensor only when DCP writes it."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    if load is None:
+        return DefaultSavePlanner()
+
+    class LoadingPlanner(DefaultSavePlanner):
+        def lookup_object(self, index):
+            return load(index.fqn.removeprefix("model."))
+
+    return LoadingPlanner()
 
 
 def checkpoint_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
