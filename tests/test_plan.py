@@ -27,8 +27,8 @@ def test_memory_of_a_4d_layout_by_hand():
     stage = 4 * block + root  # layers 4-7
     per_device = stage / 4  # FSDP over dp x cp = 4
     assert m.parameters == pytest.approx(4 * per_device)
-    # Under a pipeline FSDP also accumulates the stage's gradients unsharded, in fp32.
-    assert m.gradients == pytest.approx(4 * per_device + 4 * stage)
+    # zero=3 reduce-scatters the gradients after every micro-batch, pipeline or not.
+    assert m.gradients == pytest.approx(4 * per_device)
     assert m.optimizer == pytest.approx(8 * per_device)
     # ... and keeps every unit of the stage gathered (bf16) from the first forward to the last backward.
     assert m.fsdp_buffers == pytest.approx(2 * stage)
@@ -50,8 +50,11 @@ def test_memory_of_a_4d_layout_by_hand():
     first = rank_memory(CFG, lay, spec, 0)
     assert first.activations == pytest.approx(4 * 2048 * per_token * 2)  # pp = 2 micro-batches in flight
     assert memory_breakdown(CFG, lay, spec).total == max(m.total, first.total)
-    # zero=1 changes nothing under a pipeline (the schedule already keeps units gathered).
-    assert rank_memory(CFG, dataclasses.replace(lay, zero=1), spec, 1) == m
+    # zero=1 (and zero-bubble's split backward) accumulate the stage's gradients unsharded, in fp32.
+    for other in (dataclasses.replace(lay, zero=1), dataclasses.replace(lay, pp_schedule="zero-bubble")):
+        grown = rank_memory(CFG, other, spec, 1)
+        assert grown.gradients == pytest.approx(4 * per_device + 4 * stage)
+        assert grown.fsdp_buffers == m.fsdp_buffers
 
 
 def test_memory_of_data_parallel_fp32_selective_by_hand():

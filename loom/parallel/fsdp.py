@@ -14,9 +14,10 @@ the output layer; the root holds no parameter of its own. Two sharding modes (pa
   (accumulated in fp32), through all micro-batches of a step; one reduce-scatter of the
   gradients after the last one. More memory, one gather and one reduce-scatter per step.
 Under pipeline parallelism a stage runs many micro-batches between a forward and its backward:
-parameters are never freed after forward (no re-gather per micro-batch), and the pipeline
-schedule itself keeps gradients unsharded until a stage's last backward (torch.distributed.
-pipelining's FSDP integration), so both modes run the zero=1 pattern there.
+parameters stay gathered from a stage's first forward to its last backward in both modes (no
+re-gather per micro-batch). Gradients follow the mode: zero=1 accumulates them unsharded
+(torch.distributed.pipelining's own behaviour), zero=3 reduce-scatters them after every
+micro-batch (loom's ReducingStage) except under zero-bubble, whose split backward keeps torch's.
 """
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from loom.parallel.dims import LayoutMesh, ParallelDims
 
 ZERO_MODES = (3, 1)
+
+
+def keeps_units_gathered(zero: int, pp: int) -> bool:
+    """Whether every FSDP unit stays gathered through a step's micro-batches."""
+    return zero == 1 or pp > 1
+
+
+def accumulates_unsharded_grads(zero: int, pp: int, pp_schedule: str) -> bool:
+    """Whether gradients accumulate unsharded (fp32) over a step's micro-batches, reduced once."""
+    return zero == 1 or (pp > 1 and pp_schedule == "zero-bubble")
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
@@ -54,7 +65,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dty
     # in one process (matmuls run in bf16 either way, under autocast).
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     units = fsdp_units(model)
-    reshard = zero == 3 and dims.pp == 1
+    reshard = not keeps_units_gathered(zero, dims.pp)
     for i, unit in enumerate(units):
         # The last unit's parameters are the first needed in backward: never freed in between.
         fully_shard(unit, mesh=fsdp_mesh, mp_policy=_policy_of(unit, model, policy),

@@ -58,15 +58,43 @@ def local_stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
 
 
 def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int,
-                   pp_group, device: torch.device, schedule: str, n_microbatches: int, loss_fn):
+                   pp_group, device: torch.device, schedule: str, n_microbatches: int, loss_fn,
+                   reduce_every_micro_batch: bool = False):
+    """The torch.distributed.pipelining schedule over this rank's stages. With
+    reduce_every_micro_batch (parallel.zero=3), FSDP stages reduce-scatter their gradients after
+    each micro-batch's backward instead of accumulating them unsharded (see ReducingStage)."""
     from torch.distributed import pipelining
 
-    stages = [
-        pipelining.PipelineStage(m, i, n_stages, device, group=pp_group)
-        for m, i in zip(stage_modules, stage_ids)
-    ]
+    stage_cls = reducing_stage_class() if reduce_every_micro_batch else pipelining.PipelineStage
+    stages = [stage_cls(m, i, n_stages, device, group=pp_group) for m, i in zip(stage_modules, stage_ids)]
     cls = getattr(pipelining, SCHEDULES[schedule])
     if schedule in MULTI_STAGE:
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
     (stage,) = stages
     return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+
+def reducing_stage_class():
+    """A PipelineStage whose FSDP module reduce-scatters after every micro-batch's full backward.
+
+    torch's stage turns FSDP's gradient reduction off for all but a stage's last backward, so
+    each micro-batch's gradients accumulate unsharded, in fp32, for the whole stage: 4 bytes per
+    parameter of the stage on every rank (Megatron's distributed-optimizer pattern, parallel.zero=1).
+    Under zero=3 this stage lets FSDP reduce-scatter every micro-batch into the sharded gradients
+    instead (parameters still stay gathered between a micro-batch's forward and backward). Split
+    backwards (zero-bubble's input and weight halves) keep torch's behaviour."""
+    from torch.distributed import pipelining
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.pipelining._backward import stage_backward
+
+    class ReducingStage(pipelining.PipelineStage):
+        def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+            if backward_type != "full" or not isinstance(self.submod, FSDPModule):
+                return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+            self.submod.set_is_last_backward(False)
+            self.submod.set_reshard_after_backward(False)
+            self.submod.set_requires_gradient_sync(True)
+            grads = stage_backward(bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"])
+            return grads, None
+
+    return ReducingStage

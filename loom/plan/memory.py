@@ -3,13 +3,15 @@
 Conventions (what loom does, see README):
 - fp32 master weights, fp32 gradients and two fp32 AdamW states: 16 bytes per parameter, sharded by
   FSDP over (dp_shard, cp), by tp for the block matrices, embedding and output layer (norm gains
-  are replicated over tp), and by pipeline stage. Under parallel.zero=1, and under any pipeline
-  (torch's schedules defer the reduce to a stage's last backward), FSDP also accumulates each
-  micro-batch's gradients unsharded in fp32: 4 more bytes per parameter of the stage.
+  are replicated over tp), and by pipeline stage. Under parallel.zero=1 (and zero-bubble
+  schedules, whose split backward defers the reduce to a stage's last backward), FSDP also
+  accumulates each micro-batch's gradients unsharded in fp32: 4 more bytes per parameter of the
+  stage.
 - FSDP units are the embedding (gathered in fp32), each block and the final norm with the output
   layer (compute dtype). zero=3 without a pipeline holds the last unit (kept for backward) and two
   others (current + prefetched) gathered, plus one block's unsharded fp32 gradients waiting for
-  their reduce-scatter; zero=1 or a pipeline holds every unit of the stage gathered.
+  their reduce-scatter; zero=1 or a pipeline holds every unit of the stage gathered (see
+  loom.parallel.fsdp).
 - Activations saved per layer and token of the local sequence shard (t = micro_batch * seq_len /
   cp tokens), e = bytes of the compute dtype, h = hidden, hk = kv heads x head dim, f = ffn, with
   sequence parallelism (sp = tp) the residual stream is sharded over tp:
@@ -34,6 +36,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from loom.models.llama import LlamaConfig
+from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.parallel.pipeline import stage_layers
 from loom.plan.hardware import GIB, HardwareSpec
 
@@ -180,11 +183,10 @@ def rank_memory(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, r: int) ->
 
     params = stage / shard
     gradients = 4 * params
-    whole = shard > 1 and (layout.zero == 1 or layout.pp > 1)  # every unit gathered, grads accumulated whole
-    if whole:
+    if shard > 1 and accumulates_unsharded_grads(layout.zero, layout.pp, layout.pp_schedule):
         gradients += 4 * stage
     fsdp = 0.0
-    if shard > 1 and whole:
+    if shard > 1 and keeps_units_gathered(layout.zero, layout.pp):
         fsdp = e * (stage - embedding) + 4 * embedding
     elif shard > 1:
         last_unit = (cfg.vocab_size * cfg.dim / layout.tp + cfg.dim) if holds_last else block

@@ -16,9 +16,9 @@ Work per micro-batch and pipeline stage, with t = micro_batch * seq_len / cp loc
   (pp - 1) / v extra micro-batch slots for 1F1B, GPipe and interleaved (v virtual stages), a third
   of that for zero-bubble.
 - FSDP over (dp_shard, cp): under parallel.zero=3 without a pipeline each micro-batch all-gathers
-  every parameter twice (forward, and again for backward) in the compute dtype and reduce-scatters
-  its gradients in fp32; under zero=1, and under any pipeline, parameters are gathered once and
-  gradients reduce-scattered once per step. The `dp_overlap` share of min(transfer, compute) is
+  every parameter twice (forward, and again for backward) in the compute dtype; under zero=1 or a
+  pipeline once per step. Gradients are reduce-scattered in fp32 after every micro-batch under
+  zero=3, once per step under zero=1 (and zero-bubble schedules). The `dp_overlap` share of min(transfer, compute) is
   hidden.
 - AdamW (and gradient clipping): memory-bound passes over the local fp32 states.
 Links: tp is innermost, so it is in a node when tp <= GPUs per node; cp when tp cp fits; FSDP
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from loom.metrics.flops import flops_per_token
 from loom.models.llama import LlamaConfig
+from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.plan.hardware import HardwareSpec
 from loom.plan.memory import DTYPE_BYTES, Layout, device_layers, block_params, stage_params
 
@@ -153,8 +154,8 @@ def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     shard = layout.dp * cp
     dp_s = 0.0
     if shard > 1:
-        per_micro_batch = layout.zero == 3 and pp == 1
-        gathers, reduces = (2 * layout.n_micro, layout.n_micro) if per_micro_batch else (1, 1)
+        gathers = 1 if keeps_units_gathered(layout.zero, pp) else 2 * layout.n_micro
+        reduces = 1 if accumulates_unsharded_grads(layout.zero, pp, layout.pp_schedule) else layout.n_micro
         gather = gathers * params * e * (shard - 1) / shard
         reduce = reduces * params * 4 * (shard - 1) / shard
         ops = (gathers + reduces) * (len(layers[slowest]) + 2)  # per unit: blocks, embedding, norm + output

@@ -6,7 +6,7 @@ on meta and lays it out exactly as a run would (`parallelize`: pipeline split, C
 recompute, FSDP units), then allocates its shards as fake tensors (nothing is allocated) and
 reads off, per rank:
 - parameters, gradients and AdamW states: the bytes of this rank's shards (fp32), plus the
-  unsharded fp32 gradients that parallel.zero=1 and pipeline schedules accumulate;
+  unsharded fp32 gradients that parallel.zero=1 (and zero-bubble schedules) accumulate;
 - FSDP's gathered parameters: the units gathered at once (all of them under zero=1 or a
   pipeline, else the last unit kept plus the current and the prefetched one);
 - activations: one micro-batch traced forward and backward under fake tensors, its saved
@@ -28,7 +28,7 @@ from loom.metrics.memory import LiveTensorBytes
 from loom.models.llama import build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
-from loom.parallel.fsdp import fsdp_units
+from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FSDP_AXES = ("dp_shard_cp", "dp_replicate")
@@ -125,17 +125,17 @@ def gathered_bytes(modules: list[nn.Module], dims: ParallelDims, zero: int, comp
             fp32 = unit is module.tok_embeddings  # gathered in fp32 (loom.parallel.fsdp)
             item = 4 if fp32 else torch.empty((), dtype=compute).element_size()
             sizes.append(sum(_tp_local_numel(p) for p in _unit_params(unit)) * item)
-    if zero == 1 or dims.pp > 1:
+    if keeps_units_gathered(zero, dims.pp):
         return sum(sizes)
     *others, last = sizes
     return last + 2 * max(others, default=0)
 
 
-def state_bytes(modules: list[nn.Module], dims: ParallelDims, zero: int) -> tuple[int, int, int]:
+def state_bytes(modules: list[nn.Module], dims: ParallelDims, parallel) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer states) of this rank, in bytes."""
     params = sum(_local(p).untyped_storage().nbytes() for m in modules for p in m.parameters())
     grads = params
-    if dims.dp * dims.cp > 1 and (zero == 1 or dims.pp > 1):  # unsharded fp32 accumulators
+    if dims.dp * dims.cp > 1 and accumulates_unsharded_grads(parallel.zero, dims.pp, parallel.pp_schedule):
         grads += sum(4 * _tp_local_numel(p) for m in modules for p in m.parameters())
     return params, grads, 2 * params
 
@@ -170,8 +170,9 @@ def trace_micro_batch(module: nn.Module, model_cfg, cfg, dims: ParallelDims, com
     """(activations saved by one micro-batch's forward, extra bytes its backward needs on top),
     the second of two micro-batches (the first allocates the persistent gradients)."""
     fsdp = dims.dp * dims.cp > 1
-    if fsdp and (cfg.parallel.zero == 1 or dims.pp > 1):  # what zero=1 / the pipeline schedule set
-        module.set_requires_gradient_sync(False)
+    p = cfg.parallel
+    if fsdp and keeps_units_gathered(p.zero, dims.pp):  # what zero=1 / the pipeline stage set
+        module.set_requires_gradient_sync(not accumulates_unsharded_grads(p.zero, dims.pp, p.pp_schedule))
         module.set_reshard_after_backward(False)
     autocast = torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32)
     saved = 0
@@ -245,7 +246,7 @@ def measure_rank(cfg, model_cfg, dims: ParallelDims, kind: str, rank: int, trace
         with FakeTensorMode(allow_non_fake_inputs=True):
             for module in modules:
                 module.to_empty(device="cpu")
-            params, grads, optim = state_bytes(modules, dims, cfg.parallel.zero)
+            params, grads, optim = state_bytes(modules, dims, cfg.parallel)
             row = RankMemory(kind, rank, stage_ids, params, grads, optim,
                              gathered_bytes(modules, dims, cfg.parallel.zero, compute))
             pp_group = mesh["pp"].get_group() if dims.pp > 1 else None

@@ -18,7 +18,7 @@ from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_b
 from loom.models.attention import document_positions
 from loom.models.llama import LlamaConfig, Transformer, build_model
 from loom.parallel.apply import materialize, parallelize
-from loom.parallel.fsdp import set_micro_batch
+from loom.parallel.fsdp import accumulates_unsharded_grads, set_micro_batch
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.checkpoint import Checkpointer, TrainState
@@ -152,6 +152,7 @@ class Trainer:
             self.pp_schedule = build_schedule(
                 modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(), self.device,
                 p.pp_schedule, n_micro, _stage_loss,
+                reduce_every_micro_batch=self.fsdp and not accumulates_unsharded_grads(p.zero, self.dims.pp, p.pp_schedule),
             )
         if t.compile:
             for module in modules:
