@@ -28,30 +28,35 @@ def _storage_of(t: torch.Tensor):
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Peak and current bytes of the tensor storages created while the mode is active."""
+    """Peak and current bytes of the tensor storages created while the mode is active.
+
+    Sizes are read again after every op, not only at creation: FSDP frees a gathered unit by
+    resizing its storage to 0 and gathers it again by resizing it back."""
 
     def __init__(self):
         super().__init__()
-        self.current = 0
         self.peak = 0
-        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+        self._storages: dict[int, weakref.ref] = {}
+
+    @property
+    def current(self) -> int:
+        total = 0
+        for ref in self._storages.values():
+            storage = ref()
+            if storage is not None:
+                total += storage.nbytes()
+        return total
 
     def count(self, tensor: torch.Tensor) -> None:
-        """Count `tensor`'s storage (once, until it is freed)."""
+        """Count `tensor`'s storage from now on (once, until it is freed)."""
         storage = _storage_of(tensor)
         if storage is None:
             return
         key = id(storage)
-        if key in self._seen and self._seen[key][0]() is storage:
+        known = self._storages.get(key)
+        if known is not None and known() is storage:
             return
-        nbytes = storage.nbytes()
-        self._seen[key] = (weakref.ref(storage, lambda _, k=key, n=nbytes: self._free(k, n)), nbytes)
-        self.current += nbytes
-        self.peak = max(self.peak, self.current)
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.pop(key, None)
-        self.current -= nbytes
+        self._storages[key] = weakref.ref(storage, lambda _, k=key: self._storages.pop(k, None))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -61,4 +66,5 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and id(_storage_of(t)) not in inputs:
                 self.count(t)
+        self.peak = max(self.peak, self.current)
         return out

@@ -4,8 +4,8 @@ Per block: column-parallel wq, wk, wv and w1, w3 (each rank computes a slice of 
 the hidden units), row-parallel wo and w2. With sequence parallelism the residual stream and the
 norms between them are sharded along the sequence: [B, L/tp, D] on each rank, all-gathered
 before the column-parallel matmuls and reduce-scattered after the row-parallel ones. The
-embedding is vocabulary-parallel; the output layer and the loss are vocabulary-parallel and fused
-(loom.parallel.vocab_parallel): no rank holds more than one chunk of its shard's logits.
+embedding, and the output layer with the loss, are vocabulary-parallel (loom.parallel.vocab_parallel):
+no rank holds more than one chunk of its shard's logits, nor the gradient of rows it does not hold.
 """
 from __future__ import annotations
 
@@ -19,21 +19,18 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from loom.parallel.vocab_parallel import apply_vocab_parallel_output
+from loom.parallel.vocab_parallel import apply_vocab_parallel_embedding, apply_vocab_parallel_output
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Shard `model` in place over tp_mesh (a 1-D DeviceMesh)."""
     # Between blocks: sequence-sharded with SP, replicated without.
     stream = Shard(1) if sequence_parallel else Replicate()
-    top = {}
     if model.tok_embeddings is not None:  # a pipeline stage may lack the embedding or the output
-        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
-    if model.output is not None and sequence_parallel:
-        top["norm"] = SequenceParallel()  # hands the output layer a sequence-sharded DTensor
-    if top:
-        parallelize_module(model, tp_mesh, top)
+        apply_vocab_parallel_embedding(model, tp_mesh, sequence_parallel)
     if model.output is not None:
+        if sequence_parallel:
+            parallelize_module(model, tp_mesh, {"norm": SequenceParallel()})  # a sequence-sharded DTensor out
         apply_vocab_parallel_output(model, tp_mesh)
     for block in model.layers.values():
         plan = {
