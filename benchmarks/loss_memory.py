@@ -12,8 +12,8 @@ Measured as the most bytes of tensors alive at once during the loss's forward an
 (LiveTensorBytes: the logits, their softmax, the gradients of h and of the weight), with the
 hidden states and the weight already in memory. At 32K tokens x 128K vocabulary the fp32 logits
 alone are 16 GiB, beyond this machine for two ranks, so the rank is simulated: rank 0 of a fake
-process group, on fake tensors (nothing allocated). A last row checks the method: the same
-measurement on real tensors at a smaller size gives the same bytes as on fake ones.
+process group, on fake tensors (nothing allocated), except tp's before (see main). A last line
+checks the method: the same measurement on real and fake tensors at a small size.
 """
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ def single_device(seq: int, vocab: int, dim: int, fused: bool, fake: bool) -> in
             torch.nn.functional.linear(h, w).flatten(0, 1).float(), labels.flatten()))
 
 
-def tensor_parallel(seq: int, vocab: int, dim: int, fused: bool) -> int:
+def tensor_parallel(seq: int, vocab: int, dim: int, fused: bool, fake: bool = True) -> int:
     """Rank 0 of tp=2 with sequence parallelism: h arrives sequence-sharded [1, seq/2, dim]."""
+    import contextlib
+
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
@@ -78,7 +80,7 @@ def tensor_parallel(seq: int, vocab: int, dim: int, fused: bool) -> int:
         parallelize_module(holder.output, mesh, ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
                                                                 use_local_output=False))
     labels = torch.zeros(1, seq, dtype=torch.long)  # real: loss_parallel's backward refuses fake targets
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         holder.to_empty(device="cpu")
         local = torch.randn(1, seq // 2, dim, requires_grad=True)
         h = DTensor.from_local(local, mesh, [Shard(1)], run_check=False)
@@ -102,22 +104,31 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     args = ap.parse_args()
     gib = 2**30
-    print(f"seq {args.seq:,} tokens x vocabulary {args.vocab:,}, hidden {args.dim}, fp32; peak bytes of the "
-          f"output layer + loss per rank (forward and backward)")
+    n, v, d = args.seq, args.vocab, args.dim
+    print(f"seq {n:,} tokens x vocabulary {v:,}, hidden {d}, fp32; peak bytes of the output layer + loss "
+          f"per rank (forward and backward)\n")
+    pp = [in_child_process(single_device, n, v, d, fused, True) for fused in (False, True)]
+    tp_after = in_child_process(tensor_parallel, n, v, d, True)
+    # torch's loss_parallel cannot run on fake tensors (its nll_loss backward refuses the plain
+    # total_weight fake tensors produce), and on real ones this rank's [N, V/2] logits and their
+    # softmax and gradient (~25 GB) exceed this machine: measure it on real tensors at smaller
+    # sizes, where it is bytes per (token x local vocabulary entry) to within the h and weight
+    # gradients, and scale.
+    small = [(4096, 16384), (8192, 16384), (8192, 32768)]
+    measured = [(sn, sv, in_child_process(tensor_parallel, sn, sv, d, False, False)) for sn, sv in small]
+    per_entry = [b / (sn * sv / 2) for sn, sv, b in measured]
+    tp_before = per_entry[-1] * n * v / 2
     print("| layout | before | after | after / before |")
     print("|---|---:|---:|---:|")
-    rows = {
-        "tp=2 (rank 0, vocabulary-parallel)": [in_child_process(tensor_parallel, args.seq, args.vocab, args.dim, fused)
-                                               for fused in (False, True)],
-        "pp=2 (last stage)": [in_child_process(single_device, args.seq, args.vocab, args.dim, fused, True)
-                              for fused in (False, True)],
-    }
-    for name, (before, after) in rows.items():
-        print(f"| {name} | {before / gib:.2f} GiB | {after / gib:.3f} GiB | {after / before:.3f} |")
-    small = (2048, 8192, 256)
-    real = [single_device(*small, fused, False) for fused in (False, True)]
-    fake = [single_device(*small, fused, True) for fused in (False, True)]
-    print(f"\nmethod check at seq {small[0]}, vocabulary {small[1]}, hidden {small[2]} (one device): real tensors "
+    print(f"| pp=2 (last stage) | {pp[0] / gib:.2f} GiB | {pp[1] / gib:.3f} GiB | {pp[1] / pp[0]:.3f} |")
+    print(f"| tp=2 (rank 0, vocabulary-parallel) | {tp_before / gib:.2f} GiB (scaled) | {tp_after / gib:.3f} GiB | "
+          f"{tp_after / tp_before:.3f} |")
+    print("\ntp=2 before, measured on real tensors (hidden %d): %s bytes per token x local vocabulary entry"
+          % (d, ", ".join(f"seq {sn:,} x vocab {sv:,}: {pe:.2f}" for (sn, sv, _), pe in zip(measured, per_entry))))
+    check = (2048, 8192, 256)
+    real = [single_device(*check, fused, False) for fused in (False, True)]
+    fake = [single_device(*check, fused, True) for fused in (False, True)]
+    print(f"method check at seq {check[0]}, vocabulary {check[1]}, hidden {check[2]} (one device): real tensors "
           f"{real[0]:,} / {real[1]:,} bytes (before / after), fake tensors {fake[0]:,} / {fake[1]:,}")
 
 

@@ -222,3 +222,26 @@ tp = 3
     r = subprocess.run([sys.executable, "-m", "loom", "bench", "--grid", str(grid), "--out", str(out),
                         "--compare-only"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "2 layouts" not in r.stderr and (out / "compare_plan.md").exists(), r.stderr
+
+
+def test_groups_that_cross_nodes_and_zero_modes_cost_what_they_move():
+    """A tp group or cp ring larger than a node runs over the inter-node link; zero=3 gathers
+    every micro-batch's parameters again and reduce-scatters every micro-batch, zero=1 once."""
+    from loom.plan.timing import step_time
+
+    spec = get_spec("h100-sxm-80gb")  # 8 GPUs per node
+    cfg = LlamaConfig(dim=8192, n_layers=16, n_heads=64, n_kv_heads=16, ffn_dim=28672, vocab_size=32000)
+    inside = step_time(cfg, Layout(tp=8, cp=1, pp=1, dp=2, micro_batch=1, seq_len=8192, global_batch=16), spec)
+    across = step_time(cfg, Layout(tp=16, cp=1, pp=1, dp=1, micro_batch=1, seq_len=8192, global_batch=16), spec)
+    # tp=16 moves 15/16 instead of 7/8 of each [t, dim] per collective, but over a ~9x slower link.
+    assert across.tp_comm > 5 * inside.tp_comm * (15 / 16) / (7 / 8)
+    ring_inside = step_time(cfg, Layout(tp=4, cp=2, pp=1, dp=2, micro_batch=1, seq_len=8192, global_batch=16), spec)
+    ring_across = step_time(cfg, Layout(tp=8, cp=2, pp=1, dp=1, micro_batch=1, seq_len=8192, global_batch=16), spec)
+    # Under tp=8 each rank sends half the KV bytes of tp=4, but its ring spans 16 GPUs: 2 nodes.
+    assert ring_across.cp_comm > ring_inside.cp_comm
+
+    lay = Layout(tp=8, cp=1, pp=1, dp=4, micro_batch=1, seq_len=8192, global_batch=32)  # 8 micro-batches
+    z3, z1 = step_time(cfg, lay, spec), step_time(cfg, dataclasses.replace(lay, zero=1), spec)
+    assert z3.dp_comm > 2 * z1.dp_comm
+    m3, m1 = memory_breakdown(cfg, lay, spec), memory_breakdown(cfg, dataclasses.replace(lay, zero=1), spec)
+    assert m1.gradients > m3.gradients and m1.fsdp_buffers > m3.fsdp_buffers
