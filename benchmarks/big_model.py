@@ -34,7 +34,10 @@ MODEL = ["--model.name=small", "--model.n_layers=48", "--model.dim=1024", "--mod
 LAYOUTS = {
     "dp_shard8": ["--parallel.dp_shard=8", "--parallel.pp=1"],
     "tp2_pp2_dp_shard2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"],
+    # torch's own pipeline behaviour: every micro-batch's gradients accumulated unsharded in fp32
+    "tp2_pp2_dp_shard2_zero1": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2", "--parallel.zero=1"],
 }
+DEFAULT_LAYOUTS = "dp_shard8,tp2_pp2_dp_shard2"
 
 
 def train(name: str, layout: list[str], nproc: int, steps: int, out: Path) -> dict:
@@ -59,7 +62,7 @@ def train(name: str, layout: list[str], nproc: int, steps: int, out: Path) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"any of {', '.join(LAYOUTS)}")
     ap.add_argument("--no-reference", action="store_true", help="skip the one-process run (10 GB)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))

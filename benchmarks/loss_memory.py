@@ -12,8 +12,9 @@ Measured as the most bytes of tensors alive at once during the loss's forward an
 (LiveTensorBytes: the logits, their softmax, the gradients of h and of the weight), with the
 hidden states and the weight already in memory. At 32K tokens x 128K vocabulary the fp32 logits
 alone are 16 GiB, beyond this machine for two ranks, so the rank is simulated: rank 0 of a fake
-process group, on fake tensors (nothing allocated), except tp's before (see main). A last line
-checks the method: the same measurement on real and fake tensors at a small size.
+process group, on fake tensors (nothing allocated). The last lines check the method: the same
+measurement on real and on fake tensors at a size that fits (torch's loss_parallel allocates one
+more [N, V/tp] buffer on real tensors than its fake-tensor kernels account for).
 """
 from __future__ import annotations
 
@@ -88,12 +89,11 @@ def tensor_parallel(seq: int, vocab: int, dim: int, fused: bool, fake: bool = Tr
             return _loss_peak(lambda: holder.output(h, labels))
 
         def before():
-            with loss_parallel():
-                logits = holder.output(h)  # [1, seq, V/tp], sharded over the vocabulary
-                return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            logits = holder.output(h)  # [1, seq, V/tp], sharded over the vocabulary
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
-        with loss_parallel():  # its backward must run inside it too; the upstream gradient as a
-            # DTensor (under fake tensors autograd's implicit one comes out a plain tensor)
+        with loss_parallel():  # forward and backward inside it (it must not be nested); the
+            # upstream gradient as a DTensor (on fake tensors autograd's implicit one is plain)
             return _loss_peak(before, DTensor.from_local(torch.ones(()), mesh, [Replicate()], run_check=False))
 
 
@@ -106,30 +106,21 @@ def main() -> None:
     gib = 2**30
     n, v, d = args.seq, args.vocab, args.dim
     print(f"seq {n:,} tokens x vocabulary {v:,}, hidden {d}, fp32; peak bytes of the output layer + loss "
-          f"per rank (forward and backward)\n")
-    pp = [in_child_process(single_device, n, v, d, fused, True) for fused in (False, True)]
-    tp_after = in_child_process(tensor_parallel, n, v, d, True)
-    # torch's loss_parallel cannot run on fake tensors (its nll_loss backward refuses the plain
-    # total_weight fake tensors produce), and on real ones this rank's [N, V/2] logits and their
-    # softmax and gradient (~25 GB) exceed this machine: measure it on real tensors at smaller
-    # sizes, where it is bytes per (token x local vocabulary entry) to within the h and weight
-    # gradients, and scale.
-    small = [(4096, 16384), (8192, 16384), (8192, 32768)]
-    measured = [(sn, sv, in_child_process(tensor_parallel, sn, sv, d, False, False)) for sn, sv in small]
-    per_entry = [b / (sn * sv / 2) for sn, sv, b in measured]
-    tp_before = per_entry[-1] * n * v / 2
+          f"per rank (forward and backward), counted on fake tensors\n")
     print("| layout | before | after | after / before |")
     print("|---|---:|---:|---:|")
-    print(f"| pp=2 (last stage) | {pp[0] / gib:.2f} GiB | {pp[1] / gib:.3f} GiB | {pp[1] / pp[0]:.3f} |")
-    print(f"| tp=2 (rank 0, vocabulary-parallel) | {tp_before / gib:.2f} GiB (scaled) | {tp_after / gib:.3f} GiB | "
-          f"{tp_after / tp_before:.3f} |")
-    print("\ntp=2 before, measured on real tensors (hidden %d): %s bytes per token x local vocabulary entry"
-          % (d, ", ".join(f"seq {sn:,} x vocab {sv:,}: {pe:.2f}" for (sn, sv, _), pe in zip(measured, per_entry))))
-    check = (2048, 8192, 256)
-    real = [single_device(*check, fused, False) for fused in (False, True)]
-    fake = [single_device(*check, fused, True) for fused in (False, True)]
-    print(f"method check at seq {check[0]}, vocabulary {check[1]}, hidden {check[2]} (one device): real tensors "
-          f"{real[0]:,} / {real[1]:,} bytes (before / after), fake tensors {fake[0]:,} / {fake[1]:,}")
+    runs = {"pp=2 (last stage)": lambda fused, fake, *size: single_device(*size, fused, fake),
+            "tp=2 (rank 0, vocabulary-parallel)": lambda fused, fake, *size: tensor_parallel(*size, fused, fake)}
+    for name, run in runs.items():
+        before, after = (in_child_process(run, fused, True, n, v, d) for fused in (False, True))
+        print(f"| {name} | {before / gib:.2f} GiB | {after / gib:.3f} GiB | {after / before:.3f} |")
+    small = (8192, 32768, 1024)
+    print(f"\nmethod check, real against fake tensors at seq {small[0]:,}, vocabulary {small[1]:,}, hidden "
+          f"{small[2]} (bytes):")
+    for name, run in runs.items():
+        for fused in (False, True):
+            real, fake = (in_child_process(run, fused, f, *small) for f in (False, True))
+            print(f"- {name}, {'after' if fused else 'before'}: real {real:,}, fake {fake:,} ({real / fake:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ Conventions (what loom does, see README):
       attention output (the out-projection input)   e h / tp   (+ fp32 log-sum-exp, 4 heads / tp)
       gate, up and SwiGLU outputs                   3 e f / tp
   `selective` recompute drops the normed inputs and the SwiGLU product; `full` keeps only each
-  layer's input (4 h / sp) plus one layer's activations during its backward.
+  layer's input (4 h / sp) per micro-batch in flight, plus one layer's activations during its
+  backward (once, not per micro-batch).
 - Pipeline: the first stage holds the most micro-batches in flight: min(pp, micro-batches) for
   1F1B (x (1 + (pp - 1) / (pp v)) interleaved), all of them for GPipe; 1 without pipelining.
 - Output layer and loss, fused and chunked in every layout (vocabulary-parallel under tp): one
@@ -193,15 +194,15 @@ def rank_memory(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, r: int) ->
         others = [block] * (n_layers - (0 if holds_last else 1))
         fsdp = e * last_unit + 2 * max([e * x for x in others] + [4 * embedding]) + 4 * block
 
-    if layout.recompute == "full":
-        acts = n_layers * t * 4 * cfg.dim / sp + t * activation_bytes_per_token(
-            cfg, dataclasses.replace(layout, recompute="none"))
-    else:
-        acts = n_layers * t * activation_bytes_per_token(cfg, layout)
     # Stage r of 1F1B keeps pp - r micro-batches in flight.
     in_flight = in_flight_micro_batches(layout) if layout.pp == 1 else max(
         1.0, in_flight_micro_batches(layout) * (layout.pp - r) / layout.pp)
-    acts *= in_flight
+    if layout.recompute == "full":  # each layer's input per micro-batch in flight, plus the one
+        # layer being recomputed (once: it exists only during that layer's backward)
+        acts = n_layers * t * 4 * cfg.dim / sp * in_flight + t * activation_bytes_per_token(
+            cfg, dataclasses.replace(layout, recompute="none"))
+    else:
+        acts = n_layers * t * activation_bytes_per_token(cfg, layout) * in_flight
     logits = 0.0
     if holds_last:
         vocab_local = cfg.vocab_size / layout.tp
