@@ -492,3 +492,30 @@ def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
                "loom_rms_norm_backward", "loom_swiglu_forward", "loom_swiglu_backward", "loom_rope",
                "loom_softmax_cross_entropy"}
     assert called == (kernels if library.available() else set())
+
+
+def test_vocab_parallel_loss_equals_the_fused_loss():
+    """The vocabulary-parallel loss on one shard of the whole vocabulary (a one-rank group) is
+    the fused loss: ignored labels, several chunks, an upstream gradient other than 1."""
+    import torch.distributed as dist
+
+    from loom.models.loss import linear_cross_entropy
+    from loom.parallel.vocab_parallel import vocab_parallel_cross_entropy
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        h = torch.randn(2, 300, 16)
+        w = torch.randn(50_000, 16)  # 8 MiB chunks of 50,000 fp32 logits -> 41 tokens each
+        labels = torch.randint(0, 50_000, (2, 300))
+        labels[0, ::7] = -100
+        grads = []
+        for loss_fn in (lambda a, b: linear_cross_entropy(a, b, labels),
+                        lambda a, b: vocab_parallel_cross_entropy(a, b, labels, 0, dist.group.WORLD)):
+            a, b = h.clone().requires_grad_(), w.clone().requires_grad_()
+            loss = loss_fn(a, b)
+            (2.5 * loss).backward()
+            grads.append((loss.detach(), a.grad, b.grad))
+        for x, y in zip(*grads):  # fp32 sums in other orders (one kernel against torch's ops)
+            assert_rel_close(y, x, 1e-5)
+    finally:
+        dist.destroy_process_group()

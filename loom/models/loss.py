@@ -55,51 +55,72 @@ def take_saved_grads(ctx) -> tuple:
     return grads
 
 
+def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype, want_grads: bool,
+                        loss_of_chunk) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The loop of every fused loss: hidden [N, D], weight [V', D] (the vocabulary or this rank's
+    shard of it), chunk by chunk of tokens: logits [c, V'] in fp32, then
+    loss_of_chunk(logits, start, end) -> the chunk's summed loss, which with want_grads also
+    overwrites the logits with d(mean loss)/d(logits); then the chunk's share of the gradients.
+    Returns (summed loss, grad of hidden [N, D], grad of weight [V', D] fp32) (None, None
+    without want_grads)."""
+    n = hidden.shape[0]
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    grad_h = torch.empty_like(hidden) if want_grads else None
+    grad_w = None
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    step = chunk_tokens(n, weight.shape[0], hidden.device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        hc = h[start:end]
+        logits = matmul(hc, w.t()).float()  # [c, V']
+        loss += loss_of_chunk(logits, start, end)
+        if want_grads:
+            g = logits.to(compute_dtype)  # d(mean loss)/d logits
+            grad_h[start:end] = matmul(g, w)
+            if grad_w is None:
+                grad_w = matmul(g.t(), hc).float()  # [V', D]; no zero-filled start
+            elif g.dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), hc)  # no [V', D] temporary per chunk
+            else:
+                grad_w.add_(matmul(g.t(), hc))
+    return loss, grad_h, grad_w
+
+
+def upstream_scaled_grads(ctx, grad_loss: torch.Tensor) -> tuple:
+    """A fused loss's backward: its gradients (computed in forward, kept on ctx) times the
+    upstream gradient, for (hidden, weight). A plain CPU upstream gradient of 1 (the usual
+    loss.backward()) needs no pass; elsewhere (GPUs, where .item() would synchronize; fake
+    tensors, which have no value) they are multiplied."""
+    grad_h, grad_w = take_saved_grads(ctx)
+    if not (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+        grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = grad_w * grad_loss
+    gh = grad_h if ctx.needs_input_grad[0] else None
+    gw = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    return gh, gw
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, compute_dtype):
-        n = hidden.shape[0]
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         # Gradients are of the mean loss from the start, so that backward has nothing left to
         # do for the usual upstream gradient of 1 (no pass over a [V, D] gradient).
         grad_scale = 1.0 / n_valid.float()
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        h = hidden.to(compute_dtype)
-        w = weight.to(compute_dtype)
-        grad_h = torch.empty_like(hidden) if want_grads else None
-        grad_w = None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = chunk_tokens(n, weight.shape[0], hidden.device)
-        for start in range(0, n, step):
-            end = min(n, start + step)
-            hc = h[start:end]
-            logits = matmul(hc, w.t()).float()  # [c, V]
-            loss += _softmax_cross_entropy_(logits, labels[start:end], grad_scale, want_grads).sum()
-            if want_grads:
-                g = logits.to(compute_dtype)  # d(mean loss)/d logits
-                grad_h[start:end] = matmul(g, w)
-                if grad_w is None:
-                    grad_w = matmul(g.t(), hc).float()  # [V, D]; no zero-filled start
-                elif g.dtype == grad_w.dtype:
-                    grad_w.addmm_(g.t(), hc)  # no [V, D] temporary per chunk
-                else:
-                    grad_w.add_(matmul(g.t(), hc))
+
+        def loss_of_chunk(logits, start, end):
+            return _softmax_cross_entropy_(logits, labels[start:end], grad_scale, want_grads).sum()
+
+        loss, grad_h, grad_w = chunked_linear_loss(hidden, weight, compute_dtype, want_grads, loss_of_chunk)
         # Kept on ctx, not saved tensors, so that backward can hand them over without a copy.
         ctx.grads = (grad_h, grad_w)
         return loss * grad_scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = take_saved_grads(ctx)
-        # A plain CPU upstream gradient of 1 (the usual loss.backward()) needs no pass; elsewhere
-        # (GPUs, where .item() would synchronize; fake tensors, which have no value) multiply.
-        if not (type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-            grad_w = grad_w * grad_loss
-        gh = grad_h if ctx.needs_input_grad[0] else None
-        gw = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        return (*upstream_scaled_grads(ctx, grad_loss), None, None)
 
 
 def compute_dtype_of(hidden: torch.Tensor) -> torch.dtype:

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from loom.models.loss import IGNORE_INDEX, chunk_tokens, compute_dtype_of, take_saved_grads
-from loom.models.matmul import linear, matmul
+from loom.models.loss import IGNORE_INDEX, chunked_linear_loss, compute_dtype_of, upstream_scaled_grads
+from loom.models.matmul import linear
 
 
 def _chunk_statistics(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group) -> tuple:
@@ -54,52 +54,38 @@ def _chunk_statistics(logits: torch.Tensor, labels: torch.Tensor, vocab_start: i
     return global_max, global_sum, stats[:, 2].sum(dim=0), local_max, index, owned
 
 
+def _chunk_loss_(logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor, want_grads: bool,
+                 vocab_start: int, group) -> torch.Tensor:
+    """logits [c, V/tp] fp32 of this rank's vocabulary shard, labels [c] global ids -> the
+    chunk's summed loss; with want_grads the logits become d(mean loss)/d(logits)."""
+    valid = labels != IGNORE_INDEX
+    gmax, gsum, target, lmax, index, owned = _chunk_statistics(logits, labels, vocab_start, group)
+    if want_grads:  # logits now hold exp(logit - local max): rescale to softmax, subtract the target
+        logits.mul_(((lmax - gmax).exp() / gsum * grad_scale * valid)[:, None])
+        logits.scatter_add_(1, index, -(grad_scale * (owned & valid))[:, None])
+    return ((gmax + gsum.log() - target) * valid).sum()
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean loss over the valid tokens; gradients computed in forward, as in loom.models.loss."""
+    """Mean loss over the valid tokens; gradients computed in forward, as in loom.models.loss.
+    The hidden states' gradient is a partial sum over the vocabulary shards."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start: int, group, compute_dtype):
-        n = hidden.shape[0]
-        valid = labels != IGNORE_INDEX
-        grad_scale = 1.0 / valid.sum().clamp(min=1).float()
+        grad_scale = 1.0 / (labels != IGNORE_INDEX).sum().clamp(min=1).float()
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        grad_h = torch.empty_like(hidden) if want_grads else None
-        grad_w = None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        step = chunk_tokens(n, weight.shape[0], hidden.device)
-        for start in range(0, n, step):
-            end = min(n, start + step)
-            hc, ok = h[start:end], valid[start:end]
-            logits = matmul(hc, w.t()).float()  # [c, V/tp]
-            gmax, gsum, target, lmax, index, owned = _chunk_statistics(logits, labels[start:end], vocab_start, group)
-            loss += ((gmax + gsum.log() - target) * ok).sum()
-            if not want_grads:
-                continue
-            # logits now hold exp(logit - local max): rescale to softmax, subtract the target.
-            row_scale = (lmax - gmax).exp() / gsum * grad_scale * ok
-            logits.mul_(row_scale[:, None])
-            logits.scatter_add_(1, index, -(grad_scale * (owned & ok))[:, None])
-            g = logits.to(compute_dtype)
-            grad_h[start:end] = matmul(g, w)  # a partial sum over the vocabulary shards
-            if grad_w is None:
-                grad_w = matmul(g.t(), hc).float()
-            elif g.dtype == grad_w.dtype:
-                grad_w.addmm_(g.t(), hc)
-            else:
-                grad_w.add_(matmul(g.t(), hc))
+
+        def loss_of_chunk(logits, start, end):
+            return _chunk_loss_(logits, labels[start:end], grad_scale, want_grads, vocab_start, group)
+
+        loss, grad_h, grad_w = chunked_linear_loss(hidden, weight, compute_dtype, want_grads, loss_of_chunk)
         ctx.grads = (grad_h, grad_w)
         return loss * grad_scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = take_saved_grads(ctx)
-        grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        grad_w = grad_w * grad_loss
-        gh = grad_h if ctx.needs_input_grad[0] else None
-        gw = grad_w.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None
+        return (*upstream_scaled_grads(ctx, grad_loss), None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
