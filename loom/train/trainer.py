@@ -1,4 +1,5 @@
-"""Trainer for one process or one torchrun rank: materialize, init, apply the layout, step loop."""
+"""Trainer for one process or one torchrun rank: build on meta, apply the layout, allocate and
+initialize the local shards, then a short loop over a step function."""
 from __future__ import annotations
 
 import contextlib
@@ -107,26 +108,13 @@ class Trainer:
 
     def __init__(self, cfg: Config, model_cfg: LlamaConfig, progress: bool = True):
         self.cfg, self.model_cfg = cfg, model_cfg
-        t, p = cfg.train, cfg.parallel
+        t = cfg.train
         self.device = resolve_device(t.device)
         self.dtype = DTYPES[t.dtype]
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.dims = ParallelDims.from_section(p, self.world_size)
-        self.mesh = None
-        self.rank = self.dp_rank = self.cp_rank = 0
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.rank = dist.get_rank()
-            self.mesh = self.dims.build_mesh(self.device.type)
-            self.dp_rank = self.mesh["dp"].get_local_rank()
-            self.cp_rank = self.mesh["cp"].get_local_rank()
+        self.dims = ParallelDims.from_section(cfg.parallel, self.world_size)
+        self._join_process_group()
         self.progress = progress and self.rank == 0
-
         if self.device.type == "cpu":
             # Build (first run on this machine) or load loom's CPU kernels before any step is
             # timed; where they cannot run, PyTorch's ops do the work and the summary says why.
@@ -134,34 +122,10 @@ class Trainer:
         else:
             self.kernels = "PyTorch CUDA ops (SDPA flash / memory-efficient attention)"
         torch.manual_seed(t.seed)
-        # Built and laid out on meta; each rank then allocates and initializes only its shards,
-        # with the values of one process (loom.parallel.init), so every layout starts alike.
-        self.model = build_model(model_cfg, "meta")
-        self.pp = self.mesh is not None and self.dims.pp > 1
-        self.tp = self.mesh is not None and self.dims.tp > 1
-        self.cp = self.dims.cp if self.mesh is not None else 1
-        self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
-        modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
-        self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
-        if self.pp:
-            from loom.parallel.pipeline import build_schedule
-
-            self.model = torch.nn.ModuleList(modules)  # what the optimizer and clipping see
-            self.n_stages = self.dims.pp * p.pp_virtual_stages
-            n_micro = t.global_batch // self.dims.dp // t.micro_batch
-            self.pp_schedule = build_schedule(
-                modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(), self.device,
-                p.pp_schedule, n_micro, _stage_loss,
-                reduce_every_micro_batch=self.fsdp and not accumulates_unsharded_grads(p.zero, self.dims.pp, p.pp_schedule),
-            )
-        if t.compile:
-            for module in modules:
-                for block in module.layers.values():
-                    block.compile()
+        self._build_model()
         # One AdamW per model part (pipeline stage), so that optimizer states are saved under the
         # full model's parameter names and load under any other pipeline split.
-        self.parts = modules
-        self.optimizers = [build_optimizer(m, t) for m in modules]
+        self.optimizers = [build_optimizer(m, t) for m in self.parts]
 
         self.train_data, self.val_data = open_splits(cfg.data.path, t.seq_len, progress=self.progress)
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
@@ -177,6 +141,52 @@ class Trainer:
         self.resumed_from = resume
         if resume is not None:
             self.state = self.checkpointer.load(resume)
+
+    def _join_process_group(self) -> None:
+        """Under torchrun: the process group and the layout's DeviceMesh; this rank's place."""
+        self.mesh = None
+        self.rank = self.dp_rank = self.cp_rank = 0
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank()
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.cp_rank = self.mesh["cp"].get_local_rank()
+
+    def _build_model(self) -> None:
+        """Built and laid out on meta; each rank then allocates and initializes only its shards,
+        with the values of one process (loom.parallel.init), so every layout starts alike.
+        Sets self.model (the model, or its stages as a ModuleList), self.parts (the stages) and,
+        under pipeline parallelism, self.pp_schedule."""
+        t, p = self.cfg.train, self.cfg.parallel
+        self.model = build_model(self.model_cfg, "meta")
+        self.pp = self.mesh is not None and self.dims.pp > 1
+        self.tp = self.mesh is not None and self.dims.tp > 1
+        self.cp = self.dims.cp if self.mesh is not None else 1
+        self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
+        modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
+        self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
+        if self.pp:
+            from loom.parallel.pipeline import build_schedule
+
+            self.model = torch.nn.ModuleList(modules)  # what the optimizer and clipping see
+            self.n_stages = self.dims.pp * p.pp_virtual_stages
+            n_micro = t.global_batch // self.dims.dp // t.micro_batch
+            reduce_each = self.fsdp and not accumulates_unsharded_grads(p.zero, self.dims.pp, p.pp_schedule)
+            self.pp_schedule = build_schedule(modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(),
+                                              self.device, p.pp_schedule, n_micro, _stage_loss,
+                                              reduce_every_micro_batch=reduce_each)
+        if t.compile:
+            for module in modules:
+                for block in module.layers.values():
+                    block.compile()
+        self.parts = modules
 
     def _agreed(self, value):
         """Rank 0's value on every rank (so all ranks resume from the same checkpoint)."""
