@@ -242,7 +242,7 @@ def memory_worker(args) -> None:
     import torch.distributed as dist
 
     from loom.models.registry import get_model_config
-    from loom.models.llama import build_model
+    from loom.models.transformer import build_model
     from loom.parallel.context import apply_context_parallel, shard_index
 
     torch.set_num_threads(1)

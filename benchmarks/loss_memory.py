@@ -67,7 +67,7 @@ def tensor_parallel(seq: int, vocab: int, dim: int, fused: bool, fake: bool = Tr
     from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from loom.models.llama import OutputLayer
+    from loom.models.transformer import OutputLayer
     from loom.parallel.vocab_parallel import apply_vocab_parallel_output
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)

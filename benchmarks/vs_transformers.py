@@ -33,12 +33,12 @@ from loom.metrics.flops import flops_per_token
 from loom.metrics.meter import cpu_peak_flops, measure_matmul_flops
 from loom.models import matmul as matmul_module
 from loom.models.hf import hf_param_name
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 from loom.models.matmul import bf16_via_fp32
 from loom.train.trainer import init_model
 
 
-def hf_model(cfg: LlamaConfig, loom_model):
+def hf_model(cfg: ModelConfig, loom_model):
     import transformers
 
     hf_cfg = transformers.LlamaConfig(
@@ -75,7 +75,7 @@ def make_step(model, loss_fn, dtype: torch.dtype):
     return step
 
 
-def compare(cfg: LlamaConfig, seq_len: int, batch: int, dtype: torch.dtype, blocks: int, steps: int,
+def compare(cfg: ModelConfig, seq_len: int, batch: int, dtype: torch.dtype, blocks: int, steps: int,
             with_hf: bool = True, with_peak: bool = False, variants: bool = False,
             compiled: bool = False) -> dict:
     """Median tokens/s of each runner and, against transformers, the median over blocks of each
@@ -157,7 +157,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 products widened to fp32: {bf16_via_fp32(torch.device('cpu'))}")
 
-    shape = LlamaConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768, vocab_size=args.vocab)
+    shape = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768, vocab_size=args.vocab)
     print(f"\n## loom vs transformers: 4 layers, hidden 256, 8 heads, ffn 768, vocab {args.vocab}, "
           f"seq 1024, batch 1, AdamW")
     print("(ratio: median over blocks of loom / transformers, each block pair run back to back; "
@@ -177,7 +177,7 @@ def main() -> None:
     if args.skip_peak:
         return
 
-    big = LlamaConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=args.vocab)
+    big = ModelConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=args.vocab)
     print("\n## loom achieved model FLOP/s vs measured matmul peak: hidden 1024, 4 layers, 16 heads, "
           "ffn 2816, seq 1024, batch 1")
     print("(peak: a 2048^3 matmul through loom's kernel for the dtype, measured after every block of "

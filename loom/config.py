@@ -20,14 +20,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from loom.data.dataset import read_meta
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig, check_model_config
+from loom.models.converters import KERNEL_CHOICES
+from loom.settings import SettingError
 from loom.models.registry import MODELS, UnknownModelError, get_model_config
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 
 
-class ConfigError(ValueError):
-    """A bad setting. The message is one line: key, value, what is allowed."""
+ConfigError = SettingError  # a bad setting: one line naming the key, the value and what is allowed
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,21 @@ class ModelSection:
     norm_eps: float | None = None
     rope_theta: float | None = None
     max_seq_len: int | None = None
+    # The family's parts (loom.models.transformer); None keeps the registry entry's.
+    norm: str | None = None
+    mlp: str | None = None
+    positions: str | None = None
+    norm_position: str | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    causal: bool | None = None
+    kv_channels: int | None = None
+    rotary_fraction: float | None = None
+    token_types: int | None = None
+    mlm_head: bool | None = None
+    init_std: float | None = None
 
-    def resolve(self) -> LlamaConfig:
+    def resolve(self) -> ModelConfig:
         base = get_model_config(self.name)
         overrides = {
             f.name: getattr(self, f.name)
@@ -103,6 +117,9 @@ class TrainSection:
     eval_batches: int = 4  # micro-batches per validation pass
     device: str = "auto"
     compile: bool = False
+    # CPU kernels: 'loom' (loom's AVX-512 kernels, an error where they cannot run), 'torch'
+    # (PyTorch's ops), 'auto' (loom's where they run). See loom/models/converters.py.
+    kernels: str = "auto"
     # A non-finite loss or gradient norm: 'stop' the run (naming the step), or 'skip' the step
     # (the weights are left as they were). Either way such values never reach the weights.
     on_nonfinite: str = "stop"
@@ -281,7 +298,7 @@ def data_vocab_size(data: DataSection) -> int:
     return int(read_meta(data.path)["vocab_size"])
 
 
-def validate_files(cfg: Config, model: LlamaConfig) -> None:
+def validate_files(cfg: Config, model: ModelConfig) -> None:
     """The checks that read the disk: the dataset, the tokenizer, the checkpoint to resume."""
     t, c = cfg.train, cfg.checkpoint
     d = cfg.data
@@ -307,6 +324,13 @@ def validate_files(cfg: Config, model: LlamaConfig) -> None:
         f"data.path={d.path!r}",
     )
 
+    if not model.causal and d.path != BUILTIN_STDLIB:  # masked-LM targets need a mask token
+        from loom.data.mlm import MASK_TOKEN, mask_token_id
+
+        tok = Path(d.path) / "tokenizer.json"
+        _need(tok.is_file() and mask_token_id(tok) is not None,
+              f"data.path={d.path!r}: its tokenizer has no {MASK_TOKEN} token, which masked-LM training of "
+              f"model.name={cfg.model.name!r} needs; allowed: a dataset whose tokenizer has {MASK_TOKEN}")
     _need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
           f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
     from loom.train.checkpoint_files import CheckpointError, check_resume
@@ -317,7 +341,7 @@ def validate_files(cfg: Config, model: LlamaConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> LlamaConfig:
+def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> ModelConfig:
     """Check every setting; return the resolved model config. Raises ConfigError.
 
     world_size: the ranks the job has (torchrun's WORLD_SIZE, or --nproc), or None where the
@@ -328,19 +352,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
         model = cfg.model.resolve()
     except UnknownModelError as e:
         raise ConfigError(str(e)) from None
-    for f in dataclasses.fields(cfg.model):
-        v = getattr(cfg.model, f.name)
-        if f.name != "name" and v is not None:
-            _need(v > 0, f"model.{f.name}={v} must be positive")
-    _need(
-        model.dim % model.n_heads == 0,
-        f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}",
-    )
-    _need(
-        model.n_heads % model.n_kv_heads == 0,
-        f"model.n_kv_heads={model.n_kv_heads} does not divide model.n_heads={model.n_heads}",
-    )
-    _need(model.head_dim % 2 == 0, f"model.dim / model.n_heads = {model.head_dim} must be even for RoPE")
+    check_model_config(model)
 
     t = cfg.train
     _need(t.steps > 0, f"train.steps={t.steps} must be a positive integer")
@@ -363,6 +375,16 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     _need(t.stop_at == 0 or bool(cfg.checkpoint.dir),
           f"train.stop_at={t.stop_at} needs checkpoint.dir (the next launch resumes from its checkpoint)")
     _one_of("train.device", t.device, DEVICES)
+    _one_of("train.kernels", t.kernels, KERNEL_CHOICES)
+    if t.kernels == "loom":
+        import torch
+
+        from loom.models.converters import loom_kernels_unavailable
+
+        on_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        why_not = loom_kernels_unavailable(torch.device("cuda" if on_gpu else "cpu"))
+        _need(why_not is None, f"train.kernels='loom' but loom's kernels cannot run here ({why_not}); "
+                               f"allowed here: 'auto', 'torch'")
     if t.device == "cuda":
         import torch
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loom.models.hf import HFFormatError, hf_config_from_llama, hf_param_name, llama_config_from_hf, loom_param_name
-from loom.models.llama import LlamaConfig, RopeScaling, build_model
+from loom.models.transformer import ModelConfig, RopeScaling, build_model
 from loom.models.registry import MODELS
 from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, checkpoint_tensor_shapes,
                                          load_model_tensors, read_manifest, save_model_weights)
@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _IGNORED = ("rotary_emb.inv_freq",)
 
 
-def model_config_overrides(cfg: LlamaConfig) -> tuple[str, list[str]]:
+def model_config_overrides(cfg: ModelConfig) -> tuple[str, list[str]]:
     """(model.name, [--model.key=value ...]) that make a loom config describe `cfg`: a registry
     entry with the same RoPE scaling, plus the fields that differ."""
     for name, known in MODELS.items():
@@ -65,7 +65,7 @@ def _hf_weight_files(folder: Path) -> list[Path]:
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _read_hf_config(folder: Path) -> tuple[dict, LlamaConfig]:
+def _read_hf_config(folder: Path) -> tuple[dict, ModelConfig]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise HFFormatError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -104,7 +104,7 @@ def _index_hf_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...
     return index
 
 
-def _check_hf_tensors(index: dict, cfg: LlamaConfig, folder: Path) -> None:
+def _check_hf_tensors(index: dict, cfg: ModelConfig, folder: Path) -> None:
     expected = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
     for name, shape in expected.items():
         if name not in index:
@@ -118,7 +118,7 @@ def _check_hf_tensors(index: dict, cfg: LlamaConfig, folder: Path) -> None:
                             f"num_hidden_layers={cfg.n_layers}")
 
 
-def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, LlamaConfig]:
+def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, ModelConfig]:
     """Hugging Face Llama folder -> weights-only loom checkpoint at `output`, streamed: each
     tensor is read from its memory-mapped safetensors file when the checkpoint writes it, so
     memory stays near the largest tensor (not the model: 810 GB for 405B in bf16)."""
@@ -144,11 +144,11 @@ def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, LlamaConfig
     return path, cfg
 
 
-def _config_from_manifest(fields: dict) -> LlamaConfig:
+def _config_from_manifest(fields: dict) -> ModelConfig:
     fields = dict(fields)
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    return LlamaConfig(**fields)
+    return ModelConfig(**fields)
 
 
 def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16",

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 
 
 @pytest.fixture(autouse=True)
@@ -11,9 +11,9 @@ def _deterministic():
 
 
 @pytest.fixture
-def micro_cfg() -> LlamaConfig:
+def micro_cfg() -> ModelConfig:
     """A model small enough for many steps in a test."""
-    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
+    return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
 
 
 @pytest.fixture(scope="session")

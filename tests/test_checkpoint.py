@@ -334,7 +334,7 @@ def test_nonfinite_loss_stops_or_skips_and_is_never_saved(dataset, tmp_path, cap
     rows = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
     assert rows[-1]["step"] == 4 and rows[-1]["grad_norm"] is None
     from loom.config import load_config
-    from loom.models.llama import build_model
+    from loom.models.transformer import build_model
     from loom.train.checkpoint_files import load_model_weights, published
 
     saved_steps = published(tmp_path / "skip")
@@ -368,7 +368,7 @@ def test_hugging_face_round_trip(tmp_path, capsys, dataset):
     export and gives the loom model's logits."""
     transformers = pytest.importorskip("transformers")
     from loom.cli import main
-    from loom.models.llama import build_model
+    from loom.models.transformer import build_model
     from loom.train.checkpoint_files import load_model_weights
 
     hf = _hf_model(transformers)
@@ -411,7 +411,7 @@ def test_hugging_face_import_of_bf16_weights_and_refusals(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     from loom.cli import main
     from loom.models.hf import hf_param_name
-    from loom.models.llama import build_model
+    from loom.models.transformer import build_model
     from loom.convert import import_hf
 
     hf = _hf_model(transformers, torch.bfloat16)
@@ -448,10 +448,10 @@ import torch
 from safetensors.torch import save_file
 from loom.convert import import_hf
 from loom.models.hf import hf_config_from_llama, hf_param_name
-from loom.models.llama import LlamaConfig, build_model
+from loom.models.transformer import ModelConfig, build_model
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = LlamaConfig(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=4096, vocab_size=8192)
+cfg = ModelConfig(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=4096, vocab_size=8192)
 folder.mkdir()
 (folder / "config.json").write_text(json.dumps(hf_config_from_llama(cfg, "bfloat16")))
 weight_map, largest, total = {}, 0, 0

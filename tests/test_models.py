@@ -7,7 +7,9 @@ import torch
 from conftest import assert_rel_close
 from loom.metrics.flops import param_counts
 from loom.models.attention import CoreAttention, attention_backward, attention_forward
-from loom.models.llama import LlamaConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
+from loom.kernels.modules import LoomRotary
+from loom.models.converters import install_cpu_kernels
+from loom.models.transformer import ModelConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
 from loom.models.hf import hf_param_name
 from loom.models.registry import MODELS
 from loom.train.recompute import apply_recompute
@@ -44,7 +46,7 @@ def test_cpu_models_counted_from_modules(name):
 
 
 def test_rope_matches_reference_formula():
-    cfg = LlamaConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab_size=10, rope_theta=500.0)
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab_size=10, rope_theta=500.0)
     e = cfg.head_dim
     x = torch.randn(1, 8, 2, e, dtype=torch.float64)
     positions = torch.tensor([0, 1, 2, 5, 11, 100, 4097, 1_048_575])
@@ -71,18 +73,19 @@ def test_rope_matches_reference_formula():
 def test_rope_fp32_kernel_matches_formula_and_gradient(e, batched):
     """RoPE through loom's CPU kernel (where available) equals the torch formula, forward and
     backward (the rotation by minus the angle), with per-sample angles (packed documents)."""
-    cfg = LlamaConfig(dim=4 * e, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64, vocab_size=10)
+    cfg = ModelConfig(dim=4 * e, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64, vocab_size=10)
     positions = torch.randint(0, 5000, (2, 24) if batched else (24,))
     cos, sin = rope_cos_sin(cfg, positions)
     x = torch.randn(2, 24, 3, e, requires_grad=True)
     g = torch.randn(2, 24, 3, e)
-    apply_rope(x, cos, sin).backward(g)
+    rotary = LoomRotary()
+    rotary(x, cos, sin).backward(g)
     xd = x.detach().double().requires_grad_()
     c, s_ = cos.double().unsqueeze(-2), sin.double().unsqueeze(-2)
     x1, x2 = xd[..., : e // 2], xd[..., e // 2:]
     want = torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1)
     want.backward(g.double())
-    torch.testing.assert_close(apply_rope(x.detach(), cos, sin).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rotary(x.detach(), cos, sin).double(), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-6, atol=1e-6)
 
 
@@ -165,7 +168,7 @@ def test_recompute_gives_identical_gradients(micro_cfg, mode):
 
 def test_matches_transformers_llama(micro_cfg):
     transformers = pytest.importorskip("transformers")
-    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97,
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97,
                       rope_theta=500000.0, rope_scaling=MODELS["llama3.1-8b"].rope_scaling, norm_eps=1e-5)
     ours = init_model(cfg, torch.device("cpu"), seed=3)
     hf_cfg = transformers.LlamaConfig(
@@ -191,10 +194,9 @@ def test_matches_transformers_llama(micro_cfg):
 def test_fused_loss_equals_cross_entropy_of_logits(dtype, loom_kernel, monkeypatch):
     """Both softmax paths (loom's CPU kernel where available, PyTorch ops) give the loss and
     gradients of cross-entropy over materialized logits, also for an upstream gradient != 1."""
-    from loom.kernels import cpu_kernels
+    from loom.kernels.modules import loom_softmax_cross_entropy_
 
-    if not loom_kernel:
-        monkeypatch.setattr(cpu_kernels, "softmax_cross_entropy_supports", lambda logits: False)
+    kernel = loom_softmax_cross_entropy_ if loom_kernel else None
     upstream = 1.0 if loom_kernel else 0.5
     # vocabulary 40000 makes the CPU chunk 64 tokens, so 300 tokens take 5 chunks.
     h = torch.randn(3, 100, 32, requires_grad=True)
@@ -205,7 +207,7 @@ def test_fused_loss_equals_cross_entropy_of_logits(dtype, loom_kernel, monkeypat
     for fused in (True, False):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             if fused:
-                loss = linear_cross_entropy(h, w, labels)
+                loss = linear_cross_entropy(h, w, labels, softmax_ce=kernel)
             else:
                 loss = torch.nn.functional.cross_entropy(
                     torch.nn.functional.linear(h, w).float().flatten(0, 1), labels.flatten())
@@ -235,14 +237,14 @@ def test_model_loss_path_equals_logits_path(micro_cfg):
 
 
 def test_rope_gradient_is_the_inverse_rotation():
-    cfg = LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32, vocab_size=10)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32, vocab_size=10)
     cos, sin = rope_cos_sin(cfg, torch.arange(9) * 37)
     x = torch.randn(2, 9, 2, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
 
 
 def test_rmsnorm_matches_formula_and_gradcheck():
-    from loom.models.llama import RMSNorm
+    from loom.models.transformer import RMSNorm
 
     norm = RMSNorm(8, eps=1e-5).double()
     with torch.no_grad():
@@ -262,10 +264,10 @@ def test_rmsnorm_matches_formula_and_gradcheck():
 def test_rmsnorm_fp32_kernel_matches_fp64(dim):
     """fp32 RMSNorm (loom's CPU kernel where available) against the fp64 formula: output and
     the gradients of input and weight (the weight's summed over 300 rows across threads)."""
-    from loom.models.llama import RMSNorm
+    from loom.kernels.modules import LoomRMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(dim, eps=1e-5)
+    norm = LoomRMSNorm(dim, eps=1e-5)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(dim))
     x = torch.randn(3, 100, dim, requires_grad=True)
@@ -282,8 +284,9 @@ def test_rmsnorm_fp32_kernel_matches_fp64(dim):
 def test_swiglu_fp32_kernel_matches_fp64():
     """silu(a) * b (loom's CPU kernel where available) against fp64, values and gradients; the
     length is not a multiple of the kernel's vector or chunk sizes."""
-    from loom.models.llama import swiglu
+    from loom.kernels.modules import LoomSwiGLU
 
+    swiglu = LoomSwiGLU()
     torch.manual_seed(0)
     a = (4 * torch.randn(3, 1000, 37)).requires_grad_()
     b = torch.randn(3, 1000, 37, requires_grad=True)
@@ -451,6 +454,7 @@ def test_attention_interface_uses_loom_kernel_and_falls_back(monkeypatch):
     """The CPU fp32 path of attention_forward/backward runs loom's kernel where available and
     ATen's flash op otherwise; both give the same attention."""
     from loom.kernels import cpu_attention
+    from loom.kernels.modules import LOOM_CPU_ATTENTION
     import loom.models.attention as attention
 
     q, k, v = (torch.randn(1, 4, 96, 32) for _ in range(3))
@@ -458,10 +462,10 @@ def test_attention_interface_uses_loom_kernel_and_falls_back(monkeypatch):
     real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     monkeypatch.setattr(attention.aten, "_scaled_dot_product_flash_attention_for_cpu",
                         lambda *a, **kw: calls.append("aten") or real(*a, **kw), raising=False)
-    ours, _ = attention.attention_forward(q, k, v, True, 32**-0.5)
+    ours, _ = attention.attention_forward(q, k, v, True, 32**-0.5, kernel=LOOM_CPU_ATTENTION)
     assert calls == ([] if cpu_attention.available() else ["aten"])
     monkeypatch.setattr(cpu_attention, "supports", lambda *a: False)
-    theirs, _ = attention.attention_forward(q, k, v, True, 32**-0.5)
+    theirs, _ = attention.attention_forward(q, k, v, True, 32**-0.5, kernel=LOOM_CPU_ATTENTION)
     assert calls[-1] == "aten"
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
@@ -484,9 +488,12 @@ def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
     for module in (cpu_attention, cpu_kernels):
         real = module._lib
         monkeypatch.setattr(module, "_lib", lambda real=real: Spy(real()))
-    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=256)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=256)
     model = init_model(cfg, torch.device("cpu"), seed=0)
     tokens = torch.randint(0, 256, (2, 65))
+    model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+    assert called == set()  # as built: PyTorch's ops only (no kernel dispatch in the model)
+    install_cpu_kernels(model)
     model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
     kernels = {"loom_attention_forward", "loom_attention_backward", "loom_rms_norm_forward",
                "loom_rms_norm_backward", "loom_swiglu_forward", "loom_swiglu_backward", "loom_rope",

@@ -65,10 +65,23 @@ class TokenDataset:
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
-    def batch(self, indices: np.ndarray, documents: bool = False) -> Batch:
+    def mask_token(self) -> int | None:
+        """The [MASK] id of this dataset's tokenizer (masked-LM pretraining), or None."""
+        from loom.data.mlm import mask_token_id
+
+        path = self.path / "tokenizer.json"
+        return mask_token_id(path) if path.is_file() else None
+
+    def batch(self, indices: np.ndarray, documents: bool = False, masking=None) -> Batch:
         """The sequences `indices` as a Batch; with documents=True, which document each input
-        token belongs to (a document runs from its first token to its eos token)."""
+        token belongs to (a document runs from its first token to its eos token). With masking
+        (a loom.data.mlm.MaskingSpec) the targets are masked-LM ones: the inputs are the
+        sequence with chosen tokens masked, the labels those tokens (IGNORE_INDEX elsewhere)."""
         inputs, labels = self.sequences(indices)
+        if masking is not None:
+            from loom.data.mlm import mask_batch
+
+            inputs, labels = mask_batch(inputs.numpy(), indices, masking)
         if not documents:
             return Batch(inputs, labels)
         s = self.seq_len

@@ -16,6 +16,7 @@ from loom.metrics.meter import cache_dir
 BUILTIN_VOCAB_SIZE = 8192
 VAL_FRACTION = 0.02
 EOS = "<|endoftext|>"
+MASK = "[MASK]"  # masked-LM pretraining (BERT) replaces chosen tokens by it
 # Test suites and bundled tools are skipped: they are large, repetitive and full of odd strings.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
@@ -33,7 +34,7 @@ def _corpus_key(root: Path, files: list[Path]) -> str:
     for p in files:
         h.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
     v = sys.version_info
-    return f"python{v.major}.{v.minor}.{v.micro}-{h.hexdigest()[:12]}-v{BUILTIN_VOCAB_SIZE}"
+    return f"python{v.major}.{v.minor}.{v.micro}-{h.hexdigest()[:12]}-v{BUILTIN_VOCAB_SIZE}-mask"
 
 
 def train_bpe(texts: list[str], vocab_size: int):
@@ -44,7 +45,7 @@ def train_bpe(texts: list[str], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS, MASK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

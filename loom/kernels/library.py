@@ -11,7 +11,6 @@ returns None, callers keep PyTorch's ops, and `status()` says why.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import platform
@@ -57,6 +56,8 @@ def _build(cache: Path) -> Path:
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
+    import fcntl  # POSIX only: _why_not has ruled out other systems before a build
+
     with open(cache / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building the same file
         if not out.exists():

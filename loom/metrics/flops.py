@@ -1,17 +1,30 @@
 """Parameter counts and model FLOPs per token, as pure functions of the model config.
 
 Conventions (DESIGN.md section 4), FLOPs per token for a training step (forward + backward):
-- `megatron`: 6 * (matmul params of all blocks + V * D) + 12 * n_layers * D * S.
-  The attention term counts QK^T and AV forward (4 * D * S per layer) and backward (twice
-  that), with no discount for the causal mask. Embedding lookups, norms, softmax and
-  recomputation are not counted. NeMo's and Megatron's published 2024 tables use this.
-- `causal`: the same with the attention term halved, for the mask (newer Megatron, MaxText).
+- `megatron`: 6 * (matmul weights of all blocks + V * D) + 12 * n_layers * H * E * S.
+  The attention term counts QK^T and AV forward (4 * H * E * S per layer) and backward (twice
+  that), with no discount for the causal mask. Embedding lookups, biases, norms, softmax, BERT's
+  masked-LM transform and recomputation are not counted. NeMo's and Megatron's published 2024
+  tables use this.
+- `causal`: the same with the attention term of causal models halved, for the mask (newer
+  Megatron, MaxText). Bidirectional models (BERT) attend to every key: never halved.
+
+Per family this is exactly the formula of NeMo's own throughput tables (nemo/utils/
+flops_formulas.py, NeMo 2.x, functions gpt3, llama2/llama3, nemotron, bert), divided by
+gbs x seq_len, at their shapes:
+    gpt3      72 L h^2 + 12 L s h + 6 V h              (ffn = 4h: 6 x 12 h^2 per layer)
+    llama     L h^2 (12 + 12 g/a + 18 f/h) + 12 L s h + 6 V h   (gated MLP: 3 matrices)
+    nemotron  L h^2 (12 + 12 g/a + 12 f/h) + 12 L s h + 6 V h   (ungated: 2 matrices)
+    bert      72 L h^2 (1 + s / 6h) + 6 V h            (bidirectional, no causal discount)
+with g/a = kv heads / heads. NeMo's tables use a fixed vocabulary per family (gpt3 51,200,
+nemotron 256,000, bert 29,000); loom counts the model's own (the registry's GPT-3 and Nemotron
+vocabularies are NeMo's; BERT's is the uncased WordPiece 30,522).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 
 CONVENTIONS = ("megatron", "causal")
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -19,49 +32,64 @@ RECOMPUTE_MODES = ("none", "full", "selective")
 
 @dataclass(frozen=True)
 class ParamCounts:
-    embedding: int
-    blocks: int  # everything inside the transformer blocks, norms included
+    embedding: int  # token, learned position and token-type tables, and BERT's embedding norm
+    blocks: int  # everything inside the transformer blocks, norms and biases included
     block_matmuls: int  # the weight matrices of the blocks only
-    final_norm: int
-    output: int
+    final_norm: int  # the final norm, or BERT's masked-LM transform (dense, norm)
+    output: int  # the output weight (0 when tied to the embedding) and its bias
 
     @property
     def total(self) -> int:
         return self.embedding + self.blocks + self.final_norm + self.output
 
 
-def param_counts(cfg: LlamaConfig) -> ParamCounts:
+def _norm_params(cfg: ModelConfig) -> int:
+    return cfg.dim if cfg.norm == "rmsnorm" else 2 * cfg.dim  # LayerNorms carry a bias
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
     d, e = cfg.dim, cfg.head_dim
     attention = d * cfg.n_heads * e * 2 + d * cfg.n_kv_heads * e * 2  # wq, wo; wk, wv
-    mlp = 3 * d * cfg.ffn_dim  # w1, w3, w2
-    norms = 2 * d
+    mlp = (3 if cfg.gated else 2) * d * cfg.ffn_dim
+    biases = 0
+    if cfg.bias:
+        biases = (cfg.n_heads + 2 * cfg.n_kv_heads) * e + d + (2 if cfg.gated else 1) * cfg.ffn_dim + d
+    embedding = cfg.vocab_size * d
+    embedding += cfg.max_seq_len * d if cfg.positions == "learned" else 0
+    embedding += cfg.token_types * d
+    embedding += _norm_params(cfg) if cfg.norm_position == "post" else 0
+    if cfg.mlm_head:
+        final = d * d + d + _norm_params(cfg)
+    else:
+        final = _norm_params(cfg) if cfg.norm_position == "pre" else 0
+    output = (0 if cfg.tie_embeddings else cfg.vocab_size * d) + (cfg.vocab_size if cfg.mlm_head else 0)
     return ParamCounts(
-        embedding=cfg.vocab_size * d,
-        blocks=cfg.n_layers * (attention + mlp + norms),
+        embedding=embedding,
+        blocks=cfg.n_layers * (attention + mlp + biases + 2 * _norm_params(cfg)),
         block_matmuls=cfg.n_layers * (attention + mlp),
-        final_norm=d,
-        output=cfg.vocab_size * d,
+        final_norm=final,
+        output=output,
     )
 
 
-def _attention_flops_per_token(cfg: LlamaConfig, seq_len: int, convention: str) -> float:
+def _attention_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str) -> float:
     # QK^T and AV: 2 matmuls x 2 FLOPs x S x (H * E) per token and layer, forward; x3 with backward.
     full = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
     if convention == "megatron":
         return full
     if convention == "causal":
-        return full / 2
+        return full / 2 if cfg.causal else full
     raise ValueError(f"flops convention {convention!r} is unknown; allowed: {', '.join(CONVENTIONS)}")
 
 
-def flops_per_token(cfg: LlamaConfig, seq_len: int, convention: str = "megatron") -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "megatron") -> float:
     """Model FLOPs of one training step (forward + backward) per token."""
     p = param_counts(cfg)
-    return 6 * (p.block_matmuls + p.output) + _attention_flops_per_token(cfg, seq_len, convention)
+    return 6 * (p.block_matmuls + cfg.vocab_size * cfg.dim) + _attention_flops_per_token(cfg, seq_len, convention)
 
 
 def hardware_flops_per_token(
-    cfg: LlamaConfig, seq_len: int, recompute: str, convention: str = "megatron"
+    cfg: ModelConfig, seq_len: int, recompute: str, convention: str = "megatron"
 ) -> float:
     """Model FLOPs plus the forward work that activation recomputation repeats.
 

@@ -8,19 +8,20 @@ masking can plug in at the same place.
 Layout everywhere: q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] with Hq % Hkv == 0 (grouped-query
 attention); out [B, Hq, Lq, D]; lse [B, Hq, Lq] in fp32.
 
-Kernels: on CPU in fp32, loom's own AVX-512 flash kernel (loom.kernels.cpu_attention: ~1.3x
-ATen's op forward and backward at L = 1024, D = 32) where it builds and runs, else the flash op
-`_scaled_dot_product_flash_attention_for_cpu` (both handle GQA natively); bf16 inputs go to the
-same fp32 kernels widened on CPUs without bf16 arithmetic (see loom.models.matmul;
-there the op's bf16 backward runs ~3x slower than its fp32 one, and the fp32 op on widened
-inputs keeps the probabilities in fp32, so it is also a little more accurate); on CUDA the
-flash SDPA op for half types and the memory-efficient op for fp32.
+Kernels: an `AttentionKernel` does the work; `TORCH_ATTENTION` (PyTorch's ops: on CPU the flash op
+`_scaled_dot_product_flash_attention_for_cpu`, which handles GQA natively; on CUDA the flash SDPA
+op for half types and the memory-efficient op for fp32) unless a converter installs another
+(loom's AVX-512 CPU kernel: loom.kernels.modules). bf16 inputs on CPUs without bf16 arithmetic go
+to the fp32 kernel widened (see loom.models.matmul; there the op's bf16 backward runs ~3x slower
+than its fp32 one, and the fp32 op on widened inputs keeps the probabilities in fp32, so it is
+also a little more accurate).
 
 Masks are never materialized. What a query may see is described by tiles: rectangles of the
 attention matrix that are either fully visible or causal on identical positions (where the
 kernel's own causal mask is the right one). Causal attention over one sequence is one tile; a
 context-parallel ring step, a packed batch of documents, or both, are a few tiles each
-(`plan_tiles`). Partial results over tiles merge exactly through their log-sum-exp in fp32.
+(`plan_tiles`). Bidirectional attention (BERT) is all-visible tiles. Partial results over
+tiles merge exactly through their log-sum-exp in fp32.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loom.kernels import cpu_attention
 from loom.models.matmul import bf16_via_fp32
 
 aten = torch.ops.aten
@@ -51,82 +51,88 @@ def _reduce_kv_grad(dk: torch.Tensor, n_rep: int) -> torch.Tensor:
     return dk.view(b, h // n_rep, n_rep, l, d).sum(dim=2)
 
 
-def _cpu_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if cpu_attention.supports(q, k, v):
-        return torch.ops.loom.cpu_attention_forward(q, k, v, causal, scale)
-    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+class AttentionKernel:
+    """softmax(QK^T * scale) V and its backward on one device with PyTorch's ops.
+
+    forward(q, k, v, causal, scale) -> (out, lse fp32); backward(dout, q, k, v, out, lse,
+    causal, scale) -> (dq, dk, dv); q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D]. Subclasses (loom's
+    CPU kernel) override them and fall back here for what they do not take."""
+
+    name = "torch"
+
+    def takes_strided_grad(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether backward takes a dout that is not contiguous (saves a copy)."""
+        return False
+
+    def forward(self, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.device.type == "cuda":
+            return _cuda_forward(q, k, v, causal, scale)
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        if q.device.type == "cuda":
+            return _cuda_backward(dout, q, k, v, out, lse, causal, scale)
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
 
 
-def _cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    if cpu_attention.supports(q, k, v) and dout.stride(-1) == 1 and out.stride(-1) == 1:
-        return torch.ops.loom.cpu_attention_backward(dout, q, k, v, out, lse, causal, scale)
-    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale
-    )
+TORCH_ATTENTION = AttentionKernel()
+
+
+def _cuda_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out, lse
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]]  # the efficient kernel pads L to a multiple of 32
+
+
+def _cuda_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    n_rep = q.shape[1] // k.shape[1]
+    ke, ve = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            # A tile's lse is a strided slice; the CUDA kernels index it as contiguous.
+            dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
+            empty, empty, scale=scale,
+        )
+    else:
+        philox = torch.empty(0, device=q.device, dtype=torch.int64)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, ke, ve, None, out, lse.contiguous(), philox, philox, 0.0,
+            [True, True, True, False], causal, scale=scale,
+        )
+    return dq, _reduce_kv_grad(dk, n_rep), _reduce_kv_grad(dv, n_rep)
 
 
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-    partial: bool = False,
+    partial: bool = False, kernel: AttentionKernel = TORCH_ATTENTION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32). out has q's dtype, except with
     partial=True (a partial result that will be merged in fp32) where a kernel that computed in
     fp32 returns its fp32 result unrounded."""
-    if q.device.type == "cuda":
-        n_rep = q.shape[1] // k.shape[1]
-        k, v = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
-        if q.dtype in (torch.float16, torch.bfloat16):
-            out, lse, *_ = aten._scaled_dot_product_flash_attention(
-                q, k, v, 0.0, causal, False, scale=scale
-            )
-        else:
-            out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
-                q, k, v, None, True, 0.0, causal, scale=scale
-            )
-            lse = lse[..., : q.shape[2]]  # the efficient kernel pads L to a multiple of 32
-        return out, lse
     if q.dtype == torch.bfloat16 and bf16_via_fp32(q.device):
-        out, lse = _cpu_forward(q.float(), k.float(), v.float(), causal, scale)
+        out, lse = kernel.forward(q.float(), k.float(), v.float(), causal, scale)
         return (out if partial else out.to(torch.bfloat16)), lse
-    return _cpu_forward(q, k, v, causal, scale)
+    return kernel.forward(q, k, v, causal, scale)
 
 
 def attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
-    partial: bool = False,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, causal: bool, scale: float, partial: bool = False,
+    kernel: AttentionKernel = TORCH_ATTENTION,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) with the shapes and dtypes of q, k, v; with partial=True (gradients
     that will be summed in fp32) a kernel that computed in fp32 returns them unrounded."""
-    if q.device.type == "cuda":
-        n_rep = q.shape[1] // k.shape[1]
-        ke, ve = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
-        if q.dtype in (torch.float16, torch.bfloat16):
-            empty = torch.empty(0, device=q.device, dtype=torch.int64)
-            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                # A tile's lse is a strided slice; the CUDA kernels index it as contiguous.
-                dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
-                empty, empty, scale=scale,
-            )
-        else:
-            philox = torch.empty(0, device=q.device, dtype=torch.int64)
-            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-                dout, q, ke, ve, None, out, lse.contiguous(), philox, philox, 0.0,
-                [True, True, True, False], causal, scale=scale,
-            )
-        return dq, _reduce_kv_grad(dk, n_rep), _reduce_kv_grad(dv, n_rep)
     if q.dtype == torch.bfloat16 and bf16_via_fp32(q.device):
-        grads = _cpu_backward(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, causal, scale)
+        grads = kernel.backward(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, causal, scale)
         return grads if partial else tuple(g.to(torch.bfloat16) for g in grads)
-    return _cpu_backward(dout, q, k, v, out, lse, causal, scale)
-
-
+    return kernel.backward(dout, q, k, v, out, lse, causal, scale)
 
 
 # -- tiles: what each query row may see, as kernel calls --------------------------------------
@@ -222,13 +228,14 @@ def _merge_full_tiles(tiles: list[Tile]) -> list[Tile]:
 
 
 def plan_tiles(q_spans: list[Span], kv_spans: list[Span],
-               doc_starts: list[list[int]] | None = None) -> list[Tile]:
+               doc_starts: list[list[int]] | None = None, causal: bool = True) -> list[Tile]:
     """The tiles of causal attention from queries at q_spans to keys at kv_spans.
 
     q_spans, kv_spans: the global positions held locally, in local order (one span for a whole
     sequence; two per rank under load-balanced context parallelism; the spans of a KV block
     received from another rank). doc_starts (see `document_starts`): with packed documents a
-    query sees only keys of its own document. Returns [] when nothing is visible.
+    query sees only keys of its own document. causal=False (bidirectional): every key of the
+    query's document is visible. Returns [] when nothing is visible.
     """
     ordered = all(a[1] <= b[0] for a, b in zip(q_spans, q_spans[1:]))
     if len(q_spans) > 1 and q_spans == kv_spans and ordered:
@@ -236,13 +243,13 @@ def plan_tiles(q_spans: list[Span], kv_spans: list[Span],
         # global mask: one kernel call (per document) instead of one per pair of spans.
         length = sum(e - s for s, e in q_spans)
         local = None if doc_starts is None else [_local_starts(st, q_spans) for st in doc_starts]
-        return plan_tiles([(0, length)], [(0, length)], local)
+        return plan_tiles([(0, length)], [(0, length)], local, causal)
     cuts = sorted({p for span in q_spans + kv_spans for p in span})
     q_pieces, kv_pieces = _pieces(q_spans, cuts), _pieces(kv_spans, cuts)
     tiles = []
     for qo, (qs, qe) in q_pieces:
         for ko, (ks, ke) in kv_pieces:
-            if ke <= qs:
+            if ke <= qs or not causal:
                 tiles.append(Tile(qo, qo + qe - qs, ko, ko + ke - ks, False))
             elif (ks, ke) == (qs, qe):
                 tiles.append(Tile(qo, qo + qe - qs, ko, ko + ke - ks, True))
@@ -272,8 +279,8 @@ def plan_tiles(q_spans: list[Span], kv_spans: list[Span],
 
 
 def covers_all(tiles: list[Tile], lq: int, lk: int) -> bool:
-    """One causal tile over the whole square: plain causal attention, a single kernel call."""
-    return len(tiles) == 1 and tiles[0] == Tile(0, lq, 0, lk, True, None)
+    """One tile over the whole of q and k (causal or not): a single kernel call."""
+    return len(tiles) == 1 and (tiles[0].q0, tiles[0].q1, tiles[0].k0, tiles[0].k1, tiles[0].batch) == (0, lq, 0, lk, None)
 
 
 def _rows(t: Tile) -> tuple[slice, slice, slice, slice]:
@@ -307,19 +314,19 @@ def new_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tiled_attention_accumulate(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor,
                                k: torch.Tensor, v: torch.Tensor, tiles: list[Tile],
-                               scale: float) -> None:
+                               scale: float, kernel: AttentionKernel = TORCH_ATTENTION) -> None:
     """Attend q to (k, v) over `tiles` and fold each tile's result into the fp32 accumulators
     out [B, Hq, Lq, D] and lse [B, Hq, Lq] (start them at 0 and -inf)."""
     for t in tiles:
         b, h, qr, kr = _rows(t)
-        o, l = attention_forward(q[b, h, qr], k[b, h, kr], v[b, h, kr], t.causal, scale, partial=True)
+        o, l = attention_forward(q[b, h, qr], k[b, h, kr], v[b, h, kr], t.causal, scale, partial=True, kernel=kernel)
         merge_partial(out[b, h, qr], lse[b, h, qr], o, l)
 
 
 def tiled_attention_backward_accumulate(
     dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, dout: torch.Tensor, q: torch.Tensor,
     k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, tiles: list[Tile],
-    scale: float,
+    scale: float, kernel: AttentionKernel = TORCH_ATTENTION,
 ) -> None:
     """Add each tile's gradients into dq, dk, dv (fp32, shapes of q, k, v). out and lse are the
     final (fully merged) results: a tile's backward needs only them and its own inputs."""
@@ -327,7 +334,7 @@ def tiled_attention_backward_accumulate(
         b, h, qr, kr = _rows(t)
         g_q, g_k, g_v = attention_backward(
             dout[b, h, qr].contiguous(), q[b, h, qr], k[b, h, kr], v[b, h, kr],
-            out[b, h, qr], lse[b, h, qr], t.causal, scale, partial=True,
+            out[b, h, qr], lse[b, h, qr], t.causal, scale, partial=True, kernel=kernel,
         )
         dq[b, h, qr] += g_q
         dk[b, h, kr] += g_k
@@ -335,50 +342,62 @@ def tiled_attention_backward_accumulate(
 
 
 class _TiledAttentionFn(torch.autograd.Function):
-    """Attention over tiles of one device's q, k, v (packed documents, or plain causal)."""
+    """Attention over tiles of one device's q, k, v (packed documents, or one plain tile)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, tiles: list[Tile], scale: float):
+    def forward(ctx, q, k, v, tiles: list[Tile], scale: float, kernel: AttentionKernel):
         if covers_all(tiles, q.shape[2], k.shape[2]):
-            out, lse = attention_forward(q, k, v, True, scale)
+            out, lse = attention_forward(q, k, v, tiles[0].causal, scale, kernel=kernel)
         else:
             acc, lse = new_accumulators(q)
-            tiled_attention_accumulate(acc, lse, q, k, v, tiles, scale)
+            tiled_attention_accumulate(acc, lse, q, k, v, tiles, scale, kernel)
             out = acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.tiles, ctx.scale = tiles, scale
+        ctx.tiles, ctx.scale, ctx.kernel = tiles, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        kernel = ctx.kernel
         if covers_all(ctx.tiles, q.shape[2], k.shape[2]):
-            if not (dout.stride(-1) == 1 and cpu_attention.supports(q, k, v)):  # loom's kernel takes strides
+            if not (dout.stride(-1) == 1 and kernel.takes_strided_grad(q, k, v)):
                 dout = dout.contiguous()
-            dq, dk, dv = attention_backward(dout, q, k, v, out, lse, True, ctx.scale)
-            return dq, dk, dv, None, None
+            dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.tiles[0].causal, ctx.scale, kernel=kernel)
+            return dq, dk, dv, None, None, None
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
-        tiled_attention_backward_accumulate(dq, dk, dv, dout, q, k, v, out, lse, ctx.tiles, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        tiled_attention_backward_accumulate(dq, dk, dv, dout, q, k, v, out, lse, ctx.tiles, ctx.scale, kernel)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: list[Tile]) -> torch.Tensor:
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: list[Tile],
+                    kernel: AttentionKernel = TORCH_ATTENTION) -> torch.Tensor:
     """q [B, Hq, L, D], k, v [B, Hkv, L, D] -> out [B, Hq, L, D] over the given tiles."""
-    return _TiledAttentionFn.apply(q, k, v, tiles, q.shape[-1] ** -0.5)
+    if not tiles:  # nothing visible (cannot happen for a whole sequence): zeros
+        return torch.zeros_like(q)
+    return _TiledAttentionFn.apply(q, k, v, tiles, q.shape[-1] ** -0.5, kernel)
 
 
 class CoreAttention(nn.Module):
-    """softmax(QK^T * scale) V over the local sequence, causal; with packed documents a token
-    sees only earlier tokens of its own document.
+    """softmax(QK^T * scale) V over the local sequence, causal or bidirectional; with packed
+    documents a token sees only (earlier, if causal) tokens of its own document.
 
     A module (not a function) so that a parallelizer can swap it for a context-parallel
     implementation with the same call signature: q [B, Hq, L, D], k, v [B, Hkv, L, D],
     doc_starts (`document_starts` of the packed documents) or None -> out [B, Hq, L, D].
     doc_starts always describes the whole sequence (S = L here; S = L x cp under context
-    parallelism).
+    parallelism). `kernel` does the work (PyTorch's ops unless a converter installs loom's).
     """
+
+    def __init__(self, causal: bool = True, kernel: AttentionKernel = TORCH_ATTENTION):
+        super().__init__()
+        self.causal, self.kernel = causal, kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 doc_starts: list[list[int]] | None = None) -> torch.Tensor:
         length = q.shape[2]
-        return tiled_attention(q, k, v, plan_tiles([(0, length)], [(0, length)], doc_starts))
+        tiles = plan_tiles([(0, length)], [(0, length)], doc_starts, self.causal)
+        return tiled_attention(q, k, v, tiles, self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, kernel={self.kernel.name}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from loom.models.llama import LlamaConfig, RopeScaling
+from loom.models.transformer import ModelConfig, RopeScaling
 
 _TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 _BLOCK = {
@@ -45,8 +45,8 @@ def loom_param_name(hf_name: str) -> str | None:
     return f"{_TOP_BACK[key]}.weight" if key in _TOP_BACK else None
 
 
-def llama_config_from_hf(hf: dict, source: str) -> LlamaConfig:
-    """A LlamaConfig from a Hugging Face config.json (transformers 4 `rope_theta`/`rope_scaling`
+def llama_config_from_hf(hf: dict, source: str) -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json (transformers 4 `rope_theta`/`rope_scaling`
     or transformers 5 `rope_parameters`). Refuses what loom's Llama does not implement."""
 
     def need(ok: bool, what: str) -> None:
@@ -71,7 +71,7 @@ def llama_config_from_hf(hf: dict, source: str) -> LlamaConfig:
         scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
                               high_freq_factor=float(rope["high_freq_factor"]),
                               original_max_seq_len=int(rope["original_max_position_embeddings"]))
-    return LlamaConfig(
+    return ModelConfig(
         dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
         n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
         vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
@@ -79,7 +79,7 @@ def llama_config_from_hf(hf: dict, source: str) -> LlamaConfig:
     )
 
 
-def hf_config_from_llama(cfg: LlamaConfig, dtype: str) -> dict:
+def hf_config_from_llama(cfg: ModelConfig, dtype: str) -> dict:
     """config.json for LlamaForCausalLM, in the form the published Llama checkpoints use
     (top-level rope_theta and rope_scaling; transformers 5 reads it too)."""
     out = {

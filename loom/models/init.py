@@ -30,6 +30,7 @@ class InitSpec:
 
     kind: str
     std: float = 0.0
+    key: str | None = None  # the name its values are drawn under, if not its own (a tied copy)
 
     KINDS = ("normal", "trunc_normal", "ones", "zeros")
 
@@ -81,6 +82,7 @@ def fill_region(out: torch.Tensor, name: str, global_shape: tuple[int, ...], off
     any dtype (values are drawn in fp32 on the CPU and copied)."""
     if out.numel() == 0:
         return
+    name = spec.key or name
     if not spec.random:
         out.fill_(1.0 if spec.kind == "ones" else 0.0)
         return

@@ -90,18 +90,20 @@ class _Bf16LinearViaFp32(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias, bf16 widened to fp32 where `bf16_via_fp32`."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), bf16 widened to fp32 where `bf16_via_fp32` (the bias is then
+    added to the bf16 product, as autocast's bf16 linear rounds it)."""
     if _compute_dtype(x, weight) == torch.bfloat16 and bf16_via_fp32(x.device):
-        return _Bf16LinearViaFp32.apply(x, weight)
-    return F.linear(x, weight)
+        out = _Bf16LinearViaFp32.apply(x, weight)
+        return out if bias is None else out + bias.to(out.dtype)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose product goes through `linear`."""
+    """nn.Linear (without bias unless asked) whose product goes through `linear`."""
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.bias)

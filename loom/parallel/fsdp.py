@@ -41,14 +41,19 @@ def accumulates_unsharded_grads(zero: int, pp: int, pp_schedule: str) -> bool:
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
-    """The modules FSDP gathers as one, in forward order: embedding, blocks, [norm, output]
-    (whichever this pipeline stage holds)."""
-    units: list = []
-    if model.tok_embeddings is not None:
-        units.append(model.tok_embeddings)
+    """The modules FSDP gathers as one, in forward order: the embeddings, blocks, [final norm,
+    masked-LM head, output] (whichever this pipeline stage holds). An output weight tied to the
+    embedding on the same stage is one parameter in two places: both ends then stay with the
+    root unit (FSDP gathers a parameter in one unit only)."""
+    from loom.parallel.pipeline import FIRST_STAGE_PARTS, LAST_STAGE_PARTS
+
+    first = [m for m in (getattr(model, n) for n in FIRST_STAGE_PARTS) if m is not None]
+    last = [m for m in (getattr(model, n) for n in LAST_STAGE_PARTS) if m is not None]
+    tied_here = model.cfg.tie_embeddings and model.first_stage and model.last_stage
+    units: list = [first] if first and not tied_here else []
     units += list(model.layers.values())
-    if model.output is not None:
-        units.append([model.norm, model.output])
+    if last and not tied_here:
+        units.append(last)
     return units
 
 
@@ -70,7 +75,10 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dty
         # The last unit's parameters are the first needed in backward: never freed in between.
         fully_shard(unit, mesh=fsdp_mesh, mp_policy=_policy_of(unit, model, policy),
                     reshard_after_forward=reshard and i < len(units) - 1)
-    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # A root that holds a tied embedding (see fsdp_units) gathers it in fp32, like the embedding unit.
+    tied_root = model.cfg.tie_embeddings and model.first_stage and model.last_stage
+    root_policy = _policy_of([model.tok_embeddings], model, policy) if tied_root else policy
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=root_policy, reshard_after_forward=reshard)
     return model
 
 
@@ -78,7 +86,7 @@ def _policy_of(unit, model: nn.Module, policy: MixedPrecisionPolicy) -> MixedPre
     """The embedding is gathered in fp32: autocast leaves an embedding lookup in fp32, so the
     residual stream starts in fp32 as in one process (a bf16 embedding would put every residual
     addition of the model in bf16)."""
-    if unit is model.tok_embeddings:
+    if isinstance(unit, list) and model.tok_embeddings in unit:
         return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)
     return policy

@@ -45,12 +45,55 @@ def stage_module(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     for name in list(module.layers.keys()):
         if name not in keep:
             del module.layers[name]
-    if stage != 0:
-        module.tok_embeddings = None
-    if stage != n_stages - 1:
-        module.norm = None
-        module.output = None
+    module.first_stage, module.last_stage = stage == 0, stage == n_stages - 1
+    if module.last_stage and not module.first_stage and module.output.tied:
+        module.output.untie()  # the embedding lives on the first stage: a copy (see tied_copy)
+    if not module.first_stage:
+        for name in FIRST_STAGE_PARTS:
+            setattr(module, name, None)
+    if not module.last_stage:
+        for name in LAST_STAGE_PARTS:
+            setattr(module, name, None)
     return module
+
+
+FIRST_STAGE_PARTS = ("tok_embeddings", "pos_embeddings", "type_embeddings", "embed_norm")
+LAST_STAGE_PARTS = ("norm", "head", "output")
+
+
+def tied_copy(module: nn.Module) -> nn.Parameter | None:
+    """The last stage's own copy of an output weight tied to the embedding, where the pipeline
+    puts the two on different stages (else None). Megatron's way: the copy starts equal (same
+    initialization key) and its gradient is summed with the embedding's after every backward
+    (`sum_tied_grads`), so both take the same optimizer steps."""
+    if module.cfg.tie_embeddings and module.last_stage and not module.first_stage:
+        return module.output.weight
+    return None
+
+
+def sum_tied_grads(modules: list[nn.Module], n_stages: int, pp_group) -> None:
+    """Make the gradient of a tied embedding / output weight the sum of both stages' gradients,
+    on both (the first stage lives on pp rank 0, the last on pp rank pp - 1): the last stage
+    adds the first's and sends the sum back, so both hold the same bits."""
+    import torch.distributed as dist
+
+    if not modules[0].cfg.tie_embeddings or n_stages == 1:
+        return
+    first = next((m for m in modules if m.first_stage), None)
+    last = next((m for m in modules if m.last_stage), None)
+    if first is None and last is None:
+        return
+    pp = dist.get_world_size(pp_group)
+    param = first.tok_embeddings.weight if first is not None else last.output.weight
+    grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+    if first is not None:
+        dist.send(grad.contiguous(), group=pp_group, group_dst=pp - 1)
+        dist.recv(grad, group=pp_group, group_src=pp - 1)
+    else:
+        other = torch.empty_like(grad)
+        dist.recv(other, group=pp_group, group_src=0)
+        grad += other
+        dist.send(grad, group=pp_group, group_dst=0)
 
 
 def local_stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:

@@ -1,11 +1,14 @@
 """Tensor parallelism with sequence parallelism (Megatron-style), on the mesh's `tp` axis.
 
 Per block: column-parallel wq, wk, wv and w1, w3 (each rank computes a slice of the heads and of
-the hidden units), row-parallel wo and w2. With sequence parallelism the residual stream and the
+the hidden units, and holds that slice of their biases), row-parallel wo and w2 (their biases
+replicated, added once after the reduction). With sequence parallelism the residual stream and the
 norms between them are sharded along the sequence: [B, L/tp, D] on each rank, all-gathered
 before the column-parallel matmuls and reduce-scattered after the row-parallel ones. The
 embedding, and the output layer with the loss, are vocabulary-parallel (loom.parallel.vocab_parallel):
 no rank holds more than one chunk of its shard's logits, nor the gradient of rows it does not hold.
+Every family goes through the same plan: norms of any kind (with their biases), BERT's norm after
+the embeddings and its masked-LM head run on the sequence shards like the norms between blocks.
 """
 from __future__ import annotations
 
@@ -26,11 +29,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     """Shard `model` in place over tp_mesh (a 1-D DeviceMesh)."""
     # Between blocks: sequence-sharded with SP, replicated without.
     stream = Shard(1) if sequence_parallel else Replicate()
-    if model.tok_embeddings is not None:  # a pipeline stage may lack the embedding or the output
+    if model.first_stage:  # a pipeline stage may lack the embedding or the output
         apply_vocab_parallel_embedding(model, tp_mesh, sequence_parallel)
-    if model.output is not None:
-        if sequence_parallel:
-            parallelize_module(model, tp_mesh, {"norm": SequenceParallel()})  # a sequence-sharded DTensor out
+        if sequence_parallel and model.embed_norm is not None:
+            parallelize_module(model, tp_mesh, {"embed_norm": SequenceParallel(use_local_output=True)})
+    if model.last_stage:
+        if sequence_parallel:  # the last of them hands a sequence-sharded DTensor to the output layer
+            ends = [name for name in ("norm", "head") if getattr(model, name) is not None]
+            parallelize_module(model, tp_mesh, {name: SequenceParallel(use_local_output=name != ends[-1])
+                                                for name in ends})
         apply_vocab_parallel_output(model, tp_mesh)
     for block in model.layers.values():
         plan = {
@@ -43,10 +50,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             "attention.wo": RowwiseParallel(output_layouts=stream),
             "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
             "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=stream),
         }
+        if block.feed_forward.w3 is not None:
+            plan["feed_forward.w3"] = ColwiseParallel()
         if sequence_parallel:
-            plan["attention_norm"] = SequenceParallel()
-            plan["ffn_norm"] = SequenceParallel()
+            # Local tensors out: the residual additions (before or after the norms) stay plain.
+            plan["attention_norm"] = SequenceParallel(use_local_output=True)
+            plan["ffn_norm"] = SequenceParallel(use_local_output=True)
         parallelize_module(block, tp_mesh, plan)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from loom.models.loss import IGNORE_INDEX, chunked_linear_loss, compute_dtype_of, upstream_scaled_grads
+from loom.models.loss import IGNORE_INDEX, check_labels, chunked_linear_loss, compute_dtype_of, upstream_scaled_grads
 from loom.models.matmul import linear
 
 
@@ -37,7 +37,7 @@ def _chunk_statistics(logits: torch.Tensor, labels: torch.Tensor, vocab_start: i
     """logits [c, Vl] fp32 (overwritten by exp(logits - local max)), labels [c] global ids ->
     (global max [c], global sum of exp(logit - global max) [c], target logit [c], local max [c],
     local label index [c], whether this rank owns the label [c])."""
-    c, n_local = logits.shape
+    n_local = logits.shape[1]
     local_label = labels - vocab_start
     owned = (local_label >= 0) & (local_label < n_local)
     index = local_label.clamp(0, n_local - 1)[:, None]
@@ -71,7 +71,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     The hidden states' gradient is a partial sum over the vocabulary shards."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start: int, group, compute_dtype):
+    def forward(ctx, hidden, weight, bias, labels, vocab_start: int, group, compute_dtype):
         grad_scale = 1.0 / (labels != IGNORE_INDEX).sum().clamp(min=1).float()
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
@@ -79,9 +79,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         def loss_of_chunk(logits, start, end):
             return _chunk_loss_(logits, labels[start:end], grad_scale, want_grads, vocab_start, group)
 
-        loss, grad_h, grad_w = chunked_linear_loss(hidden, weight, compute_dtype, want_grads, loss_of_chunk)
-        ctx.grads = (grad_h, grad_w)
-        return loss * grad_scale
+        out = chunked_linear_loss(hidden, weight, bias, compute_dtype, want_grads, loss_of_chunk)
+        ctx.grads = out[1:]
+        return out[0] * grad_scale
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -89,13 +89,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 vocab_start: int, group) -> torch.Tensor:
+                                 vocab_start: int, group, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss (fp32 scalar, the same on every tp rank) of hidden [..., D] against labels
-    [...], this rank holding rows vocab_start.. of the output weight (weight [V/tp, D])."""
+    [...], this rank holding rows vocab_start.. of the output weight (weight [V/tp, D], bias
+    [V/tp] or None)."""
+    check_labels(labels, weight.shape[0] * dist.get_world_size(group))
     dev = hidden.device.type
     compute_dtype = compute_dtype_of(hidden)
     with torch.autocast(dev, enabled=False):
-        return _VocabParallelCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(),
+        return _VocabParallelCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, labels.flatten(),
                                                 vocab_start, group, compute_dtype)
 
 
@@ -106,10 +108,18 @@ class VocabParallelOutput(nn.Module):
     plain fp32 scalar, equal on every tp rank), else logits [B, L, V] as a DTensor sharded
     over the vocabulary."""
 
-    def __init__(self, weight: nn.Parameter, tp_mesh):
+    def __init__(self, weight: nn.Parameter | None, bias: nn.Parameter | None, tp_mesh,
+                 tied_to: nn.Module | None = None):
         super().__init__()
-        self.weight = weight
+        if tied_to is None:
+            self.weight = weight
+        else:  # the embedding's weight, read at every call (see OutputLayer)
+            object.__setattr__(self, "tied_to", tied_to)
+        self.bias = bias
         self.tp_mesh = tp_mesh
+
+    def projection(self) -> torch.Tensor:
+        return self.tied_to.weight if "tied_to" in self.__dict__ else self.weight
 
     def _whole_sequence(self, h: torch.Tensor) -> torch.Tensor:
         """h as this rank's local [B, L, D] of the whole sequence, whose gradient is a partial
@@ -120,11 +130,12 @@ class VocabParallelOutput(nn.Module):
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self._whole_sequence(h)
-        w = self.weight.to_local()  # [V/tp, D]
+        w = self.projection().to_local()  # [V/tp, D]
+        b = self.bias.to_local() if self.bias is not None else None  # [V/tp]
         if labels is None:
-            return DTensor.from_local(linear(h, w), self.tp_mesh, [Shard(-1)], run_check=False)
+            return DTensor.from_local(linear(h, w, b), self.tp_mesh, [Shard(-1)], run_check=False)
         vocab_start = self.tp_mesh.get_local_rank() * w.shape[0]
-        return vocab_parallel_cross_entropy(h, w, labels, vocab_start, self.tp_mesh.get_group())
+        return vocab_parallel_cross_entropy(h, w, labels, vocab_start, self.tp_mesh.get_group(), b)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -148,20 +159,71 @@ class VocabParallelEmbedding(nn.Module):
         return summed.redistribute(self.tp_mesh, [self.output_placement]).to_local()
 
 
-def _shard_rows(weight: nn.Parameter, tp_mesh) -> nn.Parameter:
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over a process group (each rank's gradient
+    covers only its own tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ReplicatedSequenceEmbedding(nn.Module):
+    """Drop-in for a small nn.Embedding (learned positions, token types) under tensor parallelism:
+    the table is replicated over tp; ids [B, L] (the same on every tp rank) -> this rank's local
+    [B, L/tp, D] sequence shard under sequence parallelism (matching VocabParallelEmbedding's
+    output), else [B, L, D]. Each rank's weight gradient covers its own tokens: summed over tp."""
+
+    def __init__(self, weight: nn.Parameter, tp_mesh, sequence_parallel: bool):
+        super().__init__()
+        self.weight = weight
+        self.tp_mesh = tp_mesh
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            n, r = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
+            shard = ids.shape[1] // n
+            ids = ids[:, r * shard:(r + 1) * shard]
+        w = _SumGradOverGroup.apply(self.weight.to_local(), self.tp_mesh.get_group())
+        return torch.nn.functional.embedding(ids, w)
+
+
+def _distribute(param: nn.Parameter | None, tp_mesh, placement) -> nn.Parameter | None:
     from torch.distributed.tensor import distribute_tensor
 
-    return nn.Parameter(distribute_tensor(weight.data, tp_mesh, [Shard(0)]), requires_grad=weight.requires_grad)
+    if param is None:
+        return None
+    return nn.Parameter(distribute_tensor(param.data, tp_mesh, [placement]), requires_grad=param.requires_grad)
 
 
 def apply_vocab_parallel_embedding(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Swap model.tok_embeddings (on meta or materialized) for a VocabParallelEmbedding holding
-    its table sharded by rows over tp; the parameter keeps the name tok_embeddings.weight."""
-    model.tok_embeddings = VocabParallelEmbedding(_shard_rows(model.tok_embeddings.weight, tp_mesh), tp_mesh,
-                                                  sequence_parallel)
+    its table sharded by rows over tp, and learned position / token-type tables for replicated
+    ones; the parameters keep their names."""
+    model.tok_embeddings = VocabParallelEmbedding(_distribute(model.tok_embeddings.weight, tp_mesh, Shard(0)),
+                                                  tp_mesh, sequence_parallel)
+    for name in ("pos_embeddings", "type_embeddings"):
+        table = getattr(model, name)
+        if table is not None:
+            setattr(model, name, ReplicatedSequenceEmbedding(_distribute(table.weight, tp_mesh, Replicate()),
+                                                             tp_mesh, sequence_parallel))
 
 
 def apply_vocab_parallel_output(model: nn.Module, tp_mesh) -> None:
     """Swap model.output (an OutputLayer, on meta or materialized) for a VocabParallelOutput
-    holding its weight sharded by rows over tp; the parameter keeps the name output.weight."""
-    model.output = VocabParallelOutput(_shard_rows(model.output.weight, tp_mesh), tp_mesh)
+    holding its weight (and bias) sharded by rows over tp; the parameters keep their names.
+    A weight tied to the embedding this module holds stays one parameter (the embedding's
+    shard; swap the embedding first)."""
+    bias = _distribute(model.output.bias, tp_mesh, Shard(0))
+    if model.output.tied:
+        model.output = VocabParallelOutput(None, bias, tp_mesh, tied_to=model.tok_embeddings)
+    else:
+        model.output = VocabParallelOutput(_distribute(model.output.weight, tp_mesh, Shard(0)), bias, tp_mesh)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.parallel.pipeline import stage_layers
 from loom.plan.hardware import GIB, HardwareSpec
@@ -86,14 +86,14 @@ class Layout:
         return self.micro_batch * self.seq_len // self.cp
 
 
-def block_params(cfg: LlamaConfig) -> tuple[int, int]:
+def block_params(cfg: ModelConfig) -> tuple[int, int]:
     """(matrix parameters, norm parameters) of one transformer block."""
     e = cfg.head_dim
     matrices = 2 * cfg.dim * cfg.n_heads * e + 2 * cfg.dim * cfg.n_kv_heads * e + 3 * cfg.dim * cfg.ffn_dim
     return matrices, 2 * cfg.dim
 
 
-def stage_params(cfg: LlamaConfig, layout: Layout) -> list[float]:
+def stage_params(cfg: ModelConfig, layout: Layout) -> list[float]:
     """Parameters each pipeline stage holds on one device of its tp group (before FSDP)."""
     n_stages = layout.pp * layout.pp_virtual_stages
     matrices, norms = block_params(cfg)
@@ -110,7 +110,7 @@ def stage_params(cfg: LlamaConfig, layout: Layout) -> list[float]:
     return [sum(out[r::layout.pp]) for r in range(layout.pp)]
 
 
-def activation_bytes_per_token(cfg: LlamaConfig, layout: Layout) -> float:
+def activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     """Bytes saved for backward per layer and local token (see the module docstring)."""
     e = DTYPE_BYTES[layout.dtype]
     tp = layout.tp
@@ -168,7 +168,7 @@ def loss_chunk_tokens(tokens: int, vocab_local: int, spec: HardwareSpec) -> int:
     return max(64, min(tokens, budget // vocab_local))
 
 
-def rank_memory(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, r: int) -> MemoryBreakdown:
+def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) -> MemoryBreakdown:
     """Per-device memory of pp rank r (all its virtual stages)."""
     e = DTYPE_BYTES[layout.dtype]
     shard = layout.dp * layout.cp  # FSDP's group
@@ -224,12 +224,12 @@ def rank_memory(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, r: int) ->
                            margin=ALLOCATOR_MARGIN * counted)
 
 
-def memory_breakdown(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> MemoryBreakdown:
+def memory_breakdown(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> MemoryBreakdown:
     """Per-device memory of the most loaded device."""
     return max((rank_memory(cfg, layout, spec, r) for r in range(layout.pp)), key=lambda m: m.total)
 
 
-def device_layers(cfg: LlamaConfig, layout: Layout) -> list[list[int]]:
+def device_layers(cfg: ModelConfig, layout: Layout) -> list[list[int]]:
     n_stages = layout.pp * layout.pp_virtual_stages
     stages = stage_layers(cfg.n_layers, n_stages)
     return [sum(stages[r::layout.pp], []) for r in range(layout.pp)]

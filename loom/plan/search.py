@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 from loom.models.registry import UnknownModelError, get_model_config
 from loom.parallel.fsdp import ZERO_MODES
 from loom.plan.hardware import GIB, HardwareSpec, PlanError
@@ -36,14 +36,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def resolve_model(name: str) -> LlamaConfig:
+def resolve_model(name: str) -> ModelConfig:
     try:
         return get_model_config(name)
     except UnknownModelError as e:
         raise PlanError(str(e).replace("model.name=", "--model=")) from None
 
 
-def check_inputs(cfg: LlamaConfig, gpus: int, seq_len: int, global_batch: int, tp: int | None, cp: int | None,
+def check_inputs(cfg: ModelConfig, gpus: int, seq_len: int, global_batch: int, tp: int | None, cp: int | None,
                  pp: int | None, micro_batch: int | None) -> None:
     """One-line errors for input no layout can satisfy."""
     for flag, v in (("--gpus", gpus), ("--seq-len", seq_len), ("--global-batch", global_batch),
@@ -69,7 +69,7 @@ def check_inputs(cfg: LlamaConfig, gpus: int, seq_len: int, global_batch: int, t
                             f"multiple of 2 x cp{' x tp' if tp else ''} = {chunks}")
 
 
-def candidate_layouts(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int,
+def candidate_layouts(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int,
                       dtype: str, tp: int | None = None, cp: int | None = None, pp: int | None = None,
                       micro_batch: int | None = None, recompute: str | None = None,
                       zero: int | None = None) -> list[Layout]:
@@ -99,14 +99,14 @@ def candidate_layouts(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: 
     return out
 
 
-def evaluate(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> PlanRow:
+def evaluate(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> PlanRow:
     mem = memory_breakdown(cfg, layout, spec)
     time = step_time(cfg, layout, spec)
     return PlanRow(layout, mem, time, throughput(cfg, layout, spec, time),
                    mem.total <= capacity_bytes(spec, layout.world))
 
 
-def plan(cfg: LlamaConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int, dtype: str = "bfloat16",
+def plan(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int, dtype: str = "bfloat16",
          tp: int | None = None, cp: int | None = None, pp: int | None = None, micro_batch: int | None = None,
          recompute: str | None = None, zero: int | None = None) -> list[PlanRow]:
     """Ranked rows: layouts that fit first, by predicted tokens/s per device; per (tp, cp, pp, micro

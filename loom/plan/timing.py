@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loom.metrics.flops import flops_per_token
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.plan.hardware import HardwareSpec
 from loom.plan.memory import DTYPE_BYTES, Layout, device_layers, block_params, stage_params
@@ -75,7 +75,7 @@ def _transfer_s(spec: HardwareSpec, nbytes: float, span: int, count: int = 1) ->
     return nbytes / bw + count * spec.efficiency.collective_latency_s
 
 
-def elementwise_bytes_per_token(cfg: LlamaConfig, layout: Layout) -> float:
+def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     """Memory traffic of one layer's element-wise work per local token, forward + backward: the
     two RMSNorms (fp32 in, compute dtype out), RoPE on q and k, SwiGLU, and the two fp32 residual
     additions; backward moves about twice the forward's bytes; recomputation repeats the forward
@@ -97,7 +97,7 @@ def elementwise_bytes_per_token(cfg: LlamaConfig, layout: Layout) -> float:
     return total
 
 
-def step_time(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec) -> TimeBreakdown:
+def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreakdown:
     eff = spec.efficiency
     e = DTYPE_BYTES[layout.dtype]
     peak = spec.peak_flops(layout.dtype)
@@ -174,7 +174,7 @@ class Throughput:
     mfu: float
 
 
-def throughput(cfg: LlamaConfig, layout: Layout, spec: HardwareSpec, time: TimeBreakdown) -> Throughput:
+def throughput(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, time: TimeBreakdown) -> Throughput:
     tokens = layout.global_batch * layout.seq_len / layout.world
     tps = tokens / time.total
     tflops = tps * flops_per_token(cfg, layout.seq_len, "megatron") / 1e12

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from loom.metrics.memory import LiveTensorBytes
-from loom.models.llama import build_model
+from loom.models.transformer import build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
 from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
@@ -122,7 +122,7 @@ def gathered_bytes(modules: list[nn.Module], dims: ParallelDims, zero: int, comp
     sizes = []
     for module in modules:
         for unit in fsdp_units(module):
-            fp32 = unit is module.tok_embeddings  # gathered in fp32 (loom.parallel.fsdp)
+            fp32 = isinstance(unit, list) and module.tok_embeddings in unit  # gathered in fp32 (loom.parallel.fsdp)
             item = 4 if fp32 else torch.empty((), dtype=compute).element_size()
             sizes.append(sum(_tp_local_numel(p) for p in _unit_params(unit)) * item)
     if keeps_units_gathered(zero, dims.pp):
@@ -147,7 +147,7 @@ def _stage_inputs(module: nn.Module, model_cfg, cfg, dims: ParallelDims) -> tupl
     kwargs = {"labels": torch.zeros(t.micro_batch, local, dtype=torch.long)}
     if dims.cp > 1:
         kwargs["positions"] = torch.zeros(t.micro_batch, local, dtype=torch.long)
-    if module.tok_embeddings is not None:
+    if module.first_stage:
         return torch.zeros(t.micro_batch, local, dtype=torch.long), kwargs
     sp = dims.tp if dims.tp > 1 and cfg.parallel.sequence_parallel else 1
     return torch.zeros(t.micro_batch, local // sp, model_cfg.dim, requires_grad=True), kwargs

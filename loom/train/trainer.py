@@ -13,13 +13,14 @@ import torch
 
 from loom.config import Config
 from loom.data.dataset import Batch, BatchSchedule, open_splits
-from loom.kernels import library
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.attention import document_positions
-from loom.models.llama import LlamaConfig, Transformer, build_model
+from loom.models.converters import convert_model
+from loom.models.transformer import ModelConfig, Transformer, build_model
 from loom.parallel.apply import materialize, parallelize
 from loom.parallel.fsdp import accumulates_unsharded_grads, set_micro_batch
+from loom.parallel.pipeline import sum_tied_grads, tied_copy
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.checkpoint import Checkpointer, TrainState
@@ -50,12 +51,14 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     )
 
 
-def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
+def clip_grad_norm(params, max_norm: float, pp_group=None, also_scale=()) -> float:
     """Scale gradients so that their global 2-norm is at most max_norm; returns the norm before.
 
     Gradients may be plain tensors and DTensors on different meshes at once (norm gains left
     unsharded beside tensor-parallel matrices, FSDP's 1-D and 2-D shards): torch's clip_grad_norm_
     refuses such a mix, so the norm is taken per mesh, gathered, and combined here.
+    also_scale: parameters left out of the norm (copies of one counted elsewhere) but clipped
+    with the rest.
     """
     groups: dict[int, list[torch.Tensor]] = {}
     for p in params:
@@ -76,6 +79,9 @@ def clip_grad_norm(params, max_norm: float, pp_group=None) -> float:
     if coef < 1.0:
         for grads in groups.values():
             torch._foreach_mul_(grads, coef)
+        for p in also_scale:
+            if p.grad is not None:
+                p.grad.mul_(coef)
     return total
 
 
@@ -95,7 +101,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def init_model(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Transformer:
+def init_model(model_cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
     """A whole model on one device, initialized from `seed` (tests, benchmarks, one process)."""
     model = build_model(model_cfg, "meta")
     model.to_empty(device=device)
@@ -106,7 +112,7 @@ def init_model(model_cfg: LlamaConfig, device: torch.device, seed: int) -> Trans
 class Trainer:
     """Single process, or one rank of a torchrun job (WORLD_SIZE > 1) with the configured layout."""
 
-    def __init__(self, cfg: Config, model_cfg: LlamaConfig, progress: bool = True):
+    def __init__(self, cfg: Config, model_cfg: ModelConfig, progress: bool = True):
         self.cfg, self.model_cfg = cfg, model_cfg
         t = cfg.train
         self.device = resolve_device(t.device)
@@ -115,12 +121,6 @@ class Trainer:
         self.dims = ParallelDims.from_section(cfg.parallel, self.world_size)
         self._join_process_group()
         self.progress = progress and self.rank == 0
-        if self.device.type == "cpu":
-            # Build (first run on this machine) or load loom's CPU kernels before any step is
-            # timed; where they cannot run, PyTorch's ops do the work and the summary says why.
-            self.kernels = library.status()
-        else:
-            self.kernels = "PyTorch CUDA ops (SDPA flash / memory-efficient attention)"
         torch.manual_seed(t.seed)
         self._build_model()
         # One AdamW per model part (pipeline stage), so that optimizer states are saved under the
@@ -128,6 +128,7 @@ class Trainer:
         self.optimizers = [build_optimizer(m, t) for m in self.parts]
 
         self.train_data, self.val_data = open_splits(cfg.data.path, t.seq_len, progress=self.progress)
+        self.masking = self._masking()
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
         self.tokens_per_step = t.global_batch * t.seq_len
 
@@ -141,6 +142,20 @@ class Trainer:
         self.resumed_from = resume
         if resume is not None:
             self.state = self.checkpointer.load(resume)
+
+    def _masking(self):
+        """Masked-LM targets for a bidirectional model (BERT), else None (next-token targets)."""
+        if self.model_cfg.causal:
+            return None
+        from loom.data.mlm import MaskingSpec
+
+        mask_id = self.train_data.mask_token()
+        if mask_id is None:
+            raise ValueError(f"model {self.cfg.model.name!r} trains on masked-LM targets, but the tokenizer of "
+                             f"data.path={self.cfg.data.path!r} has no [MASK] token")
+        eos = self.train_data.meta.get("eos_id")
+        special = tuple(i for i in (eos, mask_id) if i is not None)
+        return MaskingSpec(mask_id, self.train_data.meta["vocab_size"], special, self.cfg.train.seed)
 
     def _join_process_group(self) -> None:
         """Under torchrun: the process group and the layout's DeviceMesh; this rank's place."""
@@ -166,8 +181,11 @@ class Trainer:
         under pipeline parallelism, self.pp_schedule."""
         t, p = self.cfg.train, self.cfg.parallel
         self.model = build_model(self.model_cfg, "meta")
+        # Converters (loom's CPU kernels) between construction and parallelization; the kernels
+        # are built (first run on this machine) or loaded here, before any step is timed, and the
+        # summary says which run and, where loom's cannot, why.
+        self.kernels = convert_model(self.model, t.kernels, self.device)
         self.pp = self.mesh is not None and self.dims.pp > 1
-        self.tp = self.mesh is not None and self.dims.tp > 1
         self.cp = self.dims.cp if self.mesh is not None else 1
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
@@ -281,7 +299,9 @@ class Trainer:
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate this rank's gradients; returns its mean loss (a detached scalar)."""
         if self.pp:
-            return self._pipeline_run(micro_batches, train=True)
+            loss = self._pipeline_run(micro_batches, train=True)
+            sum_tied_grads(list(self.model), self.n_stages, self.mesh["pp"].get_group())
+            return loss
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             if self.fsdp:
@@ -294,7 +314,11 @@ class Trainer:
     def clip_gradients(self) -> float:
         """Clip to train.grad_clip; returns the global gradient norm before clipping."""
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        return clip_grad_norm(self.model.parameters(), clip, self.mesh["pp"].get_group() if self.pp else None)
+        # A tied output weight's copy on the last pipeline stage is counted once, on the first.
+        copies = {id(p) for p in map(tied_copy, self.parts) if p is not None}
+        params = [p for p in self.model.parameters() if id(p) not in copies]
+        return clip_grad_norm(params, clip, self.mesh["pp"].get_group() if self.pp else None,
+                              also_scale=[p for p in self.model.parameters() if id(p) in copies])
 
     def apply_gradients(self, lr: float, skip: bool = False) -> None:
         """AdamW step at learning rate lr (unless skip), then zero the gradients."""
@@ -362,7 +386,7 @@ class Trainer:
         idx = self.schedule.rank_indices(step, self.dp_rank, self.dims.dp)
         mb = self.cfg.train.micro_batch
         packed = self.cfg.data.pack_documents
-        return [self.train_data.batch(idx[i : i + mb], packed) for i in range(0, len(idx), mb)]
+        return [self.train_data.batch(idx[i : i + mb], packed, self.masking) for i in range(0, len(idx), mb)]
 
     def peak_memory(self) -> int:
         """The largest peak over all ranks."""
@@ -381,7 +405,7 @@ class Trainer:
         n = min(self.cfg.train.eval_batches * mb, self.val_data.n_sequences)
         losses, counts = [], []
         for i in range(0, n, mb):
-            batch = self.val_data.batch(np.arange(i, min(i + mb, n)), self.cfg.data.pack_documents)
+            batch = self.val_data.batch(np.arange(i, min(i + mb, n)), self.cfg.data.pack_documents, self.masking)
             if self.pp:  # the schedule wants its micro-batch count: repeat this one
                 repeats = self.pp_schedule._n_microbatches
                 losses.append(self._pipeline_run([batch] * repeats, train=False).item())

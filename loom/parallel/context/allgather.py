@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 from loom.models.attention import (
+    TORCH_ATTENTION,
+    AttentionKernel,
     Span,
     new_accumulators,
     plan_tiles,
@@ -33,15 +35,15 @@ def _gather_kv(k: torch.Tensor, v: torch.Tensor, cp: CPGroup) -> torch.Tensor:
 
 class _AllGatherAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: CPGroup, spans: list[list[Span]], doc_starts, scale: float):
+    def forward(ctx, q, k, v, cp: CPGroup, spans: list[list[Span]], doc_starts, scale: float, causal: bool, kernel):
         kv = _gather_kv(k, v, cp)
         # The gathered sequence is in rank order: its spans are every rank's spans in turn.
-        tiles = plan_tiles(spans[cp.rank], [s for rank in spans for s in rank], doc_starts)
+        tiles = plan_tiles(spans[cp.rank], [s for rank in spans for s in rank], doc_starts, causal)
         out, lse = new_accumulators(q)
-        tiled_attention_accumulate(out, lse, q, kv[0], kv[1], tiles, scale)
+        tiled_attention_accumulate(out, lse, q, kv[0], kv[1], tiles, scale, kernel)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cp, ctx.tiles, ctx.scale = cp, tiles, scale
+        ctx.cp, ctx.tiles, ctx.scale, ctx.kernel = cp, tiles, scale, kernel
         return out
 
     @staticmethod
@@ -52,16 +54,18 @@ class _AllGatherAttentionFn(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
         tiled_attention_backward_accumulate(dq, dkv[0], dkv[1], dout.contiguous(), q, kv[0], kv[1],
-                                            out, lse, ctx.tiles, ctx.scale)
+                                            out, lse, ctx.tiles, ctx.scale, ctx.kernel)
         # [2, B, H, S, D] -> [cp, 2, B, H, L, D]: block j goes to rank j, summed over ranks.
         b, h, s, d = dkv.shape[1:]
         blocks = dkv.view(2, b, h, cp.size, s // cp.size, d).permute(3, 0, 1, 2, 4, 5).contiguous()
         mine = torch.empty(blocks.shape[1:], dtype=blocks.dtype, device=blocks.device)
         dist.reduce_scatter_tensor(mine, blocks.flatten(0, 1), group=cp.group)
-        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), None, None, None, None, None, None
 
 
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPGroup,
-                        spans: list[list[Span]], doc_starts: list[list[int]] | None) -> torch.Tensor:
-    """Causal attention of this rank's queries to the whole sequence's keys -> [B, Hq, L, D]."""
-    return _AllGatherAttentionFn.apply(q, k, v, cp, spans, doc_starts, q.shape[-1] ** -0.5)
+                        spans: list[list[Span]], doc_starts: list[list[int]] | None, causal: bool = True,
+                        kernel: AttentionKernel = TORCH_ATTENTION) -> torch.Tensor:
+    """Attention (causal or bidirectional) of this rank's queries to the whole sequence's keys
+    -> [B, Hq, L, D]."""
+    return _AllGatherAttentionFn.apply(q, k, v, cp, spans, doc_starts, q.shape[-1] ** -0.5, causal, kernel)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from loom.models.attention import (
+    TORCH_ATTENTION,
+    AttentionKernel,
     Span,
     new_accumulators,
     plan_tiles,
@@ -33,24 +35,24 @@ TAG_KV, TAG_GRAD = 1, 2
 
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: CPGroup, spans: list[list[Span]], doc_starts, scale: float):
+    def forward(ctx, q, k, v, cp: CPGroup, spans: list[list[Span]], doc_starts, scale: float, causal: bool, kernel):
         r, n = cp.rank, cp.size
         out, lse = new_accumulators(q)
         kv = torch.stack((k, v))  # [2, B, Hkv, L, D]: one message per step
         # Step i holds rank (r - i)'s block; the backward visits the blocks in the same order.
-        step_tiles = [plan_tiles(spans[r], spans[(r - step) % n], doc_starts) for step in range(n)]
+        step_tiles = [plan_tiles(spans[r], spans[(r - step) % n], doc_starts, causal) for step in range(n)]
         for step in range(n):
             requests = []
             if step + 1 < n:
                 incoming = torch.empty_like(kv)
                 requests = cp.exchange(kv, incoming, TAG_KV)
-            tiled_attention_accumulate(out, lse, q, kv[0], kv[1], step_tiles[step], scale)
+            tiled_attention_accumulate(out, lse, q, kv[0], kv[1], step_tiles[step], scale, kernel)
             if requests:
                 wait(requests)
                 kv = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cp, ctx.step_tiles, ctx.scale = cp, step_tiles, scale
+        ctx.cp, ctx.step_tiles, ctx.scale, ctx.kernel = cp, step_tiles, scale, kernel
         return out
 
     @staticmethod
@@ -69,7 +71,7 @@ class _RingAttentionFn(torch.autograd.Function):
                 kv_requests = cp.exchange(kv, kv_incoming, TAG_KV)
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             tiled_attention_backward_accumulate(dq, dkv[0], dkv[1], dout, q, kv[0], kv[1], out, lse,
-                                                ctx.step_tiles[step], scale)
+                                                ctx.step_tiles[step], scale, ctx.kernel)
             if grad_requests:  # the block's gradient so far, from the ranks before this one
                 wait(grad_requests)
                 dkv += grad_incoming
@@ -80,16 +82,18 @@ class _RingAttentionFn(torch.autograd.Function):
                 kv = kv_incoming
         wait(grad_requests)  # this rank's own block, with every rank's contribution
         return (dq.to(q.dtype), grad_incoming[0].to(k.dtype), grad_incoming[1].to(v.dtype),
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPGroup,
-                   spans: list[list[Span]], doc_starts: list[list[int]] | None) -> torch.Tensor:
-    """Causal attention of this rank's queries to the keys of the whole sequence.
+                   spans: list[list[Span]], doc_starts: list[list[int]] | None, causal: bool = True,
+                   kernel: AttentionKernel = TORCH_ATTENTION) -> torch.Tensor:
+    """Attention (causal, or bidirectional: every step one all-visible tile) of this rank's
+    queries to the keys of the whole sequence.
 
     spans[j]: the global ranges cp rank j holds; doc_starts: packed documents (global starts per
     sample) or None. Returns out [B, Hq, L, D].
     """
     if cp.size == 1:
         raise ValueError("ring attention needs a cp group of at least 2 ranks")
-    return _RingAttentionFn.apply(q, k, v, cp, spans, doc_starts, q.shape[-1] ** -0.5)
+    return _RingAttentionFn.apply(q, k, v, cp, spans, doc_starts, q.shape[-1] ** -0.5, causal, kernel)

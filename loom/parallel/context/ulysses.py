@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from loom.models.attention import Span, plan_tiles, tiled_attention
+from loom.models.attention import TORCH_ATTENTION, AttentionKernel, Span, plan_tiles, tiled_attention
 from loom.parallel.context.group import CPGroup
 
 
@@ -53,20 +53,22 @@ class _AllToAll(torch.autograd.Function):
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: CPGroup,
-                      spans: list[list[Span]], doc_starts: list[list[int]] | None) -> torch.Tensor:
-    """Causal attention of this rank's queries to the whole sequence's keys -> [B, Hq, L, D]."""
+                      spans: list[list[Span]], doc_starts: list[list[int]] | None, causal: bool = True,
+                      kernel: AttentionKernel = TORCH_ATTENTION) -> torch.Tensor:
+    """Attention (causal or bidirectional) of this rank's queries to the whole sequence's keys
+    -> [B, Hq, L, D]."""
     if q.shape[1] % cp.size or k.shape[1] % cp.size:
         raise ValueError(f"a2a context parallelism needs the local query heads ({q.shape[1]}) and KV "
                          f"heads ({k.shape[1]}) divisible by cp={cp.size}")
     q, k, v = (_AllToAll.apply(t, cp, True) for t in (q, k, v))
     seq_len = q.shape[2]
-    tiles = plan_tiles([(0, seq_len)], [(0, seq_len)], doc_starts)
+    tiles = plan_tiles([(0, seq_len)], [(0, seq_len)], doc_starts, causal)
     flat = [s for rank in spans for s in rank]
     if flat == sorted(flat):  # contiguous sharding: rank order is global order
-        out = tiled_attention(q, k, v, tiles)
+        out = tiled_attention(q, k, v, tiles, kernel)
     else:  # load-balanced: the token at index i has global position order[i]
         order = torch.cat([torch.arange(s, e, device=q.device) for s, e in flat])
         to_global = torch.argsort(order)
         q, k, v = (t.index_select(2, to_global) for t in (q, k, v))
-        out = tiled_attention(q, k, v, tiles).index_select(2, order)
+        out = tiled_attention(q, k, v, tiles, kernel).index_select(2, order)
     return _AllToAll.apply(out, cp, False)

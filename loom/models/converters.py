@@ -1,0 +1,71 @@
+"""Model converters: applied to a built model (on the meta device) after construction and before
+parallelization, in a fixed order (torchtitan's model converters). Today: loom's CPU kernels
+(`train.kernels`); LoRA and FP8 join them here.
+
+`train.kernels`:
+    torch  PyTorch's ops everywhere (the model as built).
+    loom   loom's AVX-512 CPU kernels for attention, RMSNorm, SwiGLU, RoPE and the fused loss
+           (loom.kernels.modules); an error before anything starts where they cannot run.
+    auto   loom's kernels where they run (a CPU run on a machine that builds them), else
+           PyTorch's, and `kernels_status` says why once.
+LayerNorm and GeLU keep PyTorch's ops in every mode (no kernel of loom's pays there).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KERNEL_CHOICES = ("auto", "loom", "torch")
+
+
+def loom_kernels_unavailable(device: torch.device) -> str | None:
+    """None where loom's CPU kernels can run for a model on `device`, else why not."""
+    if device.type != "cpu":
+        return f"loom's kernels are CPU kernels and the run is on {device.type}"
+    from loom.kernels import library
+
+    if not library.available():
+        return library.status()
+    return None
+
+
+def resolve_kernels(choice: str, device: torch.device) -> tuple[bool, str]:
+    """(whether to install loom's kernels, a line saying which kernels run and why)."""
+    if choice == "torch":
+        return False, "PyTorch ops (train.kernels='torch')"
+    why_not = loom_kernels_unavailable(device)
+    if why_not is None:
+        return True, "loom AVX-512 CPU kernels (attention, loss, RMSNorm, SwiGLU, RoPE)"
+    if choice == "loom":
+        raise RuntimeError(f"train.kernels='loom' but loom's kernels cannot run here: {why_not}; "
+                           f"allowed here: 'auto', 'torch'")
+    if device.type == "cuda":
+        return False, "PyTorch CUDA ops (SDPA flash / memory-efficient attention)"
+    return False, f"PyTorch ops ({why_not})"
+
+
+def install_cpu_kernels(model: nn.Module) -> int:
+    """Swap the model's plain parts for loom's kernel-backed ones, in place; returns how many
+    modules were swapped. Parameters (and their names) are unchanged."""
+    from loom.kernels.modules import LOOM_CPU_ATTENTION, SWAPS, as_kernel_module
+    from loom.models.attention import CoreAttention
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in SWAPS:
+                setattr(parent, name, as_kernel_module(child))
+                swapped += 1
+            elif isinstance(child, CoreAttention):
+                child.kernel = LOOM_CPU_ATTENTION
+                swapped += 1
+    return swapped
+
+
+def convert_model(model: nn.Module, kernels: str, device: torch.device) -> str:
+    """Apply the converters the config asks for, in loom's fixed order; returns the kernel line
+    for the run's summary."""
+    use_loom, line = resolve_kernels(kernels, device)
+    if use_loom:
+        install_cpu_kernels(model)
+    return line
