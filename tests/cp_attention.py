@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from loom.models.attention import CoreAttention, document_positions, document_starts
-from loom.models.llama import LlamaConfig, build_model
+from loom.models.transformer import ModelConfig, build_model
 from loom.parallel.context import ContextParallelAttention, apply_context_parallel
 from loom.parallel.context.group import CPGroup
 from loom.parallel.context.sharding import shard_index, shard_sequence
@@ -52,7 +52,7 @@ def packs(seq_len: int, target: torch.Tensor, gen: torch.Generator, vocab: int):
 
 
 def packed_document_invariance(world: int) -> dict:
-    cfg = LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, vocab_size=97)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128, vocab_size=97)
     gen = torch.Generator().manual_seed(1)
     seq_len = 64
     target = torch.randint(cfg.vocab_size, (21,), generator=gen)
@@ -112,7 +112,7 @@ def saved_activation_bytes(model, tokens, positions, labels) -> int:
 
 def saved_bytes_per_rank(world: int) -> dict:
     """{"single": bytes, "cp2_p2p": largest bytes on any rank, ...} for batch 2 x 512 tokens."""
-    cfg = LlamaConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=192, vocab_size=97)
+    cfg = ModelConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=192, vocab_size=97)
     gen = torch.Generator().manual_seed(2)
     seq_len = 512
     tokens = torch.randint(cfg.vocab_size, (2, seq_len + 1), generator=gen)

@@ -49,7 +49,7 @@ def test_fake_trace_measures_what_real_tensors_hold():
     model_cfg = validate(cfg, 1, check_files=False)
     dims = ParallelDims.from_section(cfg.parallel, 1)
     real = trace_micro_batch(init_model(model_cfg, torch.device("cpu"), 0), model_cfg, cfg, dims, torch.bfloat16)
-    from loom.models.llama import build_model
+    from loom.models.transformer import build_model
 
     model = build_model(model_cfg, "meta")
     with FakeTensorMode(allow_non_fake_inputs=True):

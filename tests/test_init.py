@@ -5,7 +5,7 @@ import torch
 
 from loom.metrics.memory import LiveTensorBytes
 from loom.models.init import BLOCK_ELEMENTS, InitSpec, fill_region, rows_per_block
-from loom.models.llama import LlamaConfig, build_model
+from loom.models.transformer import ModelConfig, build_model
 
 SPEC = InitSpec("trunc_normal", 0.02)
 
@@ -67,7 +67,7 @@ def test_model_init_is_the_union_of_its_regions(micro_cfg):
 
 
 def test_init_specs_follow_the_published_recipe():
-    cfg = LlamaConfig(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
+    cfg = ModelConfig(dim=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=97)
     model = build_model(cfg)
     assert model.init_spec("layers.3.ffn_norm.weight").kind == "ones"
     assert model.init_spec("tok_embeddings.weight") == InitSpec("normal", 0.02)

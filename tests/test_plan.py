@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from loom.models.llama import LlamaConfig
+from loom.models.transformer import ModelConfig
 from loom.plan.hardware import GIB, get_spec
 from loom.plan.memory import Layout, memory_breakdown, rank_memory
 
-CFG = LlamaConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=8, ffn_dim=4096, vocab_size=32000)
+CFG = ModelConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=8, ffn_dim=4096, vocab_size=32000)
 
 
 def test_memory_of_a_4d_layout_by_hand():
@@ -230,7 +230,7 @@ def test_groups_that_cross_nodes_and_zero_modes_cost_what_they_move():
     from loom.plan.timing import step_time
 
     spec = get_spec("h100-sxm-80gb")  # 8 GPUs per node
-    cfg = LlamaConfig(dim=8192, n_layers=16, n_heads=64, n_kv_heads=16, ffn_dim=28672, vocab_size=32000)
+    cfg = ModelConfig(dim=8192, n_layers=16, n_heads=64, n_kv_heads=16, ffn_dim=28672, vocab_size=32000)
     inside = step_time(cfg, Layout(tp=8, cp=1, pp=1, dp=2, micro_batch=1, seq_len=8192, global_batch=16), spec)
     across = step_time(cfg, Layout(tp=16, cp=1, pp=1, dp=1, micro_batch=1, seq_len=8192, global_batch=16), spec)
     # tp=16 moves 15/16 instead of 7/8 of each [t, dim] per collective, but over a ~9x slower link.
