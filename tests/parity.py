@@ -67,6 +67,8 @@ def init_checksums(trainer) -> dict:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, crcs)
         crcs = {k: v for part in parts for k, v in part.items()}
+        if trainer.model_cfg.tie_embeddings and "output.weight" in crcs:  # the last stage's copy
+            assert crcs.pop("output.weight") == crcs["tok_embeddings.weight"], "tied copies start apart"
     return {"crc32": crcs, "peak_bytes": trainer.init_peak_bytes, "shard_bytes": trainer.shard_bytes,
             "block_bytes": 4 * BLOCK_ELEMENTS}
 
@@ -90,6 +92,11 @@ def run_case(overrides: list[str], steps: int) -> dict:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, grads)
         grads = {k: v for part in parts for k, v in part.items()}
+        if trainer.model_cfg.tie_embeddings and "output.weight" in grads:
+            # The last stage's copy of the tied weight: the same gradient as the embedding's
+            # (summed over both stages), and no parameter of the single-process model.
+            copy = grads.pop("output.weight")
+            assert torch.equal(copy, grads["tok_embeddings.weight"]), "tied copies' gradients differ"
     losses = [trainer.mean_over_data_ranks(loss)]
     trainer.optimizer_step(cfg.train.lr)
     collectives: dict[str, int] = {}

@@ -126,11 +126,10 @@ def upstream_scaled_grads(ctx, grad_loss: torch.Tensor) -> tuple:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, compute_dtype, softmax_ce):
-        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    def forward(ctx, hidden, weight, bias, labels, compute_dtype, softmax_ce, divisor):
         # Gradients are of the mean loss from the start, so that backward has nothing left to
         # do for the usual upstream gradient of 1 (no pass over a [V, D] gradient).
-        grad_scale = 1.0 / n_valid.float()
+        grad_scale = 1.0 / loss_divisor(labels, divisor)
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
 
@@ -144,7 +143,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*upstream_scaled_grads(ctx, grad_loss), None, None, None)
+        return (*upstream_scaled_grads(ctx, grad_loss), None, None, None, None)
+
+
+def loss_divisor(labels: torch.Tensor, loss_tokens: torch.Tensor | None) -> torch.Tensor:
+    """What the summed loss is divided by (fp32 scalar): the labels' valid tokens, or with
+    loss_tokens [B] (per sample, the valid tokens of its whole sequence divided by the number of
+    context-parallel ranks sharing it) their sum, so that every rank's mean is a share of the
+    whole micro-batch's mean whatever the layout (masked-LM and fine-tuning targets leave
+    different token counts on each rank)."""
+    if loss_tokens is not None:
+        return loss_tokens.float().sum().clamp(min=1e-12)
+    return (labels != IGNORE_INDEX).sum().clamp(min=1).float()
 
 
 def compute_dtype_of(hidden: torch.Tensor) -> torch.dtype:
@@ -154,17 +164,18 @@ def compute_dtype_of(hidden: torch.Tensor) -> torch.dtype:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         bias: torch.Tensor | None = None, softmax_ce=None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, softmax_ce=None,
+                         loss_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss of `hidden @ weight.T + bias` against labels, in fp32, without the logits.
 
     hidden [..., D], weight [V, D], bias [V] or None, labels [...] (IGNORE_INDEX = -100 leaves a
     token out; any other label outside [0, V) is an error). softmax_ce: the per-chunk kernel,
-    `softmax_cross_entropy_`'s signature (default: that one). Under autocast the matmuls run in
-    the autocast dtype, as an nn.Linear would.
+    `softmax_cross_entropy_`'s signature (default: that one). loss_tokens: see `loss_divisor`.
+    Under autocast the matmuls run in the autocast dtype, as an nn.Linear would.
     """
     check_labels(labels, weight.shape[0])
     dev = hidden.device.type
     compute_dtype = compute_dtype_of(hidden)
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, labels.flatten(), compute_dtype,
-                                              softmax_ce or softmax_cross_entropy_)
+                                              softmax_ce or softmax_cross_entropy_, loss_tokens)

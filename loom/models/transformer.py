@@ -386,10 +386,11 @@ class OutputLayer(nn.Module):
         del self.__dict__["tied_to"]
         self.weight = nn.Parameter(torch.empty_like(weight), requires_grad=weight.requires_grad)
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return linear(h, self.projection(), self.bias)
-        return linear_cross_entropy(h, self.projection(), labels, self.bias, self.softmax_cross_entropy)
+        return linear_cross_entropy(h, self.projection(), labels, self.bias, self.softmax_cross_entropy, loss_tokens)
 
 
 class Transformer(nn.Module):
@@ -430,11 +431,14 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         documents: torch.Tensor | None = None,
         token_types: torch.Tensor | None = None,
+        loss_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, L] int64; positions [L] or [B, L] global positions (default: 0..L-1 of the
         sequence attention sees); documents [B, S] int, a document id per token of the whole
         sequence (S = L, or L x cp under context parallelism), for packed documents: attention
         never crosses a document boundary. None: one sequence. token_types [B, L] (BERT).
+        loss_tokens [B]: what the loss's mean divides by, per sample (loom.models.loss.loss_divisor);
+        None: this call's valid labels.
 
         Without labels: logits [B, L, V]. With labels [B, L]: the mean cross-entropy, computed
         by the fused, chunked output layer so that the logits are never materialized.
@@ -456,7 +460,7 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if self.head is not None:
             h = self.head(h)
-        return self.output(h, labels)
+        return self.output(h, labels, loss_tokens)
 
     # -- initialization ------------------------------------------------------------------------
     def init_spec(self, name: str) -> InitSpec:

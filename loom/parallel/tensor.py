@@ -35,7 +35,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             parallelize_module(model, tp_mesh, {"embed_norm": SequenceParallel(use_local_output=True)})
     if model.last_stage:
         if sequence_parallel:  # the last of them hands a sequence-sharded DTensor to the output layer
-            ends = [name for name in ("norm", "head") if getattr(model, name) is not None]
+            ends = (["norm"] if model.norm is not None else []) + (["head.dense", "head.norm"] if model.head is not None else [])
             parallelize_module(model, tp_mesh, {name: SequenceParallel(use_local_output=name != ends[-1])
                                                 for name in ends})
         apply_vocab_parallel_output(model, tp_mesh)

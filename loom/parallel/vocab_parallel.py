@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from loom.models.loss import IGNORE_INDEX, check_labels, chunked_linear_loss, compute_dtype_of, upstream_scaled_grads
+from loom.models.loss import (IGNORE_INDEX, check_labels, chunked_linear_loss, compute_dtype_of, loss_divisor,
+                              upstream_scaled_grads)
 from loom.models.matmul import linear
 
 
@@ -71,8 +72,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     The hidden states' gradient is a partial sum over the vocabulary shards."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, vocab_start: int, group, compute_dtype):
-        grad_scale = 1.0 / (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+    def forward(ctx, hidden, weight, bias, labels, vocab_start: int, group, compute_dtype, loss_tokens):
+        grad_scale = 1.0 / loss_divisor(labels, loss_tokens)
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
 
@@ -85,11 +86,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*upstream_scaled_grads(ctx, grad_loss), None, None, None, None)
+        return (*upstream_scaled_grads(ctx, grad_loss), None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 vocab_start: int, group, bias: torch.Tensor | None = None) -> torch.Tensor:
+                                 vocab_start: int, group, bias: torch.Tensor | None = None,
+                                 loss_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss (fp32 scalar, the same on every tp rank) of hidden [..., D] against labels
     [...], this rank holding rows vocab_start.. of the output weight (weight [V/tp, D], bias
     [V/tp] or None)."""
@@ -98,7 +100,7 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     compute_dtype = compute_dtype_of(hidden)
     with torch.autocast(dev, enabled=False):
         return _VocabParallelCrossEntropy.apply(hidden.flatten(0, -2), weight, bias, labels.flatten(),
-                                                vocab_start, group, compute_dtype)
+                                                vocab_start, group, compute_dtype, loss_tokens)
 
 
 class VocabParallelOutput(nn.Module):
@@ -128,14 +130,15 @@ class VocabParallelOutput(nn.Module):
             h = DTensor.from_local(h, self.tp_mesh, [Replicate()], run_check=False)
         return h.redistribute(self.tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_tokens: torch.Tensor | None = None) -> torch.Tensor:
         h = self._whole_sequence(h)
         w = self.projection().to_local()  # [V/tp, D]
         b = self.bias.to_local() if self.bias is not None else None  # [V/tp]
         if labels is None:
             return DTensor.from_local(linear(h, w, b), self.tp_mesh, [Shard(-1)], run_check=False)
         vocab_start = self.tp_mesh.get_local_rank() * w.shape[0]
-        return vocab_parallel_cross_entropy(h, w, labels, vocab_start, self.tp_mesh.get_group(), b)
+        return vocab_parallel_cross_entropy(h, w, labels, vocab_start, self.tp_mesh.get_group(), b, loss_tokens)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -17,6 +17,7 @@ from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_
 from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
 from loom.models.attention import document_positions
 from loom.models.converters import convert_model
+from loom.models.loss import IGNORE_INDEX
 from loom.models.transformer import ModelConfig, Transformer, build_model
 from loom.parallel.apply import materialize, parallelize
 from loom.parallel.fsdp import accumulates_unsharded_grads, set_micro_batch
@@ -239,15 +240,17 @@ class Trainer:
         inputs, labels = batch.inputs.to(self.device), batch.labels.to(self.device)
         documents = batch.documents.to(self.device) if batch.documents is not None else None
         positions = document_positions(documents) if documents is not None else None
+        kwargs = {}
         if self.cp > 1:
             from loom.parallel.context import shard_index
 
+            # Each rank's mean is its share of the whole sequences' mean (see loss_divisor).
+            kwargs["loss_tokens"] = (labels != IGNORE_INDEX).sum(dim=1).float() / self.cp
             b, s = inputs.shape
             idx = shard_index(self.cp_rank, self.cp, s, self.cfg.parallel.cp_load_balance, self.device)
             if positions is None:
                 positions = torch.arange(s, device=self.device).expand(b, s)
             inputs, labels, positions = inputs[:, idx], labels[:, idx], positions[:, idx]
-        kwargs = {}
         if positions is not None:  # [B, L]: batch-first, so pipeline micro-batching splits it
             kwargs["positions"] = positions
         if documents is not None:
