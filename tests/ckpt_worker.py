@@ -27,6 +27,8 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, params)
         params = {k: v for part in parts for k, v in part.items()}
+        if trainer.model_cfg.tie_embeddings and "output.weight" in params:  # the last stage's copy
+            assert torch.equal(params.pop("output.weight"), params["tok_embeddings.weight"])
     return params
 
 

@@ -93,8 +93,25 @@ def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
     jobs["dp4_load"] = common(dataset, tmp_path, steps=9) + [
         "--parallel.dp_shard=4", f"--checkpoint.dir={tmp_path}/ck_dp4",
         f"--checkpoint.resume={saved}/step-00000006"]
+    # A tied family (tiny GPT-3): the last pipeline stage's copy of the embedding is saved as the
+    # embedding, so the checkpoint loads into layouts (and a process) without the copy.
+    gpt3 = ["--model.name=tiny-gpt3"]
+    jobs["gpt3_tp2pp2_save"] = common(dataset, tmp_path, steps=9) + gpt3 + [
+        "--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={tmp_path}/ck_gpt3", "--train.stop_at=6"]
+    jobs["gpt3_dp4_load"] = common(dataset, tmp_path, steps=9) + gpt3 + [
+        "--parallel.dp_shard=4", f"--checkpoint.dir={tmp_path}/ck_gpt3_dp4",
+        f"--checkpoint.resume={tmp_path}/ck_gpt3/step-00000006"]
     results = launch(4, tmp_path / "out.pt", jobs, tmp_path)
     assert_exact_continuation({k.removeprefix("dp2tp2_"): v for k, v in results.items() if k.startswith("dp2tp2_")})
+    gpt3_single = run_in_process({"single": common(dataset, tmp_path, steps=9) + gpt3 + [
+        f"--checkpoint.dir={tmp_path}/ck_gpt3_single", f"--checkpoint.resume={tmp_path}/ck_gpt3/step-00000006"]})
+    for loaded in (results["gpt3_dp4_load"], gpt3_single["single"]):
+        saved_gpt3 = results["gpt3_tp2pp2_save"]["params"]
+        assert loaded["loaded"].keys() == saved_gpt3.keys()
+        for name, p in saved_gpt3.items():
+            assert torch.equal(loaded["loaded"][name], p), name
+        for (s1, a), (s2, b) in zip(loaded["curve"][6:], gpt3_single["single"]["curve"][6:]):
+            assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
     saved_params = results["tp2pp2_save"]["params"]
     single = run_in_process({"single_load": common(dataset, tmp_path, steps=9) + [

@@ -27,6 +27,32 @@ from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SIN
 
 
 # -- state dicts -------------------------------------------------------------------------------
+TIED_COPY, TIED_SOURCE = "output.weight", "tok_embeddings.weight"
+
+
+def _checkpoint_names(part: nn.Module) -> dict[str, str]:
+    """A part's own state-dict names -> the names its checkpoint entries have: the same, except
+    that a pipeline's last-stage copy of a tied output weight is saved and loaded as the
+    embedding it copies (one tensor in every checkpoint, whatever the layout)."""
+    from loom.parallel.pipeline import tied_copy
+
+    return {TIED_COPY: TIED_SOURCE} if tied_copy(part) is not None else {}
+
+
+def _renamed(d: dict, names: dict[str, str], optimizer: bool = False) -> dict:
+    if not names:
+        return d
+    out = {}
+    for k, v in d.items():
+        for own, saved in names.items():
+            prefix = f"state.{own}." if optimizer else None
+            if (optimizer and k.startswith(prefix)) or k == own:
+                k = f"state.{saved}.{k[len(prefix):]}" if optimizer else saved
+                break
+        out[k] = v
+    return out
+
+
 def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
     """Full-model name -> parameter (a DTensor shard under FSDP/TP) over this rank's model parts
     (pipeline stages keep the names of the whole model)."""
@@ -34,8 +60,18 @@ def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for part in parts:
-        out.update(get_model_state_dict(part))
+        out.update(_renamed(get_model_state_dict(part), _checkpoint_names(part)))
     return out
+
+
+def set_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Load `state` (checkpoint names, see model_state) into this rank's parts."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    for part in parts:
+        names = _checkpoint_names(part)
+        own = {names.get(k, k): k for k in part.state_dict().keys()}
+        set_model_state_dict(part, {own[k]: v for k, v in state.items() if k in own})
 
 
 def _optim_options():
@@ -52,7 +88,8 @@ def optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimiz
     out: dict[str, torch.Tensor] = {}
     for part, opt in zip(parts, optimizers):
         flat = get_optimizer_state_dict(part, opt, options=_optim_options())
-        out.update({k: v for k, v in flat.items() if k.startswith("state.")})
+        flat = _renamed({k: v for k, v in flat.items() if k.startswith("state.")}, _checkpoint_names(part), True)
+        out.update(flat)
     return out
 
 
@@ -62,7 +99,8 @@ def load_optimizer_state(parts, optimizers, state: dict) -> None:
 
     for part, opt in zip(parts, optimizers):
         flat = get_optimizer_state_dict(part, opt, options=_optim_options())
-        flat.update({k: state[k] for k in flat if k in state})
+        saved_as = _renamed({k: k for k in flat}, _checkpoint_names(part), True)  # checkpoint name -> own
+        flat.update({own: state[k] for k, own in saved_as.items() if k in state})
         set_optimizer_state_dict(part, opt, flat, options=_optim_options())
 
 
@@ -263,11 +301,7 @@ class Checkpointer:
             tensors["optimizer"] = optimizer_state(self.parts, self.optimizers)
         self._checked(lambda: dcp.load(tensors, storage_reader=safe_reader(path), planner=safe_planner(),
                                        no_dist=not self.distributed))
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        for part in self.parts:
-            names = set(part.state_dict().keys())
-            set_model_state_dict(part, {k: v for k, v in model.items() if k in names})
+        set_model_state(self.parts, model)
         if "optimizer" in tensors:
             load_optimizer_state(self.parts, self.optimizers, tensors["optimizer"])
         if "rng" in manifest["contents"]:
