@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import math
 
 import pytest
@@ -526,3 +527,78 @@ def test_vocab_parallel_loss_equals_the_fused_loss():
             assert_rel_close(y, x, 1e-5)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt3", "tiny-nemotron", "tiny-bert"])
+def test_training_step_with_and_without_loom_kernels(name):
+    """train.kernels: the CPU fp32 step of every family with loom's kernels installed by the
+    converter equals the step on PyTorch's ops (loss and every gradient, fp32 parity rule)."""
+    from loom.kernels import library
+    from loom.models.converters import convert_model
+    from conftest import assert_rel_close
+
+    if not library.available():
+        pytest.skip(f"loom's kernels cannot run here: {library.status()}")
+    cfg = dataclasses.replace(MODELS[name], n_layers=2)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 97))
+    labels = torch.randint(0, cfg.vocab_size, (2, 97))
+    labels[0, :7] = -100
+    runs = {}
+    for kernels in ("torch", "loom"):
+        model = init_model(cfg, torch.device("cpu"), seed=1)
+        line = convert_model(model, kernels, torch.device("cpu"))
+        assert ("loom" in line) == (kernels == "loom"), line
+        loss = model(tokens, labels=labels)
+        loss.backward()
+        runs[kernels] = (loss.item(), {n: p.grad for n, p in model.named_parameters()})
+    (loss_t, grads_t), (loss_l, grads_l) = runs["torch"], runs["loom"]
+    assert loss_l == pytest.approx(loss_t, rel=1e-5)
+    floor = 1e-4 * max(g.abs().max().item() for g in grads_t.values())
+    for n, g in grads_t.items():
+        assert_rel_close(grads_l[n], g, 1e-5, floor)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "loom"])
+def test_labels_outside_the_vocabulary_are_an_error_on_both_paths(kernels):
+    """-100 is the only ignored label; a negative label or one >= V is an error whichever
+    softmax runs (loom's kernel used to skip them, PyTorch's to clamp them to class 0)."""
+    from loom.kernels.modules import loom_softmax_cross_entropy_
+
+    softmax_ce = loom_softmax_cross_entropy_ if kernels == "loom" else None
+    h, w = torch.randn(2, 5, 8), torch.randn(11, 8)
+    ok = torch.tensor([[1, 2, -100, 4, 10], [0, -100, 3, 3, 3]])
+    assert torch.isfinite(linear_cross_entropy(h, w, ok, softmax_ce=softmax_ce))
+    for bad in (-1, -101, 11, 1000):
+        labels = ok.clone()
+        labels[1, 2] = bad
+        with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary \\[0, 11\\)"):
+            linear_cross_entropy(h, w, labels, softmax_ce=softmax_ce)
+
+
+def test_import_and_fallback_without_fcntl_or_compiler(tmp_path):
+    """Where the kernels cannot build (no fcntl, no g++: Windows, ARM, a bare container) `import
+    loom` still works, train.kernels='auto' falls back to PyTorch's ops and says why, and 'loom'
+    is refused before anything starts."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, os; sys.modules['fcntl'] = None; os.environ['PATH'] = ''\n"
+        "import torch, loom\n"
+        "from loom.models.converters import resolve_kernels\n"
+        "use, line = resolve_kernels('auto', torch.device('cpu'))\n"
+        "print(use, line)\n"
+        "from loom.config import load_config, validate, ConfigError\n"
+        "try:\n"
+        "    validate(load_config(None, ['--train.kernels=loom']), check_files=False)\n"
+        "except ConfigError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PATH"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, second = r.stdout.strip().splitlines()
+    assert first.startswith("False PyTorch ops (") and ("compiler" in first or "capability" in first
+                                                        or "x86-64" in first), first
+    assert second.startswith("refused: train.kernels='loom' but loom's kernels cannot run here"), second

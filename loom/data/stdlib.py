@@ -4,7 +4,6 @@ under the user's cache folder; nothing is fetched from the network.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import sys
 import sysconfig
@@ -60,6 +59,8 @@ def builtin_dataset(progress: bool = True) -> Path:
     if (path / "meta.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl  # POSIX; imported here so that `import loom` works where it is missing
+
     # Several processes may start at once: one builds, the others wait for it.
     with open(path.parent / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
