@@ -142,10 +142,10 @@ def cmd_flops(args: argparse.Namespace) -> int:
     params = param_counts(cfg).total
     fpt = {c: flops_per_token(cfg, args.seq_len, c) for c in CONVENTIONS}
     if args.json:
-        print(json.dumps({"model": args.model, "params": params, "seq_len": args.seq_len,
+        print(json.dumps({"model": args.model, "family": cfg.family, "params": params, "seq_len": args.seq_len,
                           "flops_per_token": fpt}))
         return 0
-    print(f"model            {args.model}")
+    print(f"model            {args.model} ({cfg.family} family, {'causal' if cfg.causal else 'bidirectional'})")
     print(f"parameters       {params:,}")
     print(f"sequence length  {args.seq_len:,}")
     for c in CONVENTIONS:

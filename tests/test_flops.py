@@ -48,7 +48,7 @@ def test_flops_cli_json(capsys):
     assert main(["flops", "--model", "llama3-8b", "--seq-len", "8192", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {
-        "model": "llama3-8b", "params": 8_030_261_248, "seq_len": 8192,
+        "model": "llama3-8b", "family": "llama", "params": 8_030_261_248, "seq_len": 8192,
         "flops_per_token": {"megatron": flops_per_token(MODELS["llama3-8b"], 8192, "megatron"),
                             "causal": flops_per_token(MODELS["llama3-8b"], 8192, "causal")},
     }
@@ -91,3 +91,44 @@ def test_cpu_calibration_is_cached(tmp_path):
     first = cpu_peak_flops(torch.float32, cache)
     assert first > 1e9 and cache.exists()
     assert cpu_peak_flops(torch.float32, cache) == first  # read back, not measured again
+
+
+def nemo_flops_per_token(name: str, seq_len: int) -> float:
+    """NeMo's throughput-table formulas (nemo/utils/flops_formulas.py, NeMo 2.x: gpt3, llama2 /
+    llama3, nemotron, bert) per token (divided by gbs x seq_len), written out independently of
+    loom's code, with the model's own vocabulary in place of NeMo's per-family constant."""
+    cfg = MODELS[name]
+    L, h, s, V = cfg.n_layers, cfg.dim, seq_len, cfg.vocab_size
+    g_over_a, f = cfg.n_kv_heads / cfg.n_heads, cfg.ffn_dim
+    if cfg.family == "gpt3":
+        return (24 * s * h * h + 4 * s * s * h) * (3 * L) / s + 6 * s * h * V / s
+    if cfg.family == "llama":
+        return s * L * h * h * (12 + 12 * g_over_a + 18 * f / h + 12 * s / h + 6 * V / (L * h)) / s
+    if cfg.family == "nemotron":
+        return s * L * h * h * (12 + 12 * g_over_a + 12 * f / h + 12 * s / h + 6 * V / (L * h)) / s
+    if cfg.family == "bert":
+        return 72 * L * s * h * h * (1 + s / (6 * h) + V / (12 * h * L)) / s
+    raise AssertionError(cfg.family)
+
+
+@pytest.mark.parametrize("name, seq_len", [
+    ("gpt3-5b", 2048), ("gpt3-20b", 2048), ("gpt3-175b", 2048), ("llama2-7b", 4096), ("llama3-70b", 8192),
+    ("nemotron3-8b", 4096), ("nemotron3-22b", 4096), ("nemotron4-15b", 4096), ("nemotron4-340b", 4096),
+    ("bert-base", 512), ("bert-large", 512)])
+def test_flops_follow_nemo_formula_of_each_family(name, seq_len):
+    assert flops_per_token(MODELS[name], seq_len, "megatron") == pytest.approx(nemo_flops_per_token(name, seq_len),
+                                                                               rel=1e-12)
+
+
+def test_causal_convention_halves_only_causal_attention():
+    bert, gpt = MODELS["bert-base"], MODELS["gpt3-5b"]
+    assert flops_per_token(bert, 512, "causal") == flops_per_token(bert, 512, "megatron")
+    attention = 12 * gpt.n_layers * gpt.dim * 2048
+    assert flops_per_token(gpt, 2048, "megatron") - flops_per_token(gpt, 2048, "causal") == attention / 2
+
+
+@pytest.mark.parametrize("name", ["gpt3-175b", "nemotron4-340b", "bert-large", "tiny-bert"])
+def test_flops_cli_prints_every_family(name, capsys):
+    assert main(["flops", "--model", name, "--seq-len", "512"]) == 0
+    out = capsys.readouterr().out
+    assert f"{MODELS[name].family} family" in out and f"{param_counts(MODELS[name]).total:,}" in out

@@ -12,7 +12,7 @@ from loom.kernels.modules import LoomRotary
 from loom.models.converters import install_cpu_kernels
 from loom.models.transformer import ModelConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
 from loom.models.hf import hf_param_name
-from loom.models.registry import MODELS
+from loom.models.registry import MODELS, PUBLISHED_PARAMS
 from loom.train.recompute import apply_recompute
 from loom.models.loss import IGNORE_INDEX, linear_cross_entropy
 from loom.train.trainer import init_model
@@ -602,3 +602,24 @@ def test_import_and_fallback_without_fcntl_or_compiler(tmp_path):
     assert first.startswith("False PyTorch ops (") and ("compiler" in first or "capability" in first
                                                         or "x86-64" in first), first
     assert second.startswith("refused: train.kernels='loom' but loom's kernels cannot run here"), second
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_parameter_counts_equal_the_published_figures(name):
+    """Every registry entry with a published count: the built model (on meta) has it, exactly
+    where the source gives an exact figure (Llama, Nemotron-4), else to the precision the
+    source publishes (e.g. GPT-3 175B: "175.0B"); the analytic count agrees with the build."""
+    count, precision, source = PUBLISHED_PARAMS[name]
+    model = build_model(MODELS[name], "meta")
+    built = sum(p.numel() for p in model.parameters())
+    assert built == param_counts(MODELS[name]).total
+    if precision == 0:
+        assert built == count, source
+    else:
+        assert abs(built - count) <= precision * count, (built, source)
+
+
+def test_nemotron4_counts_from_the_architecture():
+    assert param_counts(MODELS["nemotron4-15b"]).total == 15_628_775_424
+    assert param_counts(MODELS["nemotron4-340b"]).total == 341_029_195_776
+    assert MODELS["nemotron4-340b"].head_dim == 192
