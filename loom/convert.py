@@ -1,4 +1,6 @@
-"""`loom convert`: Hugging Face Llama folders (config.json + safetensors) <-> loom checkpoints.
+"""`loom convert`: Hugging Face folders (config.json + safetensors) <-> loom checkpoints, for
+every family with a Hugging Face architecture (loom.models.hf: Llama, Nemotron, GPT-2 for GPT-3,
+BERT).
 
 Import reads safetensors only (never pickled `.bin` files) and writes a weights-only loom
 checkpoint that `checkpoint.resume=PATH` starts a run from under any layout, one tensor at a
@@ -16,15 +18,13 @@ from pathlib import Path
 
 import torch
 
-from loom.models.hf import HFFormatError, hf_config_from_llama, hf_param_name, llama_config_from_hf, loom_param_name
+from loom.models.hf import HFAdapter, HFFormatError, adapter_for, adapter_for_hf
 from loom.models.transformer import ModelConfig, RopeScaling, build_model
 from loom.models.registry import MODELS
 from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, checkpoint_tensor_shapes,
                                          load_model_tensors, read_manifest, save_model_weights)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Tensors some Hugging Face Llama checkpoints carry that are not parameters.
-_IGNORED = ("rotary_emb.inv_freq",)
 
 
 def model_config_overrides(cfg: ModelConfig) -> tuple[str, list[str]]:
@@ -33,14 +33,14 @@ def model_config_overrides(cfg: ModelConfig) -> tuple[str, list[str]]:
     for name, known in MODELS.items():
         if known == cfg:
             return name, []
-    bases = [n for n, m in MODELS.items() if m.rope_scaling == cfg.rope_scaling]
+    bases = [n for n, m in MODELS.items() if m.rope_scaling == cfg.rope_scaling and m.family == cfg.family]
     if not bases:
-        raise HFFormatError(f"RoPE scaling {cfg.rope_scaling} matches no registry model; loom configs "
-                            f"cannot set model.rope_scaling")
+        raise HFFormatError(f"RoPE scaling {cfg.rope_scaling} matches no {cfg.family} registry model; loom "
+                            f"configs cannot set model.rope_scaling")
     base = min(bases, key=lambda n: sum(getattr(MODELS[n], f.name) != getattr(cfg, f.name)
                                         for f in dataclasses.fields(cfg)))
     overrides = [f"--model.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                 if f.name != "rope_scaling" and getattr(MODELS[base], f.name) != getattr(cfg, f.name)]
+                 if f.name not in ("rope_scaling", "family") and getattr(MODELS[base], f.name) != getattr(cfg, f.name)]
     return base, overrides
 
 
@@ -65,7 +65,7 @@ def _hf_weight_files(folder: Path) -> list[Path]:
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _read_hf_config(folder: Path) -> tuple[dict, ModelConfig]:
+def _read_hf_config(folder: Path) -> tuple[dict, ModelConfig, HFAdapter]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise HFFormatError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -73,12 +73,13 @@ def _read_hf_config(folder: Path) -> tuple[dict, ModelConfig]:
         hf_cfg = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise HFFormatError(f"{config_path}: not JSON ({e})") from None
-    return hf_cfg, llama_config_from_hf(hf_cfg, str(config_path))
+    adapter = adapter_for_hf(hf_cfg, str(config_path))
+    return hf_cfg, adapter.config_from_hf(hf_cfg, str(config_path)), adapter
 
 
-def _index_hf_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]]:
-    """loom name -> (file, HF key, shape, dtype) of every weight, read from the safetensors
-    headers only (no tensor is loaded)."""
+def _index_hf_tensors(folder: Path, adapter: HFAdapter, cfg: ModelConfig) -> dict[str, tuple[Path, str, tuple, torch.dtype]]:
+    """Canonical HF key -> (file, key as stored, shape, dtype) of every tensor that is a
+    parameter, read from the safetensors headers only (no tensor is loaded)."""
     from safetensors import SafetensorError, safe_open
 
     index = {}
@@ -88,34 +89,42 @@ def _index_hf_tensors(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
-                    name = loom_param_name(key)
-                    if name is None:
-                        if key.endswith(_IGNORED):
-                            continue
-                        raise HFFormatError(f"{f}: tensor {key!r} is not part of a Llama model")
+                    canonical = adapter.canonical_key(key)
+                    if adapter.is_ignored(canonical, cfg):
+                        continue
                     info = sf.get_slice(key)
                     dtype = _SAFETENSORS_DTYPES.get(info.get_dtype())
                     if dtype is None:
                         raise HFFormatError(f"{f}: tensor {key!r} has dtype {info.get_dtype()}; allowed: "
                                             f"{', '.join(_SAFETENSORS_DTYPES)}")
-                    index[name] = (f, key, tuple(info.get_shape()), dtype)
+                    index[canonical] = (f, key, tuple(info.get_shape()), dtype)
         except SafetensorError as e:
             raise HFFormatError(f"{f}: not a readable safetensors file ({e})") from None
     return index
 
 
-def _check_hf_tensors(index: dict, cfg: ModelConfig, folder: Path) -> None:
+def _plan_import(index: dict, cfg: ModelConfig, adapter: HFAdapter, folder: Path) -> dict:
+    """loom name -> (HF index entry, transform, dtype), every loom parameter checked against the
+    shape its HF tensor gives (the transform applied to a meta tensor); no HF tensor unused."""
     expected = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
+    rules = adapter.import_rules(cfg)
+    plan = {}
     for name, shape in expected.items():
-        if name not in index:
-            raise HFFormatError(f"{folder}: no tensor {hf_param_name(name)!r}")
-        if index[name][2] != shape:
-            raise HFFormatError(f"{folder}: tensor {hf_param_name(name)!r} has shape {index[name][2]}, "
-                                f"config.json implies {shape}")
-    extra = sorted(set(index) - set(expected))
+        key, transform = rules[name]
+        key = adapter.canonical_key(key)
+        if key not in index:
+            raise HFFormatError(f"{folder}: no tensor {key!r}")
+        got = tuple(transform(torch.empty(index[key][2], device="meta")).shape)
+        if got != shape:
+            raise HFFormatError(f"{folder}: tensor {key!r} has shape {index[key][2]}, config.json implies "
+                                f"{shape} for loom's {name}")
+        plan[name] = (index[key], transform)
+    used = {adapter.canonical_key(rules[n][0]) for n in expected}
+    extra = sorted(set(index) - used)
     if extra:
-        raise HFFormatError(f"{folder}: tensor {hf_param_name(extra[0])!r} is beyond config.json's "
-                            f"num_hidden_layers={cfg.n_layers}")
+        raise HFFormatError(f"{folder}: tensor {extra[0]!r} is not part of a {adapter.architecture} model "
+                            f"with config.json's num_hidden_layers={cfg.n_layers}")
+    return plan
 
 
 def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, ModelConfig]:
@@ -125,20 +134,18 @@ def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, ModelConfig
     from safetensors import safe_open
 
     folder = Path(folder)
-    hf_cfg, cfg = _read_hf_config(folder)
+    hf_cfg, cfg, adapter = _read_hf_config(folder)
     if Path(output).exists():
         raise CheckpointError(f"checkpoint {output} already exists; nothing was overwritten")
-    index = _index_hf_tensors(folder)
-    if "output.weight" not in index and hf_cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in index:
-        index["output.weight"] = index["tok_embeddings.weight"]  # loom's output layer is untied: a copy
-    _check_hf_tensors(index, cfg, folder)
+    plan = _plan_import(_index_hf_tensors(folder, adapter, cfg), cfg, adapter, folder)
 
     def load(name: str) -> torch.Tensor:
-        f, key, _, _ = index[name]
+        (f, key, _, _), transform = plan[name]
         with safe_open(str(f), framework="pt") as sf:
-            return sf.get_tensor(key)
+            return transform(sf.get_tensor(key))
 
-    described = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (_, _, shape, dtype) in index.items()}
+    described = {name: transform(torch.empty(shape, dtype=dtype, device="meta"))
+                 for name, ((_, _, shape, dtype), transform) in plan.items()}
     name, _ = model_config_overrides(cfg)
     path = save_model_weights(described, cfg, output, name, source=str(folder.resolve()), load=load)
     return path, cfg
@@ -163,6 +170,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
     manifest = read_manifest(checkpoint)
     check_files(checkpoint, manifest, checksums=True)
     cfg = _config_from_manifest(manifest["model"])
+    adapter = adapter_for(cfg)
     shapes = checkpoint_tensor_shapes(checkpoint)
     names = [n for n, _ in build_model(cfg, "meta").named_parameters()]
     missing = [n for n in names if n not in shapes]
@@ -170,15 +178,16 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
         raise CheckpointError(f"checkpoint {checkpoint} has no tensor model.{missing[0]}")
     out_dtype = DTYPES[dtype]
     item = torch.empty((), dtype=out_dtype).element_size()
+    rules = adapter.export_rules(cfg)
 
-    shards: list[list[str]] = [[]]
+    shards: list[list[str]] = [[]]  # HF keys per file; a key's loom sources are read together
     size = 0
-    for n in names:
-        nbytes = item * int(torch.Size(shapes[n]).numel())
+    for key, (sources, _) in rules.items():
+        nbytes = item * sum(int(torch.Size(shapes[n]).numel()) for n in sources)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(n)
+        shards[-1].append(key)
         size += nbytes
 
     tmp = output.with_name(f"{TMP_PREFIX}{output.name}")
@@ -187,8 +196,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
     files, weight_map, total = [], {}, 0
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        loaded = load_model_tensors(checkpoint, group, shapes)
-        out = {hf_param_name(n): t.to(out_dtype).contiguous() for n, t in loaded.items()}
+        loaded = load_model_tensors(checkpoint, [n for key in group for n in rules[key][0]], shapes)
+        out = {key: rules[key][1](*(loaded[n] for n in rules[key][0])).to(out_dtype).contiguous() for key in group}
         save_file(out, str(tmp / fname), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in out.values())
         weight_map.update({k: fname for k in out})
@@ -197,7 +206,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config_from_llama(cfg, dtype), indent=2))
+    (tmp / "config.json").write_text(json.dumps(adapter.hf_config(cfg, dtype), indent=2))
     if output.exists():
         output.rmdir()  # empty, checked above
     os.rename(tmp, output)

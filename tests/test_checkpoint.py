@@ -464,18 +464,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from loom.convert import import_hf
-from loom.models.hf import hf_config_from_llama, hf_param_name
+from loom.models.hf import hf_param_name
+from loom.models.hf.llama import LlamaAdapter
 from loom.models.transformer import ModelConfig, build_model
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = ModelConfig(dim=1024, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=4096, vocab_size=8192)
 folder.mkdir()
-(folder / "config.json").write_text(json.dumps(hf_config_from_llama(cfg, "bfloat16")))
+(folder / "config.json").write_text(json.dumps(LlamaAdapter().hf_config(cfg, "bfloat16")))
 weight_map, largest, total = {}, 0, 0
 for i, (name, p) in enumerate(build_model(cfg, "meta").named_parameters()):  # one file per tensor
     t = torch.full(p.shape, float(i % 7), dtype=torch.bfloat16)
-    save_file({hf_param_name(name): t}, str(folder / f"w{i:03d}.safetensors"))
-    weight_map[hf_param_name(name)] = f"w{i:03d}.safetensors"
+    save_file({hf_param_name(name, cfg): t}, str(folder / f"w{i:03d}.safetensors"))
+    weight_map[hf_param_name(name, cfg)] = f"w{i:03d}.safetensors"
     largest, total = max(largest, t.nbytes), total + t.nbytes
     del t
 (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))

@@ -1,0 +1,46 @@
+"""Hugging Face interchange per family: Llama (`LlamaForCausalLM`), Nemotron
+(`NemotronForCausalLM`), GPT-3 as GPT-2 (`GPT2LMHeadModel`, the same architecture) and BERT
+(`BertForMaskedLM`). `adapter_for_hf` picks the adapter of a config.json, `adapter_for` the one
+of a loom model config."""
+from __future__ import annotations
+
+import dataclasses
+
+from loom.models.hf.base import HFAdapter, HFFormatError
+from loom.models.hf.bert import BertAdapter
+from loom.models.hf.gpt2 import GPT2Adapter
+from loom.models.hf.llama import LlamaAdapter
+from loom.models.hf.nemotron import NemotronAdapter
+from loom.models.transformer import ModelConfig
+
+ADAPTERS: tuple[HFAdapter, ...] = (LlamaAdapter(), NemotronAdapter(), GPT2Adapter(), BertAdapter())
+
+
+def adapter_for_hf(hf: dict, source: str) -> HFAdapter:
+    model_type = hf.get("model_type")
+    for adapter in ADAPTERS:
+        if adapter.model_type == model_type:
+            return adapter
+    allowed = ", ".join(repr(a.model_type) for a in ADAPTERS)
+    raise HFFormatError(f"{source}: model_type={model_type!r}; allowed: {allowed}")
+
+
+def adapter_for(cfg: ModelConfig) -> HFAdapter:
+    for adapter in ADAPTERS:
+        if adapter.family == cfg.family:
+            return adapter
+    raise HFFormatError(f"model family {cfg.family!r} has no Hugging Face architecture in loom")
+
+
+def hf_param_name(name: str, cfg: ModelConfig | None = None) -> str:
+    """A loom parameter's Hugging Face key, for one-to-one families (Llama by default)."""
+    from loom.models.registry import MODELS
+
+    cfg = cfg or MODELS["tiny"]
+    if name.startswith("layers."):
+        layer = int(name.split(".")[1])
+        cfg = dataclasses.replace(cfg, n_layers=max(cfg.n_layers, layer + 1))
+    return adapter_for(cfg).names(cfg)[name]
+
+
+__all__ = ["ADAPTERS", "HFAdapter", "HFFormatError", "adapter_for", "adapter_for_hf", "hf_param_name"]
