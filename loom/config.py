@@ -6,7 +6,6 @@ naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import sys
 import types
@@ -19,13 +18,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from loom.data.dataset import read_meta
-from loom.models.transformer import ModelConfig, check_model_config
-from loom.models.converters import KERNEL_CHOICES
-from loom.settings import SettingError
+from loom.data.dataset import BUILTIN_STDLIB, check_data_files
 from loom.models.registry import MODELS, UnknownModelError, get_model_config
-
-BUILTIN_STDLIB = "builtin:python-stdlib"
+from loom.models.transformer import ModelConfig, check_model_config
+from loom.parallel.settings import check_parallel
+from loom.settings import SettingError, did_you_mean
+from loom.train.checkpoint_files import check_checkpoint_files, check_checkpoint_section
+from loom.train.report import check_metrics
+from loom.train.settings import check_train
 
 
 ConfigError = SettingError  # a bad setting: one line naming the key, the value and what is allowed
@@ -68,8 +68,6 @@ class ModelSection:
         return dataclasses.replace(base, **overrides)
 
 
-PP_SCHEDULES = ("1f1b", "interleaved-1f1b", "zero-bubble", "gpipe")
-CP_COMMS = ("p2p", "allgather", "a2a")
 
 
 @dataclass(frozen=True)
@@ -91,10 +89,6 @@ class ParallelSection:
     zero: int = 3
 
 
-DTYPES = ("float32", "bfloat16")
-RECOMPUTE = ("none", "full", "selective")
-NONFINITE = ("stop", "skip")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -170,9 +164,7 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-def _did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_did_you_mean = did_you_mean
 
 
 def _field_types(section_cls: type) -> dict[str, object]:
@@ -277,206 +269,32 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
 
 
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    _need(
-        value in allowed,
-        f"{key}={value!r} is not allowed{_did_you_mean(value, allowed)}; allowed: {', '.join(allowed)}",
-    )
-
-
-def data_vocab_size(data: DataSection) -> int:
-    """Vocabulary size of the configured dataset's tokenizer, read without tokenizing anything."""
-    from loom.data.stdlib import BUILTIN_VOCAB_SIZE
-
-    if data.path == BUILTIN_STDLIB:
-        return BUILTIN_VOCAB_SIZE
-    return int(read_meta(data.path)["vocab_size"])
-
-
 def validate_files(cfg: Config, model: ModelConfig) -> None:
     """The checks that read the disk: the dataset, the tokenizer, the checkpoint to resume."""
-    t, c = cfg.train, cfg.checkpoint
-    d = cfg.data
-    if d.path != BUILTIN_STDLIB:
-        _need(
-            Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
-            f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
-            f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`",
-        )
-    if d.tokenizer:
-        _need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
-    if d.path != BUILTIN_STDLIB:
-        for split, info in read_meta(d.path)["splits"].items():
-            _need(
-                info["tokens"] > t.seq_len,
-                f"train.seq_len={t.seq_len} is longer than the {split} split of data.path={d.path!r} "
-                f"({info['tokens']} tokens)",
-            )
-    vocab = data_vocab_size(d)
-    _need(
-        model.vocab_size >= vocab,
-        f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of "
-        f"data.path={d.path!r}",
-    )
-
-    if not model.causal and d.path != BUILTIN_STDLIB:  # masked-LM targets need a mask token
-        from loom.data.mlm import MASK_TOKEN, mask_token_id
-
-        tok = Path(d.path) / "tokenizer.json"
-        _need(tok.is_file() and mask_token_id(tok) is not None,
-              f"data.path={d.path!r}: its tokenizer has no {MASK_TOKEN} token, which masked-LM training of "
-              f"model.name={cfg.model.name!r} needs; allowed: a dataset whose tokenizer has {MASK_TOKEN}")
-    _need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
-          f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
-    from loom.train.checkpoint_files import CheckpointError, check_resume
-
-    try:
-        check_resume(cfg, model)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
+    check_data_files(cfg.data, cfg.train.seq_len, model, cfg.model.name)
+    check_checkpoint_files(cfg, model)
 
 
 def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> ModelConfig:
     """Check every setting; return the resolved model config. Raises ConfigError.
 
-    world_size: the ranks the job has (torchrun's WORLD_SIZE, or --nproc), or None where the
-    layout decides (parallel.dp_shard=-1 then counts as 1). check_files=False skips what reads
-    the disk (data, tokenizer, checkpoints): a dry run needs none of them.
+    Each subsystem owns its allowed values and checks (models, train, parallel, checkpoint,
+    metrics, data); this composes them in order. world_size: the ranks the job has (torchrun's
+    WORLD_SIZE, or --nproc), or None where the layout decides (parallel.dp_shard=-1 then counts
+    as 1). check_files=False skips what reads the disk (data, tokenizer, checkpoints): a dry run
+    needs none of them.
     """
     try:
         model = cfg.model.resolve()
     except UnknownModelError as e:
         raise ConfigError(str(e)) from None
     check_model_config(model)
-
-    t = cfg.train
-    _need(t.steps > 0, f"train.steps={t.steps} must be a positive integer")
-    _need(t.seq_len > 0, f"train.seq_len={t.seq_len} must be a positive integer")
-    _need(t.micro_batch > 0, f"train.micro_batch={t.micro_batch} must be a positive integer")
-    _need(t.global_batch > 0, f"train.global_batch={t.global_batch} must be a positive integer")
-    _need(t.lr > 0, f"train.lr={t.lr} must be positive")
-    _need(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
-    _need(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be 0 or more")
-    _need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be 0 or more")
-    _need(0 <= t.beta1 < 1, f"train.beta1={t.beta1} must be in [0, 1)")
-    _need(0 <= t.beta2 < 1, f"train.beta2={t.beta2} must be in [0, 1)")
-    _need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be 0 (off) or positive")
-    _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be 0 (end only) or positive")
-    _need(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be a positive integer")
-    _one_of("train.dtype", t.dtype, DTYPES)
-    _one_of("train.recompute", t.recompute, RECOMPUTE)
-    _one_of("train.on_nonfinite", t.on_nonfinite, NONFINITE)
-    _need(t.stop_at >= 0, f"train.stop_at={t.stop_at} must be 0 (run to train.steps) or positive")
-    _need(t.stop_at == 0 or bool(cfg.checkpoint.dir),
-          f"train.stop_at={t.stop_at} needs checkpoint.dir (the next launch resumes from its checkpoint)")
-    _one_of("train.device", t.device, DEVICES)
-    _one_of("train.kernels", t.kernels, KERNEL_CHOICES)
-    if t.kernels == "loom":
-        import torch
-
-        from loom.models.converters import loom_kernels_unavailable
-
-        on_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-        why_not = loom_kernels_unavailable(torch.device("cuda" if on_gpu else "cpu"))
-        _need(why_not is None, f"train.kernels='loom' but loom's kernels cannot run here ({why_not}); "
-                               f"allowed here: 'auto', 'torch'")
-    if t.device == "cuda":
-        import torch
-
-        _need(torch.cuda.is_available(), "train.device='cuda' but this machine has no CUDA device; allowed: 'auto', 'cpu'")
-
-    p = cfg.parallel
-    for key in ("dp_replicate", "tp", "cp", "pp", "pp_virtual_stages"):
-        v = getattr(p, key)
-        _need(v >= 1, f"parallel.{key}={v} must be a positive integer")
-    _need(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 (fill) or a positive integer")
-    _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
-    _one_of("parallel.cp_comm", p.cp_comm, CP_COMMS)
-    from loom.parallel.fsdp import ZERO_MODES
-
-    _need(p.zero in ZERO_MODES, f"parallel.zero={p.zero} is not allowed; allowed: {', '.join(map(str, ZERO_MODES))}")
-    _need(
-        model.n_kv_heads % p.tp == 0,
-        f"parallel.tp={p.tp} does not divide model.n_kv_heads={model.n_kv_heads}",
-    )
-    _need(
-        model.n_layers >= p.pp * p.pp_virtual_stages,
-        f"parallel.pp={p.pp} x parallel.pp_virtual_stages={p.pp_virtual_stages} stages exceed "
-        f"model.n_layers={model.n_layers}",
-    )
-    from loom.parallel.dims import LayoutError, ParallelDims
-
-    try:
-        dims = ParallelDims.from_section(p, world_size)
-    except LayoutError as e:
-        raise ConfigError(str(e)) from None
-    _need(
-        t.global_batch % (t.micro_batch * dims.dp) == 0,
-        f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
-        + (f" x data-parallel degree {dims.dp}" if dims.dp > 1 else ""),
-    )
-    if p.tp > 1:
-        for key in ("vocab_size", "ffn_dim"):
-            v = getattr(model, key)
-            _need(v % p.tp == 0, f"parallel.tp={p.tp} does not divide model.{key}={v}")
-    # Context parallelism cuts the sequence into chunks (two per rank when load-balanced), and
-    # sequence parallelism then cuts each rank's share over tp.
-    from loom.parallel.context.sharding import chunk_count
-
-    chunks = chunk_count(p.cp, p.cp_load_balance)
-    sp = p.tp if p.tp > 1 and p.sequence_parallel else 1
-    parts = [f"{'2 x ' if chunks == 2 * p.cp else ''}parallel.cp={p.cp}"] if p.cp > 1 else []
-    parts += [f"parallel.tp={p.tp} (sequence parallelism)"] if sp > 1 else []
-    _need(
-        t.seq_len % (chunks * sp) == 0,
-        f"train.seq_len={t.seq_len} is not divisible by {' x '.join(parts)} = {chunks * sp}",
-    )
-    if p.cp > 1 and p.cp_comm == "a2a":
-        for key in ("n_heads", "n_kv_heads"):
-            v = getattr(model, key)
-            _need(
-                v % (p.tp * p.cp) == 0,
-                f"parallel.cp_comm='a2a' needs model.{key}={v} divisible by parallel.tp x parallel.cp "
-                f"= {p.tp * p.cp} (Ulysses shards heads over cp); allowed: cp_comm 'p2p' or 'allgather'",
-            )
-    if p.pp > 1:
-        n_micro = t.global_batch // (t.micro_batch * dims.dp)
-        _need(
-            n_micro >= p.pp,
-            f"parallel.pp={p.pp} needs at least {p.pp} micro-batches per step, but train.global_batch="
-            f"{t.global_batch} / (train.micro_batch={t.micro_batch} x data-parallel degree {dims.dp}) "
-            f"gives {n_micro}",
-        )
-        if p.pp_schedule in ("interleaved-1f1b", "zero-bubble"):
-            _need(
-                n_micro % p.pp == 0,
-                f"parallel.pp_schedule={p.pp_schedule!r} needs micro-batches per step ({n_micro}) "
-                f"divisible by parallel.pp={p.pp}",
-            )
-    if p.pp_virtual_stages > 1:
-        _need(
-            p.pp_schedule in ("interleaved-1f1b", "zero-bubble"),
-            f"parallel.pp_virtual_stages={p.pp_virtual_stages} needs parallel.pp_schedule "
-            f"'interleaved-1f1b' or 'zero-bubble', not {p.pp_schedule!r}",
-        )
-
-    c = cfg.checkpoint
-    _need(c.every >= 0, f"checkpoint.every={c.every} must be 0 or positive")
-    _need(c.keep >= 1, f"checkpoint.keep={c.keep} must be a positive integer")
-    _need(c.every == 0 or bool(c.dir),
-          f"checkpoint.every={c.every} needs checkpoint.dir (a folder to write checkpoints to)")
-    _need(bool(c.resume), "checkpoint.resume='' must be 'auto', 'never' or a checkpoint folder")
+    check_train(cfg.train, model, cfg.checkpoint.dir)
+    check_parallel(cfg.parallel, model, cfg.train, world_size)
+    check_checkpoint_section(cfg.checkpoint)
+    check_metrics(cfg.metrics)
     if check_files:
         validate_files(cfg, model)
-
-    m = cfg.metrics
-    _need(m.log_every > 0, f"metrics.log_every={m.log_every} must be a positive integer")
-    _need(bool(m.jsonl), "metrics.jsonl='' must name a file")
     return model
 
 

@@ -16,6 +16,11 @@ import numpy as np
 import torch
 
 
+from loom.settings import need
+
+BUILTIN_STDLIB = "builtin:python-stdlib"
+
+
 class DataError(ValueError):
     """A dataset that cannot serve the run; the message is one line."""
 
@@ -93,8 +98,6 @@ class TokenDataset:
 def open_splits(path: str | Path, seq_len: int, progress: bool = True) -> tuple[TokenDataset, TokenDataset]:
     """(train, validation) of a prepared dataset or of `builtin:python-stdlib` (built on first
     use). Raises DataError when a split is too short for seq_len."""
-    from loom.config import BUILTIN_STDLIB
-
     if str(path) == BUILTIN_STDLIB:
         from loom.data.stdlib import builtin_dataset
 
@@ -131,3 +134,38 @@ class BatchSchedule:
         """This data-parallel rank's disjoint, contiguous slice of the global batch."""
         per_rank = self.global_batch // n_ranks
         return self.global_indices(step)[rank * per_rank : (rank + 1) * per_rank]
+
+
+def data_vocab_size(data) -> int:
+    """Vocabulary size of the [data] section's dataset, read without tokenizing anything."""
+    from loom.data.stdlib import BUILTIN_VOCAB_SIZE
+
+    if data.path == BUILTIN_STDLIB:
+        return BUILTIN_VOCAB_SIZE
+    return int(read_meta(data.path)["vocab_size"])
+
+
+def check_data_files(d, seq_len: int, model, model_name: str) -> None:
+    """The [data] section against the disk, before anything starts: a prepared dataset long
+    enough for seq_len, a tokenizer file, a vocabulary the model covers, and a [MASK] token
+    where the model trains on masked-LM targets (bidirectional models)."""
+    if d.path != BUILTIN_STDLIB:
+        need(Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
+             f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
+             f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`")
+        for split, info in read_meta(d.path)["splits"].items():
+            need(info["tokens"] > seq_len,
+                 f"train.seq_len={seq_len} is longer than the {split} split of data.path={d.path!r} "
+                 f"({info['tokens']} tokens)")
+    if d.tokenizer:
+        need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
+    vocab = data_vocab_size(d)
+    need(model.vocab_size >= vocab,
+         f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of data.path={d.path!r}")
+    if not model.causal and d.path != BUILTIN_STDLIB:  # the builtin tokenizer has [MASK]
+        from loom.data.mlm import MASK_TOKEN, mask_token_id
+
+        tok = Path(d.path) / "tokenizer.json"
+        need(tok.is_file() and mask_token_id(tok) is not None,
+             f"data.path={d.path!r}: its tokenizer has no {MASK_TOKEN} token, which masked-LM training of "
+             f"model.name={model_name!r} needs; allowed: a dataset whose tokenizer has {MASK_TOKEN}")

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from loom.models.transformer import ModelConfig
 
 CONVENTIONS = ("megatron", "causal")
-RECOMPUTE_MODES = ("none", "full", "selective")
 
 
 @dataclass(frozen=True)
@@ -103,4 +102,4 @@ def hardware_flops_per_token(
         return model + 2 * p.block_matmuls + _attention_flops_per_token(cfg, seq_len, convention) / 3
     if recompute in ("none", "selective"):
         return model
-    raise ValueError(f"train.recompute={recompute!r} is unknown; allowed: {', '.join(RECOMPUTE_MODES)}")
+    raise ValueError(f"train.recompute={recompute!r} is unknown; allowed: none, full, selective")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loom.settings import SettingError
+
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-class LayoutError(ValueError):
+class LayoutError(SettingError):
     """A layout that cannot run; the message is one line naming the setting and what is allowed."""
 
 

@@ -152,6 +152,30 @@ def resume_path(c) -> Path | None:
     return Path(c.resume)
 
 
+def check_checkpoint_section(c) -> None:
+    """The [checkpoint] section's own checks (no disk access)."""
+    from loom.settings import need
+
+    need(c.every >= 0, f"checkpoint.every={c.every} must be 0 or positive")
+    need(c.keep >= 1, f"checkpoint.keep={c.keep} must be a positive integer")
+    need(c.every == 0 or bool(c.dir), f"checkpoint.every={c.every} needs checkpoint.dir (a folder to write checkpoints to)")
+    need(bool(c.resume), "checkpoint.resume='' must be 'auto', 'never' or a checkpoint folder")
+
+
+def check_checkpoint_files(cfg, model_cfg) -> None:
+    """The [checkpoint] section against the disk, as SettingErrors: the folder, and the
+    checkpoint to resume (see check_resume)."""
+    from loom.settings import SettingError, need
+
+    c = cfg.checkpoint
+    need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
+         f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
+    try:
+        check_resume(cfg, model_cfg)
+    except CheckpointError as e:
+        raise SettingError(str(e)) from None
+
+
 def check_resume(cfg, model_cfg) -> Path | None:
     """Everything about resuming that can be checked before any worker starts (the checksums are
     read by the workers, shared among them). Returns the checkpoint to resume from."""

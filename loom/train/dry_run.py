@@ -29,8 +29,8 @@ from loom.models.transformer import build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
 from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
+from loom.train.settings import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FSDP_AXES = ("dp_shard_cp", "dp_replicate")
 
 

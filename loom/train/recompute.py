@@ -22,6 +22,7 @@ from torch.utils.checkpoint import (
 
 from loom.kernels import cpu_attention  # noqa: F401  (registers torch.ops.loom.cpu_attention_*)
 
+RECOMPUTE_MODES = ("none", "full", "selective")
 aten = torch.ops.aten
 _SAVE_OPS = {
     aten.mm.default,
@@ -54,4 +55,4 @@ def apply_recompute(blocks: list[nn.Module], mode: str) -> None:
                 checkpoint, inner, use_reentrant=False, context_fn=_selective_context
             )
         else:
-            raise ValueError(f"train.recompute={mode!r}; allowed: none, full, selective")
+            raise ValueError(f"train.recompute={mode!r}; allowed: {', '.join(RECOMPUTE_MODES)}")

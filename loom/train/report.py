@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from loom.settings import need
+
 
 def format_count(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -112,3 +114,9 @@ def plot_losses(path: str, train: list[tuple[int, float]], val: list[tuple[int, 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def check_metrics(m) -> None:
+    """The [metrics] section's checks."""
+    need(m.log_every > 0, f"metrics.log_every={m.log_every} must be a positive integer")
+    need(bool(m.jsonl), "metrics.jsonl='' must name a file")

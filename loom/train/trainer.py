@@ -27,9 +27,9 @@ from loom.train.report import MetricsWriter, format_bytes, format_count, log_lin
 from loom.train.checkpoint import Checkpointer, TrainState
 from loom.train.checkpoint_files import resume_path
 from loom.train.schedule import lr_at
+from loom.train.settings import DTYPES
 
 FLOPS_CONVENTION = "megatron"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
