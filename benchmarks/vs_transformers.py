@@ -1,6 +1,9 @@
-"""loom vs Hugging Face transformers' LlamaForCausalLM: training tokens/s on the same shape.
+"""loom vs Hugging Face transformers: training tokens/s on the same shape, for the Llama shape
+(LlamaForCausalLM) and a GPT-2 shape (loom's GPT-3 family against GPT2LMHeadModel).
 
-Both models get identical weights (ours copied into theirs), the same batches and the same
+loom runs as the trainer builds it: the model, then the converter that installs loom's CPU
+kernels (train.kernels='auto'). Both models get identical weights (ours copied into theirs through
+the family's Hugging Face adapter), the same batches and the same
 optimizer (torch AdamW, fused); each trains through its own path (loom: fused, chunked output
 layer + loss; transformers: logits, then fp32 cross-entropy). Runs alternate in blocks within one
 process so that machine noise hits both alike; the ratio is the median over blocks of the
@@ -32,27 +35,34 @@ import torch.nn.functional as F
 from loom.metrics.flops import flops_per_token
 from loom.metrics.meter import cpu_peak_flops, measure_matmul_flops
 from loom.models import matmul as matmul_module
-from loom.models.hf import hf_param_name
+from loom.models.converters import convert_model
+from loom.models.hf import adapter_for
+from loom.models.registry import GPT3
 from loom.models.transformer import ModelConfig
 from loom.models.matmul import bf16_via_fp32
 from loom.train.trainer import init_model
 
 
-def hf_model(cfg: ModelConfig, loom_model):
+def loom_model(cfg: ModelConfig):
+    """The model as the trainer runs it on CPU: built, then loom's kernels installed."""
+    model = init_model(cfg, torch.device("cpu"), seed=0)
+    convert_model(model, "auto", torch.device("cpu"))
+    return model
+
+
+def hf_model(cfg: ModelConfig, ours):
+    """transformers' model of cfg's family (LlamaForCausalLM, GPT2LMHeadModel) with our weights."""
     import transformers
 
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False, attention_bias=False,
-        attn_implementation="sdpa", use_cache=False,
-    )
-    model = transformers.LlamaForCausalLM(hf_cfg)
-    params = dict(model.named_parameters())
+    adapter = adapter_for(cfg)
+    config = adapter.hf_config(cfg, "float32")
+    config.pop("architectures"), config.pop("torch_dtype")
+    hf_cfg = transformers.AutoConfig.for_model(config.pop("model_type"), **config, use_cache=False)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+    params, loom_params = dict(model.named_parameters()), dict(ours.named_parameters())
     with torch.no_grad():
-        for name, p in loom_model.named_parameters():
-            params[hf_param_name(name)].copy_(p)
+        for key, (sources, combine) in adapter.export_rules(cfg).items():
+            params[key].copy_(combine(*(loom_params[n] for n in sources)))
     return model.train()
 
 
@@ -83,10 +93,10 @@ def compare(cfg: ModelConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
     matmul peak in every block, so that the fraction of peak compares figures taken under the
     same machine load. variants: also loom with PyTorch's own bf16 kernels (where loom would widen
     them); compiled: also loom with compiled blocks."""
-    ours = init_model(cfg, torch.device("cpu"), seed=0)
+    ours = loom_model(cfg)
     runners = {"loom": make_step(ours, lambda x, y: ours(x, labels=y), dtype)}
     if variants and dtype == torch.bfloat16 and bf16_via_fp32(torch.device("cpu")):
-        native = init_model(cfg, torch.device("cpu"), seed=0)
+        native = loom_model(cfg)
         native_step = make_step(native, lambda x, y: native(x, labels=y), dtype)
 
         def pytorch_bf16_kernels(x, y):
@@ -95,7 +105,7 @@ def compare(cfg: ModelConfig, seq_len: int, batch: int, dtype: torch.dtype, bloc
 
         runners["loom, PyTorch bf16 kernels"] = pytorch_bf16_kernels
     if compiled:
-        comp = init_model(cfg, torch.device("cpu"), seed=0)
+        comp = loom_model(cfg)
         for block in comp.layers.values():
             block.compile()
         runners["loom, compiled blocks"] = make_step(comp, lambda x, y: comp(x, labels=y), dtype)
@@ -157,23 +167,30 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bf16 products widened to fp32: {bf16_via_fp32(torch.device('cpu'))}")
 
-    shape = ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768, vocab_size=args.vocab)
-    print(f"\n## loom vs transformers: 4 layers, hidden 256, 8 heads, ffn 768, vocab {args.vocab}, "
-          f"seq 1024, batch 1, AdamW")
+    shapes = {
+        "Llama (LlamaForCausalLM)": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=768,
+                                                vocab_size=args.vocab),
+        "GPT-2 (GPT2LMHeadModel)": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=8, ffn_dim=1024,
+                                               **{**GPT3, "vocab_size": args.vocab}),
+    }
+    print(f"\n## loom vs transformers: 4 layers, hidden 256, 8 heads, vocab {args.vocab}, seq 1024, batch 1, "
+          f"AdamW (ffn 768 SwiGLU for Llama, 1024 GeLU for GPT-2)")
     print("(ratio: median over blocks of loom / transformers, each block pair run back to back; "
           "range over blocks in brackets)")
-    print("| dtype | runner | tokens/s | vs transformers | first loss |")
-    print("|---|---|---:|---:|---:|")
-    for name in dtypes:
-        r = compare(shape, 1024, 1, getattr(torch, name), args.blocks, args.steps, variants=True,
-                    compiled=args.compile)
-        for runner, rate in r["rate"].items():
-            if runner == "transformers":
-                ratio = "1"
-            else:
-                med, lo, hi = r["ratio"][runner]
-                ratio = f"{med:.2f}x [{lo:.2f}-{hi:.2f}]"
-            print(f"| {name} | {runner} | {rate:,.0f} | {ratio} | {r['first_loss'][runner]:.4f} |", flush=True)
+    print("| shape | dtype | runner | tokens/s | vs transformers | first loss |")
+    print("|---|---|---|---:|---:|---:|")
+    for label, shape in shapes.items():
+        for name in dtypes:
+            r = compare(shape, 1024, 1, getattr(torch, name), args.blocks, args.steps, variants=True,
+                        compiled=args.compile)
+            for runner, rate in r["rate"].items():
+                if runner == "transformers":
+                    ratio = "1"
+                else:
+                    med, lo, hi = r["ratio"][runner]
+                    ratio = f"{med:.2f}x [{lo:.2f}-{hi:.2f}]"
+                print(f"| {label} | {name} | {runner} | {rate:,.0f} | {ratio} | {r['first_loss'][runner]:.4f} |",
+                      flush=True)
     if args.skip_peak:
         return
 

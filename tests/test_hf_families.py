@@ -52,7 +52,7 @@ def test_round_trip_through_loom(family, make, expected_family, tmp_path, capsys
     from loom.config import load_config, validate
     from loom.models.transformer import build_model
 
-    model_cfg = validate(load_config(None, command[2:-1]), check_files=False)
+    model_cfg = validate(load_config(None, command[2:-1] + ["--train.seq_len=64"]), check_files=False)
     assert model_cfg.family == expected_family
     ours = build_model(model_cfg, "cpu").eval()
     load_model_weights(tmp_path / "ck", ours)
