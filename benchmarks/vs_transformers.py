@@ -57,7 +57,7 @@ def hf_model(cfg: ModelConfig, ours):
     adapter = adapter_for(cfg)
     config = adapter.hf_config(cfg, "float32")
     config.pop("architectures"), config.pop("torch_dtype")
-    hf_cfg = transformers.AutoConfig.for_model(config.pop("model_type"), **config, use_cache=False)
+    hf_cfg = transformers.AutoConfig.for_model(config.pop("model_type"), **{**config, "use_cache": False})
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
     params, loom_params = dict(model.named_parameters()), dict(ours.named_parameters())
     with torch.no_grad():

@@ -124,6 +124,9 @@ SWAPS: dict[type, type] = {
 }
 
 
+KERNEL_NAMES: dict[type, str] = {OutputLayer: "loss", RMSNorm: "RMSNorm", SwiGLU: "SwiGLU", Rotary: "RoPE"}
+
+
 def as_kernel_module(module: nn.Module) -> nn.Module:
     """A module of the kernel-backed class holding `module`'s parameters and settings (no copy:
     on the meta device nothing is allocated)."""

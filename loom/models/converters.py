@@ -44,22 +44,24 @@ def resolve_kernels(choice: str, device: torch.device) -> tuple[bool, str]:
     return False, f"PyTorch ops ({why_not})"
 
 
-def install_cpu_kernels(model: nn.Module) -> int:
-    """Swap the model's plain parts for loom's kernel-backed ones, in place; returns how many
-    modules were swapped. Parameters (and their names) are unchanged."""
-    from loom.kernels.modules import LOOM_CPU_ATTENTION, SWAPS, as_kernel_module
+def install_cpu_kernels(model: nn.Module) -> list[str]:
+    """Swap the model's plain parts for loom's kernel-backed ones, in place; returns which
+    kernels the model now runs (attention, loss, RMSNorm, SwiGLU, RoPE: those its family has).
+    Parameters (and their names) are unchanged."""
+    from loom.kernels.modules import KERNEL_NAMES, LOOM_CPU_ATTENTION, SWAPS, as_kernel_module
     from loom.models.attention import CoreAttention
 
-    swapped = 0
+    installed = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in SWAPS:
+                installed.add(KERNEL_NAMES[type(child)])
                 setattr(parent, name, as_kernel_module(child))
-                swapped += 1
             elif isinstance(child, CoreAttention):
                 child.kernel = LOOM_CPU_ATTENTION
-                swapped += 1
-    return swapped
+                installed.add("attention")
+    order = ["attention", *KERNEL_NAMES.values()]
+    return sorted(installed, key=order.index)
 
 
 def convert_model(model: nn.Module, kernels: str, device: torch.device) -> str:
@@ -67,5 +69,5 @@ def convert_model(model: nn.Module, kernels: str, device: torch.device) -> str:
     for the run's summary."""
     use_loom, line = resolve_kernels(kernels, device)
     if use_loom:
-        install_cpu_kernels(model)
+        line = f"loom AVX-512 CPU kernels ({', '.join(install_cpu_kernels(model))})"
     return line
