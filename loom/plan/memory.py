@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from loom.metrics.flops import param_counts
 from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.parallel.pipeline import stage_layers
@@ -87,25 +88,45 @@ class Layout:
 
 
 def block_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(matrix parameters, norm parameters) of one transformer block."""
-    e = cfg.head_dim
-    matrices = 2 * cfg.dim * cfg.n_heads * e + 2 * cfg.dim * cfg.n_kv_heads * e + 3 * cfg.dim * cfg.ffn_dim
-    return matrices, 2 * cfg.dim
+    """(matrix parameters, other parameters: norms and biases) of one transformer block."""
+    counts = param_counts(cfg)
+    matrices = counts.block_matmuls // cfg.n_layers
+    return matrices, counts.blocks // cfg.n_layers - matrices
+
+
+def _block_params_per_device(cfg: ModelConfig, tp: int) -> float:
+    """One block's parameters on one device of its tp group: matrices and the biases of the
+    column-parallel projections (q, k, v, up, gate) sharded; row-parallel biases and norms whole."""
+    matrices, others = block_params(cfg)
+    column_biases = ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+                     + (2 if cfg.gated else 1) * cfg.ffn_dim) if cfg.bias else 0
+    return matrices / tp + column_biases / tp + (others - column_biases)
+
+
+def _end_params_per_device(cfg: ModelConfig, tp: int, first: bool, last: bool) -> float:
+    """The embeddings (first stage) and the final norm / masked-LM head and output layer (last
+    stage) on one device: token table and output rows vocabulary-parallel, the rest whole. A tied
+    output weight is the embedding's on a stage that holds both, else the last stage's copy."""
+    counts = param_counts(cfg)
+    table = cfg.vocab_size * cfg.dim
+    p = 0.0
+    if first:
+        p += table / tp + (counts.embedding - table)
+    if last:
+        p += counts.final_norm
+        p += (cfg.vocab_size / tp if cfg.mlm_head else 0)  # the output bias, vocabulary-parallel
+        if not cfg.tie_embeddings or not first:
+            p += table / tp
+    return p
 
 
 def stage_params(cfg: ModelConfig, layout: Layout) -> list[float]:
     """Parameters each pipeline stage holds on one device of its tp group (before FSDP)."""
     n_stages = layout.pp * layout.pp_virtual_stages
-    matrices, norms = block_params(cfg)
-    per_layer = matrices / layout.tp + norms
+    per_layer = _block_params_per_device(cfg, layout.tp)
     out = []
     for s, layers in enumerate(stage_layers(cfg.n_layers, n_stages)):
-        p = len(layers) * per_layer
-        if s == 0:
-            p += cfg.vocab_size * cfg.dim / layout.tp
-        if s == n_stages - 1:
-            p += cfg.vocab_size * cfg.dim / layout.tp + cfg.dim
-        out.append(p)
+        out.append(len(layers) * per_layer + _end_params_per_device(cfg, layout.tp, s == 0, s == n_stages - 1))
     # With virtual stages a device holds pp_virtual_stages of them (stages r, r + pp, ...).
     return [sum(out[r::layout.pp]) for r in range(layout.pp)]
 
@@ -116,9 +137,9 @@ def activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     tp = layout.tp
     sp = tp if (tp > 1 and layout.sequence_parallel) else 1
     h, f = cfg.dim, cfg.ffn_dim
-    hk = cfg.n_kv_heads * cfg.head_dim
-    full = (8 * h / sp + 2 * e * h + e * (h + 2 * hk) / tp + e * h / tp + 4 * cfg.n_heads / tp
-            + 3 * e * f / tp)
+    hq, hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    mlp = (3 if cfg.gated else 2) * e * f / tp  # gated: both projections and their product
+    full = (8 * h / sp + 2 * e * h + e * (hq + 2 * hk) / tp + e * hq / tp + 4 * cfg.n_heads / tp + mlp)
     if layout.recompute == "selective":
         return full - 2 * e * h - e * f / tp
     return full
@@ -174,13 +195,12 @@ def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) ->
     shard = layout.dp * layout.cp  # FSDP's group
     stage = stage_params(cfg, layout)[r]
     n_layers = len(device_layers(cfg, layout)[r])
-    matrices, norms = block_params(cfg)
-    block = matrices / layout.tp + norms
+    block = _block_params_per_device(cfg, layout.tp)
     t = layout.local_tokens
     sp = layout.tp if (layout.tp > 1 and layout.sequence_parallel) else 1
     n_stages = layout.pp * layout.pp_virtual_stages
     holds_first, holds_last = r == 0, r == (n_stages - 1) % layout.pp
-    embedding = cfg.vocab_size * cfg.dim / layout.tp if holds_first else 0.0
+    embedding = _end_params_per_device(cfg, layout.tp, True, False) if holds_first else 0.0
 
     params = stage / shard
     gradients = 4 * params
@@ -190,7 +210,7 @@ def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) ->
     if shard > 1 and keeps_units_gathered(layout.zero, layout.pp):
         fsdp = e * (stage - embedding) + 4 * embedding
     elif shard > 1:
-        last_unit = (cfg.vocab_size * cfg.dim / layout.tp + cfg.dim) if holds_last else block
+        last_unit = _end_params_per_device(cfg, layout.tp, False, True) if holds_last else block
         others = [block] * (n_layers - (0 if holds_last else 1))
         fsdp = e * last_unit + 2 * max([e * x for x in others] + [4 * embedding]) + 4 * block
 

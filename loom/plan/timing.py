@@ -86,7 +86,7 @@ def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     h, f, hk = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
     norms = 2 * (4 + e) * h / sp
     rope = 2 * e * (h + hk) / tp
-    swiglu = 3 * e * f / tp
+    swiglu = (3 if cfg.gated else 2) * e * f / tp  # SwiGLU reads two inputs; GeLU, squared-ReLU one
     residual = 2 * 12 * h / sp
     forward = norms + rope + swiglu + residual
     total = 3 * forward
@@ -116,7 +116,8 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
         mm_flops = n * 2 * t * matrices / tp * passes
         if r == (n_stages - 1) % pp:  # holds the last stage: the output layer
             mm_flops += 6 * t * cfg.vocab_size * cfg.dim / tp
-        attn_fwd = 2 * t * layout.seq_len * cfg.dim / tp
+        # Causal flash attention does half of QK^T and AV; bidirectional (BERT) all of it.
+        attn_fwd = (2 if cfg.causal else 4) * t * layout.seq_len * cfg.n_heads * cfg.head_dim / tp
         attn_flops = n * attn_fwd * (3.5 + (1.0 if layout.recompute == "full" else 0.0))
         mm_s = mm_flops / (peak * eff.matmul * share)
         attn_s = attn_flops / (peak * eff.attention * share)
