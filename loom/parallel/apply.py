@@ -15,7 +15,7 @@ from loom.parallel.context import apply_context_parallel
 from loom.parallel.dims import LayoutMesh, ParallelDims
 from loom.parallel.fsdp import apply_fsdp
 from loom.metrics.memory import LiveTensorBytes
-from loom.parallel.init import init_local_shards, local_region
+from loom.parallel.init import init_local_shards, local_shard_bytes
 from loom.parallel.pipeline import local_stage_ids, stage_module
 from loom.parallel.tensor import apply_tensor_parallel
 from loom.train.recompute import apply_recompute
@@ -54,5 +54,4 @@ def materialize(modules: list[nn.Module], device: torch.device, seed: int, spec_
         for module in modules:
             module.to_empty(device=device)
             init_local_shards(module, spec_of, seed)
-    shards = sum(local_region(p)[0].untyped_storage().nbytes() for m in modules for p in m.parameters())
-    return mem.peak, shards
+    return mem.peak, local_shard_bytes(modules)

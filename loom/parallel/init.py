@@ -19,6 +19,16 @@ from torch import nn
 from loom.models.init import InitSpec, fill_region
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def local_shard_bytes(modules) -> int:
+    """Bytes of this rank's parameter shards over `modules` (their storage: what is allocated)."""
+    return sum(local_shard(p).untyped_storage().nbytes() for m in modules for p in m.parameters())
+
+
 def local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """(local tensor, global shape, offset of the local tensor in the global one)."""
     if not hasattr(param, "device_mesh"):  # a plain tensor holds all of itself

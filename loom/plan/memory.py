@@ -36,7 +36,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from loom.metrics.flops import param_counts
+from loom.models.loss import chunk_tokens
 from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.parallel.pipeline import stage_layers
@@ -184,9 +187,8 @@ class MemoryBreakdown:
 
 
 def loss_chunk_tokens(tokens: int, vocab_local: int, spec: HardwareSpec) -> int:
-    """Tokens per chunk of the fused loss (loom.models.loss.chunk_tokens on this device kind)."""
-    budget = 2**21 if spec.cores is not None else 2**28
-    return max(64, min(tokens, budget // vocab_local))
+    """Tokens per chunk of the fused loss: loom.models.loss.chunk_tokens on this device kind."""
+    return chunk_tokens(tokens, vocab_local, torch.device("cpu" if spec.cores is not None else "cuda"))
 
 
 def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) -> MemoryBreakdown:

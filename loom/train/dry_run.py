@@ -29,6 +29,7 @@ from loom.models.transformer import build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
 from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
+from loom.parallel.init import local_shard_bytes
 from loom.train.settings import DTYPES
 
 FSDP_AXES = ("dp_shard_cp", "dp_replicate")
@@ -89,10 +90,6 @@ def fake_process_group(rank: int, world: int):
         dist.destroy_process_group()
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
 def _is_fsdp_sharded(p: torch.Tensor) -> bool:
     names = getattr(getattr(p, "device_mesh", None), "mesh_dim_names", None) or ()
     return any(axis in names for axis in FSDP_AXES)
@@ -133,7 +130,7 @@ def gathered_bytes(modules: list[nn.Module], dims: ParallelDims, zero: int, comp
 
 def state_bytes(modules: list[nn.Module], dims: ParallelDims, parallel) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer states) of this rank, in bytes."""
-    params = sum(_local(p).untyped_storage().nbytes() for m in modules for p in m.parameters())
+    params = local_shard_bytes(modules)
     grads = params
     if dims.dp * dims.cp > 1 and accumulates_unsharded_grads(parallel.zero, dims.pp, parallel.pp_schedule):
         grads += sum(4 * _tp_local_numel(p) for m in modules for p in m.parameters())
@@ -212,7 +209,7 @@ def peak_live_micro_batches(actions, stage_ids: list[int]) -> list[int]:
     backward, or the weight half of a split one, frees it."""
     live = {s: 0 for s in stage_ids}
     peak = dict(live)
-    split = {(a.stage_index, a.microbatch_index) for a in _flatten(actions) if str(a.computation_type.value) == "W"}
+    split = {(a.stage_index, a.microbatch_index) for a in _flatten(actions) if a.computation_type.value == "W"}
     for a in _flatten(actions):
         kind, key = a.computation_type.value, (a.stage_index, a.microbatch_index)
         if kind == "F":

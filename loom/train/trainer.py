@@ -21,6 +21,7 @@ from loom.models.loss import IGNORE_INDEX
 from loom.models.transformer import ModelConfig, Transformer, build_model
 from loom.parallel.apply import materialize, parallelize
 from loom.parallel.fsdp import accumulates_unsharded_grads, set_micro_batch
+from loom.parallel.init import local_shard
 from loom.parallel.pipeline import sum_tied_grads, tied_copy
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
@@ -90,11 +91,6 @@ def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The pipeline schedule's loss function: the last stage already returns its micro-batch's
     mean loss (the fused output layer gets the labels as a keyword input, like the positions)."""
     return output
-
-
-def _local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter (a DTensor's local shard)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -366,7 +362,7 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Whether every parameter on every rank is finite (checked before each save)."""
-        local = all(bool(_local_shard(p).isfinite().all()) for p in self.model.parameters())
+        local = all(bool(local_shard(p).isfinite().all()) for p in self.model.parameters())
         if self.mesh is None:
             return local
         import torch.distributed as dist
