@@ -104,8 +104,19 @@ for _world, _cases in FAMILY_LAYOUTS.items():
     for _family, _name in FAMILIES.items():
         for _case, _extra in _cases.items():
             LAYOUTS[_world][f"{_family}_{_case}"] = [f"--model.name={_name}", *_extra]
-LAYOUTS[2]["nemotron_cp2_p2p_packed"] = ["--model.name=tiny-nemotron", "--parallel.dp_shard=1", "--parallel.cp=2",
-                                         "--data.pack_documents=true"]
+LAYOUTS[2].update({
+    "nemotron_cp2_p2p_packed": ["--model.name=tiny-nemotron", "--parallel.dp_shard=1", "--parallel.cp=2",
+                                "--data.pack_documents=true"],
+    # Where a family's parts meet a layout's special cases: replicated position tables without
+    # sequence parallelism, the tied copy under a split backward, bidirectional Ulysses, bf16
+    # LayerNorms gathered by FSDP.
+    "gpt3_tp2_no_sp": ["--model.name=tiny-gpt3", "--parallel.tp=2", "--parallel.dp_shard=1",
+                       "--parallel.sequence_parallel=false"],
+    "gpt3_pp2_zero_bubble": ["--model.name=tiny-gpt3", "--parallel.pp=2", "--parallel.dp_shard=1",
+                             "--parallel.pp_virtual_stages=2", "--parallel.pp_schedule=zero-bubble"],
+    "bert_cp2_a2a": ["--model.name=tiny-bert", "--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.cp_comm=a2a"],
+    "bert_dp_shard2_bf16": ["--model.name=tiny-bert", "--parallel.dp_shard=2", "--train.dtype=bfloat16"],
+})
 
 
 def family_of(case: str) -> str | None:
@@ -133,10 +144,12 @@ def reference(dataset, tmp_path_factory):
     r.pop("trainer")
     refs["big"] = r
     for family, name in FAMILIES.items():
-        for packed in ((False, True) if family == "nemotron" else (False,)):
-            r = run_case(common(dataset, tmp) + [f"--model.name={name}", f"--data.pack_documents={packed}"], steps=4)
+        variants = {"nemotron": [(False, True)], "bert": [(True, False)]}.get(family, [])
+        for bf16, packed in [(False, False), *variants]:
+            r = run_case(common(dataset, tmp) + [f"--model.name={name}", f"--data.pack_documents={packed}",
+                                                 f"--train.dtype={'bfloat16' if bf16 else 'float32'}"], steps=4)
             r.pop("trainer")
-            refs[family, packed] = r
+            refs[family, bf16, packed] = r
     return refs
 
 
@@ -157,7 +170,7 @@ def test_parallel_layouts_match_single_process(world, dataset, reference, tmp_pa
         if name.startswith("big"):
             ref = reference["big"]
         elif family_of(name):
-            ref = reference[family_of(name), "packed" in name]
+            ref = reference[family_of(name), bf16, "packed" in name]
         else:
             ref = reference["bfloat16" if bf16 else "float32", "packed" in name]
         rel = 1e-2 if bf16 else 1e-5

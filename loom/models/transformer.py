@@ -224,8 +224,8 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with bias, in fp32 (autocast's choice for layer_norm). zero_centered: the gain is
-    1 + weight (Megatron's layernorm1p; weight starts at 0, and weight decay pulls it to 1)."""
+    """LayerNorm with bias, computed in fp32. zero_centered: the gain is 1 + weight (Megatron's
+    layernorm1p; weight starts at 0, so weight decay pulls the gain to 1)."""
 
     def __init__(self, dim: int, eps: float, zero_centered: bool = False):
         super().__init__()
@@ -234,8 +234,13 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + 1 if self.zero_centered else self.weight
-        return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
+        # In at least fp32 whatever the input's and the parameters' dtypes (FSDP may gather them
+        # in bf16), returned in the input's dtype, like RMSNorm.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        if self.zero_centered:
+            weight = weight + 1
+        return F.layer_norm(x.to(dtype), (x.shape[-1],), weight, bias, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:

@@ -182,7 +182,8 @@ class ReplicatedSequenceEmbedding(nn.Module):
     """Drop-in for a small nn.Embedding (learned positions, token types) under tensor parallelism:
     the table is replicated over tp; ids [B, L] (the same on every tp rank) -> this rank's local
     [B, L/tp, D] sequence shard under sequence parallelism (matching VocabParallelEmbedding's
-    output), else [B, L, D]. Each rank's weight gradient covers its own tokens: summed over tp."""
+    output), else [B, L, D]. Under sequence parallelism each rank's weight gradient covers its own
+    tokens and is summed over tp; without, every rank computes the whole (equal) gradient."""
 
     def __init__(self, weight: nn.Parameter, tp_mesh, sequence_parallel: bool):
         super().__init__()
@@ -191,11 +192,12 @@ class ReplicatedSequenceEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
+        w = self.weight.to_local()
+        if self.sequence_parallel:  # this rank's tokens only: the gradient is summed over tp
             n, r = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
             shard = ids.shape[1] // n
             ids = ids[:, r * shard:(r + 1) * shard]
-        w = _SumGradOverGroup.apply(self.weight.to_local(), self.tp_mesh.get_group())
+            w = _SumGradOverGroup.apply(w, self.tp_mesh.get_group())
         return torch.nn.functional.embedding(ids, w)
 
 

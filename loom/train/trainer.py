@@ -42,12 +42,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm gains are vectors and are not decayed)."""
+    """AdamW; weight decay on matrices only (norm gains and biases are vectors and are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    # Fused AdamW takes a group's tensors in one call, which cannot mix DTensors with plain
+    # tensors (tensor parallelism without sequence parallelism leaves norms plain beside sharded
+    # biases): one group per (decay, kind).
+    groups = []
+    for decay, matrices in ((cfg.weight_decay, True), (0.0, False)):
+        for distributed in (True, False):
+            members = [p for p in params if (p.ndim >= 2) == matrices and hasattr(p, "device_mesh") == distributed]
+            if members:
+                groups.append({"params": members, "weight_decay": decay})
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True
     )
