@@ -10,6 +10,7 @@ import sysconfig
 from pathlib import Path
 
 from loom.data.prepare import write_dataset
+from loom.locks import exclusive_lock
 from loom.metrics.meter import cache_dir
 
 BUILTIN_VOCAB_SIZE = 8192
@@ -59,11 +60,8 @@ def builtin_dataset(progress: bool = True) -> Path:
     if (path / "meta.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    import fcntl  # POSIX; imported here so that `import loom` works where it is missing
-
     # Several processes may start at once: one builds, the others wait for it.
-    with open(path.parent / f"{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(path.parent / f"{path.name}.lock"):
         if (path / "meta.json").is_file():
             return path
         if progress:

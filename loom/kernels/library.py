@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from loom.locks import exclusive_lock
+
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
@@ -56,10 +58,7 @@ def _build(cache: Path) -> Path:
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    import fcntl  # POSIX only: _why_not has ruled out other systems before a build
-
-    with open(cache / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be building the same file
+    with exclusive_lock(cache / "build.lock"):  # another rank may be building the same file
         if not out.exists():
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 target = Path(tmp) / out.name

@@ -38,6 +38,7 @@ from loom.models.attention import CoreAttention, document_starts
 from loom.models.init import InitSpec, fill_region
 from loom.models.loss import linear_cross_entropy
 from loom.models.matmul import Linear, linear
+from loom.settings import need, one_of
 
 NORMS = ("rmsnorm", "layernorm", "layernorm1p")
 MLPS = ("swiglu", "gelu", "gelu-erf", "squared-relu")
@@ -507,8 +508,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transf
 
 def check_model_config(cfg: ModelConfig) -> None:
     """The model's own constraints, as one-line SettingErrors naming model.<key>."""
-    from loom.settings import need, one_of
-
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         need(getattr(cfg, key) > 0, f"model.{key}={getattr(cfg, key)} must be positive")
     one_of("model.family", cfg.family, FAMILIES)
