@@ -22,7 +22,7 @@ from loom.models.hf import HFAdapter, HFFormatError, adapter_for, adapter_for_hf
 from loom.models.transformer import ModelConfig, RopeScaling, build_model
 from loom.models.registry import MODELS
 from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, checkpoint_tensor_shapes,
-                                         load_model_tensors, read_manifest, save_model_weights)
+                                         load_model_tensors, read_manifest, save_model_weights, saved_model_fields)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -169,7 +169,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
         raise HFFormatError(f"--output {output} exists and is not empty; nothing was overwritten")
     manifest = read_manifest(checkpoint)
     check_files(checkpoint, manifest, checksums=True)
-    cfg = _config_from_manifest(manifest["model"])
+    cfg = _config_from_manifest(saved_model_fields(manifest))
     adapter = adapter_for(cfg)
     shapes = checkpoint_tensor_shapes(checkpoint)
     names = [n for n, _ in build_model(cfg, "meta").named_parameters()]

@@ -503,3 +503,20 @@ def test_hugging_face_import_streams_one_tensor_at_a_time(tmp_path):
     from loom.train.checkpoint_files import checkpoint_tensor_shapes
 
     assert len(checkpoint_tensor_shapes(tmp_path / "ck")) == 8 * 9 + 3
+
+
+def test_checkpoints_from_before_the_model_families_still_load():
+    """A manifest written before ModelConfig had its family fields (norm, mlp, ...) describes a
+    Llama: it is compatible with the Llama config and refused for another family."""
+    from loom.config import load_config, validate
+    from loom.train.checkpoint_files import CheckpointError, check_compatible, model_fields
+
+    cfg = load_config(None, ["--model.name=tiny"])
+    llama = validate(cfg, check_files=False)
+    old_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta",
+                  "rope_scaling", "max_seq_len")
+    manifest = {"model": {k: v for k, v in model_fields(llama).items() if k in old_fields}, "contents": ["model"]}
+    check_compatible("old", manifest, cfg, llama)
+    other = load_config(None, ["--model.name=tiny", "--model.norm=layernorm"])
+    with pytest.raises(CheckpointError, match="model.norm='rmsnorm' there, 'layernorm' in this config"):
+        check_compatible("old", manifest, other, validate(other, check_files=False))

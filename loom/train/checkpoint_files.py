@@ -119,7 +119,7 @@ def read_metadata(path: Path):
 def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
     """The checkpoint holds this model's shape and, if it holds training state, this run's data
     stream (changing the layout, the learning rate or the step count is fine)."""
-    saved, want = manifest["model"], model_fields(model_cfg)
+    saved, want = saved_model_fields(manifest), model_fields(model_cfg)
     for key in want:
         if saved.get(key) != want[key]:
             raise CheckpointError(
@@ -283,6 +283,16 @@ def safe_planner():
             )
 
     return TensorOnlyPlanner()
+
+
+def saved_model_fields(manifest: dict) -> dict:
+    """The model config a checkpoint's manifest records. Fields added to ModelConfig after it
+    was written take their defaults (a checkpoint from before the model families is a Llama,
+    which the defaults describe)."""
+    from loom.models.transformer import ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **manifest["model"]}
 
 
 def model_fields(model_cfg) -> dict:
