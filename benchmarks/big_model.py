@@ -70,7 +70,7 @@ def main() -> None:
     from loom.metrics.flops import param_counts
 
     cfg = load_config(None, MODEL)
-    whole = 4 * param_counts(cfg.model.resolve()).total
+    whole = 4 * param_counts(cfg.model_config()).total
     out = Path(tempfile.mkdtemp(prefix="loom-big-"))
     runs = {}
     if not args.no_reference:
@@ -78,7 +78,7 @@ def main() -> None:
     for name in args.layouts.split(","):
         runs[name] = train(name, LAYOUTS[name], 8, args.steps, out)
     ref = runs.get("one process")
-    print(f"model: {param_counts(cfg.model.resolve()).total / 1e9:.3f}B parameters, one fp32 copy "
+    print(f"model: {param_counts(cfg.model_config()).total / 1e9:.3f}B parameters, one fp32 copy "
           f"{whole / 2**30:.2f} GiB; {args.steps} steps of 8 x 128 tokens, fp32")
     print("| run | ranks | losses | max rel. diff vs one process | peak RSS of the largest rank | / one fp32 copy | wall (s) |")
     print("|---|---:|---|---:|---:|---:|---:|")

@@ -45,7 +45,7 @@ def main() -> None:
         layout = Layout(tp=lay.tp, cp=lay.cp, pp=lay.pp, dp=lay.dp, micro_batch=lay.micro_batch,
                         seq_len=lay.seq_len, global_batch=cfg.train.global_batch, recompute=cfg.train.recompute,
                         dtype=cfg.train.dtype)
-        return step_time(cfg.model.resolve(), layout, s).total
+        return step_time(cfg.model_config(), layout, s).total
 
     measured = np.array([r.step_time_s for r in results])
     zero = [0.0] * len(NAMES)

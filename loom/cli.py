@@ -139,14 +139,20 @@ def cmd_flops(args: argparse.Namespace) -> int:
         return fail(prog, str(e).replace("model.name=", "--model="))
     if args.seq_len <= 0:
         return fail(prog, f"--seq-len={args.seq_len} must be a positive integer")
-    params = param_counts(cfg).total
+    counts = param_counts(cfg)
+    params = counts.total
     fpt = {c: flops_per_token(cfg, args.seq_len, c) for c in CONVENTIONS}
     if args.json:
-        print(json.dumps({"model": args.model, "family": cfg.family, "params": params, "seq_len": args.seq_len,
-                          "flops_per_token": fpt}))
+        out = {"model": args.model, "family": cfg.family, "params": params, "seq_len": args.seq_len,
+               "flops_per_token": fpt}
+        if cfg.moe_experts:
+            out["active_params"] = counts.active
+        print(json.dumps(out))
         return 0
     print(f"model            {args.model} ({cfg.family} family, {'causal' if cfg.causal else 'bidirectional'})")
     print(f"parameters       {params:,}")
+    if cfg.moe_experts:
+        print(f"active per token {counts.active:,} ({cfg.moe_top_k} of {cfg.moe_experts} experts; FLOPs count these)")
     print(f"sequence length  {args.seq_len:,}")
     for c in CONVENTIONS:
         print(f"FLOPs/token      {fpt[c]:.6e}  ({c} convention, forward + backward)")

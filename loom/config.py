@@ -141,6 +141,23 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
+class MoESection:
+    """Mixture of experts (loom/models/moe.py); None keeps the registry entry's value (dense
+    models have n_experts 0)."""
+
+    n_experts: int | None = None
+    top_k: int | None = None
+    capacity_factor: float | None = None  # unset: dropless; else tokens beyond it are dropped
+    aux_loss_coeff: float | None = None  # Switch load balancing (the registry's MoE models: 0.01)
+    z_loss_coeff: float | None = None  # router z-loss (0 unless set)
+
+    def apply(self, model: ModelConfig) -> ModelConfig:
+        overrides = {f"moe_{f.name.removeprefix('n_')}": getattr(self, f.name) for f in dataclasses.fields(self)
+                     if getattr(self, f.name) is not None}
+        return dataclasses.replace(model, **overrides)
+
+
+@dataclass(frozen=True)
 class MetricsSection:
     jsonl: str = "runs/loom/metrics.jsonl"
     tensorboard: str = ""  # a directory, or empty for none
@@ -156,9 +173,14 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    moe: MoESection = field(default_factory=MoESection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def model_config(self) -> ModelConfig:
+        """The registry entry with the [model] and [moe] overrides (not validated)."""
+        return self.moe.apply(self.model.resolve())
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
@@ -285,7 +307,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     needs none of them.
     """
     try:
-        model = cfg.model.resolve()
+        model = cfg.model_config()
     except UnknownModelError as e:
         raise ConfigError(str(e)) from None
     check_model_config(model)

@@ -356,7 +356,7 @@ def test_nonfinite_loss_stops_or_skips_and_is_never_saved(dataset, tmp_path, cap
 
     saved_steps = published(tmp_path / "skip")
     assert [step for step, _ in saved_steps] == [3, 4]
-    model = build_model(load_config(None, args).model.resolve(), "cpu")
+    model = build_model(load_config(None, args).model_config(), "cpu")
     for _, path in saved_steps:
         load_model_weights(path, model)
         assert all(p.isfinite().all() for p in model.parameters())

@@ -18,7 +18,7 @@ def predicted_tokens_per_s(grid: Grid, result: BenchResult, spec) -> float:
                     global_batch=cfg.train.global_batch, recompute=cfg.train.recompute, dtype=cfg.train.dtype,
                     pp_schedule=p.pp_schedule, pp_virtual_stages=p.pp_virtual_stages,
                     sequence_parallel=p.sequence_parallel)
-    return evaluate(cfg.model.resolve(), layout, spec).perf.tokens_per_s_per_device
+    return evaluate(cfg.model_config(), layout, spec).perf.tokens_per_s_per_device
 
 
 def compare_with_plan(grid: Grid, results: list[BenchResult]) -> tuple[str, dict]:

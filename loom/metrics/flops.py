@@ -16,6 +16,7 @@ gbs x seq_len, at their shapes:
     llama     L h^2 (12 + 12 g/a + 18 f/h) + 12 L s h + 6 V h   (gated MLP: 3 matrices)
     nemotron  L h^2 (12 + 12 g/a + 12 f/h) + 12 L s h + 6 V h   (ungated: 2 matrices)
     bert      72 L h^2 (1 + s / 6h) + 6 V h            (bidirectional, no causal discount)
+    mixtral   L h^2 (12 + 12 g/a + 18 k f/h) + 12 L s h + 6 V h (top-k experts only, router excluded)
 with g/a = kv heads / heads. NeMo's tables use a fixed vocabulary per family (gpt3 51,200,
 nemotron 256,000, bert 29,000); loom counts the model's own (the registry's GPT-3 and Nemotron
 vocabularies are NeMo's; BERT's is the uncased WordPiece 30,522).
@@ -36,10 +37,17 @@ class ParamCounts:
     block_matmuls: int  # the weight matrices of the blocks only
     final_norm: int  # the final norm, or BERT's masked-LM transform (dense, norm)
     output: int  # the output weight (0 when tied to the embedding) and its bias
+    active_block_matmuls: int = -1  # a token's share of block_matmuls: top-k experts of a MoE (router excluded)
+    inactive: int = 0  # parameters a token does not use: the experts it is not routed to
 
     @property
     def total(self) -> int:
         return self.embedding + self.blocks + self.final_norm + self.output
+
+    @property
+    def active(self) -> int:
+        """Parameters one token uses (Mixtral's "active parameters")."""
+        return self.total - self.inactive
 
 
 def _norm_params(cfg: ModelConfig) -> int:
@@ -49,7 +57,10 @@ def _norm_params(cfg: ModelConfig) -> int:
 def param_counts(cfg: ModelConfig) -> ParamCounts:
     d, e = cfg.dim, cfg.head_dim
     attention = d * cfg.n_heads * e * 2 + d * cfg.n_kv_heads * e * 2  # wq, wo; wk, wv
-    mlp = (3 if cfg.gated else 2) * d * cfg.ffn_dim
+    expert = (3 if cfg.gated else 2) * d * cfg.ffn_dim
+    experts = max(1, cfg.moe_experts)
+    mlp = experts * expert
+    router = d * cfg.moe_experts
     biases = 0
     if cfg.bias:
         biases = (cfg.n_heads + 2 * cfg.n_kv_heads) * e + d + (2 if cfg.gated else 1) * cfg.ffn_dim + d
@@ -62,12 +73,15 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     else:
         final = _norm_params(cfg) if cfg.norm_position == "pre" else 0
     output = (0 if cfg.tie_embeddings else cfg.vocab_size * d) + (cfg.vocab_size if cfg.mlm_head else 0)
+    active = min(cfg.moe_top_k, experts) if cfg.moe_experts else 1
     return ParamCounts(
         embedding=embedding,
-        blocks=cfg.n_layers * (attention + mlp + biases + 2 * _norm_params(cfg)),
+        blocks=cfg.n_layers * (attention + mlp + router + biases + 2 * _norm_params(cfg)),
         block_matmuls=cfg.n_layers * (attention + mlp),
         final_norm=final,
         output=output,
+        active_block_matmuls=cfg.n_layers * (attention + active * expert),
+        inactive=cfg.n_layers * (experts - active) * expert,
     )
 
 
@@ -84,7 +98,7 @@ def _attention_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str) 
 def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "megatron") -> float:
     """Model FLOPs of one training step (forward + backward) per token."""
     p = param_counts(cfg)
-    return 6 * (p.block_matmuls + cfg.vocab_size * cfg.dim) + _attention_flops_per_token(cfg, seq_len, convention)
+    return 6 * (p.active_block_matmuls + cfg.vocab_size * cfg.dim) + _attention_flops_per_token(cfg, seq_len, convention)
 
 
 def hardware_flops_per_token(
@@ -99,7 +113,7 @@ def hardware_flops_per_token(
     model = flops_per_token(cfg, seq_len, convention)
     if recompute == "full":
         p = param_counts(cfg)
-        return model + 2 * p.block_matmuls + _attention_flops_per_token(cfg, seq_len, convention) / 3
+        return model + 2 * p.active_block_matmuls + _attention_flops_per_token(cfg, seq_len, convention) / 3
     if recompute in ("none", "selective"):
         return model
     raise ValueError(f"train.recompute={recompute!r} is unknown; allowed: none, full, selective")

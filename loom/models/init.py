@@ -87,6 +87,14 @@ def fill_region(out: torch.Tensor, name: str, global_shape: tuple[int, ...], off
         out.fill_(1.0 if spec.kind == "ones" else 0.0)
         return
     global_shape = tuple(global_shape)
+    if len(global_shape) > 2 and tuple(offset[1:-1]) == (0,) * (len(global_shape) - 2) \
+            and tuple(out.shape[1:-1]) == global_shape[1:-1]:
+        # [E, F, D] (experts) holding whole dims 1 .. -2: blocks of rows of its [E x F, D] view, so
+        # that a block stays one block's size however large one expert is.
+        lead = math.prod(global_shape[:-1]) // global_shape[0]
+        fill_region(out.view(-1, out.shape[-1]), name, (global_shape[0] * lead, global_shape[-1]),
+                    (offset[0] * lead, offset[-1]), spec, seed)
+        return
     if len(global_shape) == 0:  # a scalar parameter: one block of one element
         g = torch.Generator().manual_seed(block_seed(seed, name, 0))
         out.copy_(_draw(spec, (), g))

@@ -26,6 +26,8 @@ GPT3 = dict(family="gpt3", norm="layernorm", mlp="gelu", positions="learned", bi
 NEMOTRON = dict(family="nemotron", norm="layernorm1p", mlp="squared-relu", positions="rope",
                 rotary_fraction=0.5, bias=False, tie_embeddings=False, vocab_size=256000,
                 max_seq_len=4096, rope_theta=10000.0)
+MIXTRAL = dict(family="mixtral", vocab_size=32000, rope_theta=1e6, max_seq_len=32768, moe_experts=8, moe_top_k=2,
+               moe_aux_loss_coeff=0.01)
 BERT = dict(family="bert", norm="layernorm", mlp="gelu-erf", positions="learned", norm_position="post",
             bias=True, tie_embeddings=True, causal=False, token_types=2, mlm_head=True, norm_eps=1e-12,
             max_seq_len=512)
@@ -100,6 +102,14 @@ MODELS: dict[str, ModelConfig] = {
                                  **{**NEMOTRON, "init_std": 0.0134}),
     "nemotron4-340b": ModelConfig(dim=18432, n_layers=96, n_heads=96, n_kv_heads=8, ffn_dim=73728,
                                   kv_channels=192, **{**NEMOTRON, "init_std": 0.0063}),
+    # Mixtral (arXiv 2401.04088 and the Hugging Face model cards mistralai/Mixtral-8x7B-v0.1,
+    # Mixtral-8x22B-v0.1); 8x3B is NeMo's MixtralConfig8x3B (NeMo-Framework-Launcher mixtral_8x3b.yaml).
+    "mixtral-8x3b": ModelConfig(dim=2560, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=8960, **MIXTRAL),
+    "mixtral-8x7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **MIXTRAL),
+    "mixtral-8x22b": ModelConfig(dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, ffn_dim=16384,
+                                 **{**MIXTRAL, "max_seq_len": 65536}),
+    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=384,
+                            **{**MIXTRAL, "vocab_size": 8192, "max_seq_len": 2048}),
     # BERT (arXiv 1810.04805; shapes and the uncased WordPiece vocabulary of google-bert/bert-*-uncased).
     "bert-base": ModelConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=3072,
                              **{**BERT, "vocab_size": 30522}),
@@ -120,6 +130,9 @@ PUBLISHED_PARAMS: dict[str, tuple[int, float, str]] = {
     "nemotron3-22b": (22_000_000_000, 0.04, "NeMo Nemotron3Config22B: 22B"),
     "nemotron4-15b": (15_628_775_424, 0.0, "Nemotron-4 15B (arXiv 2402.16819), from the architecture"),
     "nemotron4-340b": (341_029_195_776, 0.0, "Nemotron-4 340B (arXiv 2406.11704), from the architecture"),
+    "mixtral-8x3b": (18_305_026_560, 0.0, "NeMo MixtralConfig8x3B, from the architecture"),
+    "mixtral-8x7b": (46_702_792_704, 0.0, "Hugging Face mistralai/Mixtral-8x7B-v0.1 safetensors index"),
+    "mixtral-8x22b": (140_620_634_112, 0.0, "Hugging Face mistralai/Mixtral-8x22B-v0.1 safetensors index"),
     "bert-base": (110_000_000, 0.01, "BERT paper (arXiv 1810.04805): 110M"),
     "bert-large": (340_000_000, 0.02, "BERT paper (arXiv 1810.04805): 340M"),
 }

@@ -44,7 +44,7 @@ NORMS = ("rmsnorm", "layernorm", "layernorm1p")
 MLPS = ("swiglu", "gelu", "gelu-erf", "squared-relu")
 POSITIONS = ("rope", "learned")
 NORM_POSITIONS = ("pre", "post")
-FAMILIES = ("llama", "gpt3", "nemotron", "bert")
+FAMILIES = ("llama", "gpt3", "nemotron", "bert", "mixtral")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,13 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 4096  # the published context length; with learned positions, the table size
     init_std: float = 0.02
+    # Mixture of experts (loom.models.moe): moe_experts > 0 replaces every block's MLP by
+    # moe_experts SwiGLU experts of hidden size ffn_dim, moe_top_k of them per token.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_capacity_factor: float | None = None  # None: dropless
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -323,6 +330,13 @@ class FeedForward(nn.Module):
         return self.w2(self.act(self.w1(x)))
 
 
+def make_moe(cfg: ModelConfig) -> nn.Module:
+    from loom.models.moe import MoE
+
+    return MoE(cfg.dim, cfg.ffn_dim, cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor,
+               cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -330,7 +344,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
         self.ffn_norm = make_norm(cfg)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = make_moe(cfg) if cfg.moe_experts else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 doc_starts: list[list[int]] | None = None) -> torch.Tensor:
@@ -487,7 +501,7 @@ class Transformer(nn.Module):
             return InitSpec("normal", std)
         if name == "output.weight":
             return InitSpec("trunc_normal", self.cfg.dim ** -0.5)
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2")):
             return InitSpec("trunc_normal", std / math.sqrt(2 * self.cfg.n_layers))
         return InitSpec("trunc_normal", std)
 
@@ -530,3 +544,14 @@ def check_model_config(cfg: ModelConfig) -> None:
     need(cfg.token_types >= 0, f"model.token_types={cfg.token_types} must be 0 (none) or positive")
     need(cfg.norm_eps > 0, f"model.norm_eps={cfg.norm_eps} must be positive")
     need(cfg.init_std > 0, f"model.init_std={cfg.init_std} must be positive")
+    if cfg.moe_experts:
+        need(cfg.moe_experts > 0, f"moe.n_experts={cfg.moe_experts} must be 0 (dense) or positive")
+        need(1 <= cfg.moe_top_k <= cfg.moe_experts,
+             f"moe.top_k={cfg.moe_top_k} must be between 1 and moe.n_experts={cfg.moe_experts}")
+        need(cfg.moe_capacity_factor is None or cfg.moe_capacity_factor > 0,
+             f"moe.capacity_factor={cfg.moe_capacity_factor} must be positive (or unset: dropless)")
+        need(cfg.moe_aux_loss_coeff >= 0 and cfg.moe_z_loss_coeff >= 0,
+             f"moe.aux_loss_coeff={cfg.moe_aux_loss_coeff} and moe.z_loss_coeff={cfg.moe_z_loss_coeff} "
+             f"must be 0 or positive")
+        need(cfg.mlp == "swiglu", f"model.mlp={cfg.mlp!r} with moe.n_experts={cfg.moe_experts}: loom's experts "
+                                  f"are SwiGLU; allowed: 'swiglu'")

@@ -30,6 +30,11 @@ def check_parallel(p, model: ModelConfig, t, world_size: int | None) -> Parallel
 
 
 def _check_model_split(p, model: ModelConfig) -> None:
+    if model.moe_experts:
+        for key in ("tp", "cp"):
+            need(getattr(p, key) == 1,
+                 f"parallel.{key}={getattr(p, key)} with moe.n_experts={model.moe_experts}: loom's MoE layers do not "
+                 f"run under tensor or context parallelism yet; allowed: parallel.{key}=1 (FSDP and pipeline layouts)")
     need(model.n_kv_heads % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={model.n_kv_heads}")
     if p.tp > 1:
         for key in ("vocab_size", "ffn_dim"):

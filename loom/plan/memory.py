@@ -97,6 +97,11 @@ def block_params(cfg: ModelConfig) -> tuple[int, int]:
     return matrices, counts.blocks // cfg.n_layers - matrices
 
 
+def active_block_matrices(cfg: ModelConfig) -> int:
+    """Matrix parameters of one block that a token runs through (top-k experts of a MoE)."""
+    return param_counts(cfg).active_block_matmuls // cfg.n_layers
+
+
 def _block_params_per_device(cfg: ModelConfig, tp: int) -> float:
     """One block's parameters on one device of its tp group: matrices and the biases of the
     column-parallel projections (q, k, v, up, gate) sharded; row-parallel biases and norms whole."""

@@ -33,7 +33,7 @@ from loom.metrics.flops import flops_per_token
 from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.plan.hardware import HardwareSpec
-from loom.plan.memory import DTYPE_BYTES, Layout, device_layers, block_params, stage_params
+from loom.plan.memory import DTYPE_BYTES, Layout, active_block_matrices, device_layers, stage_params
 
 OPTIMIZER_BYTES_PER_PARAM = 40  # fused AdamW reads param, grad, m, v and writes param, m, v; clipping reads grads
 
@@ -104,7 +104,7 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     share = 1.0 if spec.cores is None else min(1.0, spec.cores / layout.world)  # CPU cores per rank
     t = layout.local_tokens
     tp, cp, pp = layout.tp, layout.cp, layout.pp
-    matrices, _ = block_params(cfg)
+    matrices = active_block_matrices(cfg)  # FLOPs: a token's experts only
     hk = cfg.n_kv_heads * cfg.head_dim
     passes = 4 if layout.recompute == "full" else 3  # forward, backward (2x), recompute
     n_stages = pp * layout.pp_virtual_stages

@@ -18,6 +18,7 @@ from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_b
 from loom.models.attention import document_positions
 from loom.models.converters import convert_model
 from loom.models.loss import IGNORE_INDEX
+from loom.models.moe import MoE
 from loom.models.transformer import ModelConfig, Transformer, build_model
 from loom.parallel.apply import materialize, parallelize
 from loom.parallel.fsdp import accumulates_unsharded_grads, set_micro_batch
@@ -207,6 +208,13 @@ class Trainer:
                 for block in module.layers.values():
                     block.compile()
         self.parts = modules
+        self.moe_layers = [m for part in modules for m in part.modules() if isinstance(m, MoE)]
+        # A micro-batch's auxiliary MoE losses weigh what its main loss weighs in the step's
+        # gradients: 1 / micro-batches, except under pipeline schedules, which divide every
+        # gradient by the micro-batches themselves.
+        n_micro = t.global_batch // self.dims.dp // t.micro_batch
+        for layer in self.moe_layers:
+            layer.aux_grad_scale = 1.0 if self.pp else 1.0 / n_micro
 
     def _agreed(self, value):
         """Rank 0's value on every rank (so all ranks resume from the same checkpoint)."""
@@ -384,6 +392,29 @@ class Trainer:
             )
         self.checkpointer.save(self.state)
 
+    def moe_stats(self) -> dict:
+        """Routing of the last micro-batch over every MoE layer of every rank: the share of
+        token-expert assignments each expert got (min, max, mean over experts; mean = 1/E) and
+        the load-balancing loss averaged over layers (unscaled). {} for a dense model. A
+        collective: every rank calls it at the same steps."""
+        if not self.model_cfg.moe_experts:
+            return {}
+        e = self.model_cfg.moe_experts
+        totals = torch.zeros(e + 2, dtype=torch.float64, device=self.device)  # counts, balance sum, layers
+        for layer in self.moe_layers:
+            if layer.last_counts is not None:
+                totals[:e] += layer.last_counts.double()
+            if layer.last_aux is not None:
+                totals[e] += layer.last_aux[0].double()
+                totals[e + 1] += 1
+        if self.mesh is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        share = totals[:e] / totals[:e].sum().clamp(min=1)
+        return {"moe_expert_share": {"min": share.min().item(), "max": share.max().item(), "mean": share.mean().item()},
+                "moe_aux_loss": (totals[e] / totals[e + 1].clamp(min=1)).item()}
+
     def micro_batches(self, step: int) -> list[Batch]:
         """This data-parallel rank's share of optimizer step `step` (whole sequences; context-
         parallel ranks read the same ones and keep their shards), cut into micro-batches."""
@@ -497,6 +528,7 @@ class Trainer:
                     "peak_memory_bytes": self.peak_memory(),
                     "step_time_s": m.step_time_s,
                     "val_loss": val_loss,
+                    **self.moe_stats(),
                 }
                 if step == 1:
                     row = {**row, "layout": layout, "flops_convention": FLOPS_CONVENTION}
