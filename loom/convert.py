@@ -39,9 +39,17 @@ def model_config_overrides(cfg: ModelConfig) -> tuple[str, list[str]]:
                             f"configs cannot set model.rope_scaling")
     base = min(bases, key=lambda n: sum(getattr(MODELS[n], f.name) != getattr(cfg, f.name)
                                         for f in dataclasses.fields(cfg)))
-    overrides = [f"--model.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+    overrides = [f"--{_override_key(f.name)}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
                  if f.name not in ("rope_scaling", "family") and getattr(MODELS[base], f.name) != getattr(cfg, f.name)]
     return base, overrides
+
+
+def _override_key(field: str) -> str:
+    """A ModelConfig field's config key: model.<field>, or moe.<key> for the MoE fields."""
+    if field.startswith("moe_"):
+        key = field.removeprefix("moe_")
+        return f"moe.{'n_experts' if key == 'experts' else key}"
+    return f"model.{field}"
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -104,22 +112,23 @@ def _index_hf_tensors(folder: Path, adapter: HFAdapter, cfg: ModelConfig) -> dic
 
 
 def _plan_import(index: dict, cfg: ModelConfig, adapter: HFAdapter, folder: Path) -> dict:
-    """loom name -> (HF index entry, transform, dtype), every loom parameter checked against the
-    shape its HF tensor gives (the transform applied to a meta tensor); no HF tensor unused."""
+    """loom name -> ([HF index entries], transform), every loom parameter checked against the
+    shape its HF tensors give (the transform applied to meta tensors); no HF tensor unused."""
     expected = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
     rules = adapter.import_rules(cfg)
-    plan = {}
+    plan, used = {}, set()
     for name, shape in expected.items():
-        key, transform = rules[name]
-        key = adapter.canonical_key(key)
-        if key not in index:
-            raise HFFormatError(f"{folder}: no tensor {key!r}")
-        got = tuple(transform(torch.empty(index[key][2], device="meta")).shape)
+        keys, transform = rules[name]
+        keys = [adapter.canonical_key(k) for k in ([keys] if isinstance(keys, str) else keys)]
+        for key in keys:
+            if key not in index:
+                raise HFFormatError(f"{folder}: no tensor {key!r}")
+        got = tuple(transform(*(torch.empty(index[k][2], device="meta") for k in keys)).shape)
         if got != shape:
-            raise HFFormatError(f"{folder}: tensor {key!r} has shape {index[key][2]}, config.json implies "
+            raise HFFormatError(f"{folder}: tensor {keys[0]!r} has shape {index[keys[0]][2]}, config.json implies "
                                 f"{shape} for loom's {name}")
-        plan[name] = (index[key], transform)
-    used = {adapter.canonical_key(rules[n][0]) for n in expected}
+        plan[name] = ([index[k] for k in keys], transform)
+        used.update(keys)
     extra = sorted(set(index) - used)
     if extra:
         raise HFFormatError(f"{folder}: tensor {extra[0]!r} is not part of a {adapter.architecture} model "
@@ -140,12 +149,15 @@ def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, ModelConfig
     plan = _plan_import(_index_hf_tensors(folder, adapter, cfg), cfg, adapter, folder)
 
     def load(name: str) -> torch.Tensor:
-        (f, key, _, _), transform = plan[name]
-        with safe_open(str(f), framework="pt") as sf:
-            return transform(sf.get_tensor(key))
+        entries, transform = plan[name]
+        tensors = []
+        for f, key, _, _ in entries:
+            with safe_open(str(f), framework="pt") as sf:
+                tensors.append(sf.get_tensor(key))
+        return transform(*tensors)
 
-    described = {name: transform(torch.empty(shape, dtype=dtype, device="meta"))
-                 for name, ((_, _, shape, dtype), transform) in plan.items()}
+    described = {name: transform(*(torch.empty(shape, dtype=dtype, device="meta") for _, _, shape, dtype in entries))
+                 for name, (entries, transform) in plan.items()}
     name, _ = model_config_overrides(cfg)
     path = save_model_weights(described, cfg, output, name, source=str(folder.resolve()), load=load)
     return path, cfg

@@ -31,6 +31,13 @@ def _bert():
         attention_probs_dropout_prob=0.0))
 
 
+def _mixtral():
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=False))
+
+
 def _randomize(model):
     """Every parameter away from its initial constant (norm gains of 1, zero biases), so that a
     parameter mapped to the wrong place cannot go unnoticed."""
@@ -42,7 +49,8 @@ def _randomize(model):
 
 
 @pytest.mark.parametrize("family, make, expected_family", [
-    ("nemotron", _nemotron, "nemotron"), ("gpt2", _gpt2, "gpt3"), ("bert", _bert, "bert")])
+    ("nemotron", _nemotron, "nemotron"), ("gpt2", _gpt2, "gpt3"), ("bert", _bert, "bert"),
+    ("mixtral", _mixtral, "mixtral")])
 def test_round_trip_through_loom(family, make, expected_family, tmp_path, capsys):
     torch.manual_seed(0)
     hf = _randomize(make())

@@ -1,6 +1,6 @@
 """Hugging Face interchange per family: Llama (`LlamaForCausalLM`), Nemotron
-(`NemotronForCausalLM`), GPT-3 as GPT-2 (`GPT2LMHeadModel`, the same architecture) and BERT
-(`BertForMaskedLM`). `adapter_for_hf` picks the adapter of a config.json, `adapter_for` the one
+(`NemotronForCausalLM`), GPT-3 as GPT-2 (`GPT2LMHeadModel`, the same architecture), BERT
+(`BertForMaskedLM`) and Mixtral (`MixtralForCausalLM`). `adapter_for_hf` picks the adapter of a config.json, `adapter_for` the one
 of a loom model config."""
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from loom.models.hf.base import HFAdapter, HFFormatError
 from loom.models.hf.bert import BertAdapter
 from loom.models.hf.gpt2 import GPT2Adapter
 from loom.models.hf.llama import LlamaAdapter
+from loom.models.hf.mixtral import MixtralAdapter
 from loom.models.hf.nemotron import NemotronAdapter
 from loom.models.transformer import ModelConfig
 
-ADAPTERS: tuple[HFAdapter, ...] = (LlamaAdapter(), NemotronAdapter(), GPT2Adapter(), BertAdapter())
+ADAPTERS: tuple[HFAdapter, ...] = (LlamaAdapter(), NemotronAdapter(), GPT2Adapter(), BertAdapter(), MixtralAdapter())
 
 
 def adapter_for_hf(hf: dict, source: str) -> HFAdapter:

@@ -2,9 +2,9 @@
 
 An adapter maps a Hugging Face architecture's config.json and tensor names to a loom ModelConfig
 and parameter names, both ways:
-- import: each loom parameter comes from one Hugging Face tensor through a function (identity,
-  a transpose, a slice of a fused tensor), so `loom convert --from-hf` streams one tensor at a
-  time;
+- import: each loom parameter comes from one Hugging Face tensor (or a few: Mixtral's experts,
+  stacked) through a function (identity, a transpose, a slice of a fused tensor), so
+  `loom convert --from-hf` streams one parameter at a time;
 - export: each Hugging Face tensor is built from one or more loom parameters (a fused
   query-key-value matrix from three).
 Tensors a checkpoint may carry that are not parameters (buffers, tied copies, heads loom does
@@ -31,7 +31,8 @@ def transpose(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-ImportRule = tuple[str, Callable[[torch.Tensor], torch.Tensor]]  # (HF key, HF tensor -> loom tensor)
+# (HF key or keys, HF tensor(s) -> loom tensor)
+ImportRule = tuple[str | list[str], Callable[..., torch.Tensor]]
 ExportRule = tuple[list[str], Callable[..., torch.Tensor]]  # (loom names, loom tensors -> HF tensor)
 
 
