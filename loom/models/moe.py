@@ -27,6 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def count_per_expert(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] (int64): bincount with a static output shape (fake tensors and
+    compilers can trace it)."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=expert.device).index_add_(
+        0, expert, torch.ones_like(expert))
+
+
 class _AddAuxLossGradient(torch.autograd.Function):
     """Identity on y; in backward also d(scale x aux)/d(aux) = scale, so that the auxiliary loss
     joins the gradients wherever y is used (Megatron's MoEAuxLossAutoScaler)."""
@@ -145,7 +152,7 @@ class MoE(nn.Module):
         # Rank every assignment within its expert by probability (ties: earlier token first).
         order = torch.argsort(-prob, stable=True)
         order = order[torch.argsort(expert[order], stable=True)]  # by expert, then probability
-        counts = torch.bincount(expert, minlength=self.n_experts)
+        counts = count_per_expert(expert, self.n_experts)
         starts = counts.cumsum(0) - counts
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device) - starts[expert[order]]
@@ -168,13 +175,13 @@ class MoE(nn.Module):
         expert, token, weight = self.route(logits)
         order = torch.argsort(expert, stable=True)  # assignments grouped by expert
         expert, token, weight = expert[order], token[order], weight[order]
-        counts = torch.bincount(expert, minlength=self.n_experts)
+        counts = count_per_expert(expert, self.n_experts)
         out = self.experts(flat[token], counts)  # [T, D]
         y = torch.zeros(flat.shape, dtype=torch.promote_types(out.dtype, torch.float32), device=x.device)
         y.index_add_(0, token, out * weight[:, None])
         self.last_counts = counts.detach()
         if self.training and (self.aux_loss_coeff > 0 or self.z_loss_coeff > 0):
-            all_counts = torch.bincount(logits.topk(self.top_k, dim=-1).indices.reshape(-1), minlength=self.n_experts)
+            all_counts = count_per_expert(logits.topk(self.top_k, dim=-1).indices.reshape(-1), self.n_experts)
             y = _AddAuxLossGradient.apply(y, self.aux_losses(logits, all_counts), self.aux_grad_scale)
         return y.to(x.dtype).view(b, l, d)
 

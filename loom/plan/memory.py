@@ -146,7 +146,8 @@ def activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     sp = tp if (tp > 1 and layout.sequence_parallel) else 1
     h, f = cfg.dim, cfg.ffn_dim
     hq, hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    mlp = (3 if cfg.gated else 2) * e * f / tp  # gated: both projections and their product
+    # gated: both projections and their product; a MoE token does it in each of its top-k experts
+    mlp = (3 if cfg.gated else 2) * e * f / tp * (cfg.moe_top_k if cfg.moe_experts else 1)
     full = (8 * h / sp + 2 * e * h + e * (hq + 2 * hk) / tp + e * hq / tp + 4 * cfg.n_heads / tp + mlp)
     if layout.recompute == "selective":
         return full - 2 * e * h - e * f / tp

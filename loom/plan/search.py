@@ -56,6 +56,11 @@ def check_inputs(cfg: ModelConfig, gpus: int, seq_len: int, global_batch: int, t
             fixed *= v
             if gpus % fixed:
                 raise PlanError(f"{flag}={v} does not divide --gpus={gpus} (with the other fixed degrees: {fixed})")
+    if cfg.moe_experts:
+        for flag, v in (("--tp", tp), ("--cp", cp)):
+            if v is not None and v > 1:
+                raise PlanError(f"{flag}={v}: loom's MoE layers do not run under tensor or context parallelism yet; "
+                                f"allowed: {flag}=1")
     if tp is not None:
         for key in ("n_heads", "n_kv_heads"):
             if getattr(cfg, key) % tp:
@@ -78,6 +83,8 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: 
     out = []
     tps = [tp] if tp else [d for d in _divisors(gpus) if cfg.n_kv_heads % d == 0 and cfg.n_heads % d == 0
                            and (spec.cores is not None or d <= spec.gpus_per_node)]
+    if cfg.moe_experts:  # MoE runs under FSDP and pipelines only, for now (see parallel/settings.py)
+        tps, cp = [1], 1
     for t in tps:
         cps = [cp] if cp else [d for d in _divisors(gpus // t) if d & (d - 1) == 0]
         for c in cps:
