@@ -40,16 +40,22 @@ def accumulates_unsharded_grads(zero: int, pp: int, pp_schedule: str) -> bool:
     return zero == 1 or (pp > 1 and pp_schedule == "zero-bubble")
 
 
+def holds_tied_ends(model: nn.Module) -> bool:
+    """Whether this model (or stage) holds both an embedding and the output layer tied to it:
+    one parameter in two places, which stays with the root unit (FSDP gathers a parameter in
+    one unit only)."""
+    return model.cfg.tie_embeddings and model.first_stage and model.last_stage
+
+
 def fsdp_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
     """The modules FSDP gathers as one, in forward order: the embeddings, blocks, [final norm,
-    masked-LM head, output] (whichever this pipeline stage holds). An output weight tied to the
-    embedding on the same stage is one parameter in two places: both ends then stay with the
-    root unit (FSDP gathers a parameter in one unit only)."""
+    masked-LM head, output] (whichever this pipeline stage holds); both ends stay with the root
+    where they share a tied weight (holds_tied_ends)."""
     from loom.parallel.pipeline import FIRST_STAGE_PARTS, LAST_STAGE_PARTS
 
     first = [m for m in (getattr(model, n) for n in FIRST_STAGE_PARTS) if m is not None]
     last = [m for m in (getattr(model, n) for n in LAST_STAGE_PARTS) if m is not None]
-    tied_here = model.cfg.tie_embeddings and model.first_stage and model.last_stage
+    tied_here = holds_tied_ends(model)
     units: list = [first] if first and not tied_here else []
     units += list(model.layers.values())
     if last and not tied_here:
@@ -76,8 +82,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dty
         fully_shard(unit, mesh=fsdp_mesh, mp_policy=_policy_of(unit, model, policy),
                     reshard_after_forward=reshard and i < len(units) - 1)
     # A root that holds a tied embedding (see fsdp_units) gathers it in fp32, like the embedding unit.
-    tied_root = model.cfg.tie_embeddings and model.first_stage and model.last_stage
-    root_policy = _policy_of([model.tok_embeddings], model, policy) if tied_root else policy
+    root_policy = _policy_of([model.tok_embeddings], model, policy) if holds_tied_ends(model) else policy
     fully_shard(model, mesh=fsdp_mesh, mp_policy=root_policy, reshard_after_forward=reshard)
     return model
 

@@ -13,6 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from loom.parallel.init import local_shard
+
 SCHEDULES = {
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
@@ -85,7 +87,7 @@ def sum_tied_grads(modules: list[nn.Module], n_stages: int, pp_group) -> None:
         return
     pp = dist.get_world_size(pp_group)
     param = first.tok_embeddings.weight if first is not None else last.output.weight
-    grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+    grad = local_shard(param.grad)
     if first is not None:
         dist.send(grad.contiguous(), group=pp_group, group_dst=pp - 1)
         dist.recv(grad, group=pp_group, group_src=pp - 1)

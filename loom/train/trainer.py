@@ -189,6 +189,7 @@ class Trainer:
         # summary says which run and, where loom's cannot, why.
         self.kernels = convert_model(self.model, t.kernels, self.device)
         self.pp = self.mesh is not None and self.dims.pp > 1
+        n_micro = t.global_batch // self.dims.dp // t.micro_batch
         self.cp = self.dims.cp if self.mesh is not None else 1
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
@@ -198,7 +199,6 @@ class Trainer:
 
             self.model = torch.nn.ModuleList(modules)  # what the optimizer and clipping see
             self.n_stages = self.dims.pp * p.pp_virtual_stages
-            n_micro = t.global_batch // self.dims.dp // t.micro_batch
             reduce_each = self.fsdp and not accumulates_unsharded_grads(p.zero, self.dims.pp, p.pp_schedule)
             self.pp_schedule = build_schedule(modules, self.stage_ids, self.n_stages, self.mesh["pp"].get_group(),
                                               self.device, p.pp_schedule, n_micro, _stage_loss,
@@ -212,7 +212,6 @@ class Trainer:
         # A micro-batch's auxiliary MoE losses weigh what its main loss weighs in the step's
         # gradients: 1 / micro-batches, except under pipeline schedules, which divide every
         # gradient by the micro-batches themselves.
-        n_micro = t.global_batch // self.dims.dp // t.micro_batch
         for layer in self.moe_layers:
             layer.aux_grad_scale = 1.0 if self.pp else 1.0 / n_micro
 
