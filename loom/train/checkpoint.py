@@ -40,17 +40,21 @@ def _checkpoint_names(part: nn.Module) -> dict[str, str]:
 
 
 def _renamed(d: dict, names: dict[str, str], optimizer: bool = False) -> dict:
+    """d with its keys renamed by `names` (parameter name -> name in the checkpoint): model
+    entries are parameter names, flattened optimizer entries 'state.<parameter name>.<state>'."""
     if not names:
         return d
-    out = {}
-    for k, v in d.items():
+
+    def rename(key: str) -> str:
+        if not optimizer:
+            return names.get(key, key)
         for own, saved in names.items():
-            prefix = f"state.{own}." if optimizer else None
-            if (optimizer and k.startswith(prefix)) or k == own:
-                k = f"state.{saved}.{k[len(prefix):]}" if optimizer else saved
-                break
-        out[k] = v
-    return out
+            prefix = f"state.{own}."
+            if key.startswith(prefix):
+                return f"state.{saved}.{key[len(prefix):]}"
+        return key
+
+    return {rename(k): v for k, v in d.items()}
 
 
 def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
