@@ -440,7 +440,7 @@ def test_hugging_face_import_of_bf16_weights_and_refusals(tmp_path, capsys):
     load_model_weights(path, ours)
     hf_params = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
-        assert p.dtype == torch.float32 and torch.equal(p, hf_params[hf_param_name(name)].float()), name
+        assert p.dtype == torch.float32 and torch.equal(p, hf_params[hf_param_name(name, cfg)].float()), name
 
     (tmp_path / "pickled").mkdir()
     torch.save({}, tmp_path / "pickled" / "pytorch_model.bin")

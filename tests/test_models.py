@@ -183,7 +183,7 @@ def test_matches_transformers_llama(micro_cfg):
     hf_params = dict(hf.named_parameters())
     with torch.no_grad():
         for n, p in ours.named_parameters():
-            hf_params[hf_param_name(n)].copy_(p)
+            hf_params[hf_param_name(n, cfg)].copy_(p)
     assert len(hf_params) == len(list(ours.parameters()))
     tokens = torch.randint(0, 97, (2, 40))
     with torch.no_grad():

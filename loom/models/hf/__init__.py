@@ -4,8 +4,6 @@
 of a loom model config."""
 from __future__ import annotations
 
-import dataclasses
-
 from loom.models.hf.base import HFAdapter, HFFormatError
 from loom.models.hf.bert import BertAdapter
 from loom.models.hf.gpt2 import GPT2Adapter
@@ -33,14 +31,8 @@ def adapter_for(cfg: ModelConfig) -> HFAdapter:
     raise HFFormatError(f"model family {cfg.family!r} has no Hugging Face architecture in loom")
 
 
-def hf_param_name(name: str, cfg: ModelConfig | None = None) -> str:
-    """A loom parameter's Hugging Face key, for one-to-one families (Llama by default)."""
-    from loom.models.registry import MODELS
-
-    cfg = cfg or MODELS["tiny"]
-    if name.startswith("layers."):
-        layer = int(name.split(".")[1])
-        cfg = dataclasses.replace(cfg, n_layers=max(cfg.n_layers, layer + 1))
+def hf_param_name(name: str, cfg: ModelConfig) -> str:
+    """A loom parameter's Hugging Face key, for the one-to-one families (Llama, Nemotron, BERT)."""
     return adapter_for(cfg).names(cfg)[name]
 
 

@@ -50,27 +50,33 @@ def rope_from_hf(hf: dict, source: str) -> tuple[float, RopeScaling | None]:
         original_max_seq_len=int(rope["original_max_position_embeddings"]))
 
 
+def decoder_fields(hf: dict, source: str) -> dict:
+    """The ModelConfig fields every decoder's config.json (Llama, Nemotron, Mixtral) gives
+    alike: shape, head dimension, RoPE, context length and tying."""
+    need_ints(hf, source, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "vocab_size")
+    dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or dim // heads
+    theta, scaling = rope_from_hf(hf, source)
+    return dict(
+        dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"], rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        kv_channels=None if head_dim * heads == dim else head_dim,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
 class LlamaAdapter(HFAdapter):
     model_type, architecture, family = "llama", "LlamaForCausalLM", "llama"
     ignored = ("rotary_emb.inv_freq",)
 
     def config_from_hf(self, hf: dict, source: str) -> ModelConfig:
-        need_ints(hf, source, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "vocab_size")
         need(not hf.get("attention_bias", False), source, "attention_bias=true; loom's Llama has no biases")
         need(not hf.get("mlp_bias", False), source, "mlp_bias=true; loom's Llama has no biases")
         need(hf.get("hidden_act", "silu") == "silu", source, f"hidden_act={hf.get('hidden_act')!r}; allowed: 'silu'")
-        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or dim // heads
-        theta, scaling = rope_from_hf(hf, source)
-        return ModelConfig(
-            dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=theta,
-            rope_scaling=scaling, max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-            kv_channels=None if head_dim * heads == dim else head_dim,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
+        return ModelConfig(**decoder_fields(hf, source), norm_eps=float(hf.get("rms_norm_eps", 1e-5)))
 
     def hf_config(self, cfg: ModelConfig, dtype: str) -> dict:
         """config.json in the form the published Llama checkpoints use (top-level rope_theta and

@@ -8,6 +8,8 @@ top_k; loom's (Megatron's) loss is that divided by top_k, so the coefficient is 
 top_k on import and divided on export."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from loom.models.hf.base import ExportRule, ImportRule, identity
@@ -33,11 +35,11 @@ class MixtralAdapter(LlamaAdapter):
     model_type, architecture, family = "mixtral", "MixtralForCausalLM", "mixtral"
 
     def config_from_hf(self, hf: dict, source: str) -> ModelConfig:
-        base = super().config_from_hf({**hf, "model_type": "llama"}, source)
         top_k = int(hf.get("num_experts_per_tok", 2))
-        return ModelConfig(**{**base.__dict__, "family": "mixtral", "moe_experts": int(hf.get("num_local_experts", 8)),
-                              "moe_top_k": top_k,
-                              "moe_aux_loss_coeff": float(hf.get("router_aux_loss_coef", MIXTRAL["moe_aux_loss_coeff"] / 2)) * top_k})
+        return dataclasses.replace(
+            super().config_from_hf(hf, source), family="mixtral", moe_experts=int(hf.get("num_local_experts", 8)),
+            moe_top_k=top_k,
+            moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", MIXTRAL["moe_aux_loss_coeff"] / 2)) * top_k)
 
     def hf_config(self, cfg: ModelConfig, dtype: str) -> dict:
         out = super().hf_config(cfg, dtype)

@@ -3,8 +3,8 @@ loom does), squared-ReLU MLP without gate (up_proj, down_proj), RoPE on partial_
 each head (the same (i, i + R/2) pairs), untied, no biases."""
 from __future__ import annotations
 
-from loom.models.hf.base import HFAdapter, need, need_ints
-from loom.models.hf.llama import decoder_names, rope_from_hf
+from loom.models.hf.base import HFAdapter, need
+from loom.models.hf.llama import decoder_fields, decoder_names
 from loom.models.registry import NEMOTRON
 from loom.models.transformer import ModelConfig
 
@@ -21,25 +21,14 @@ class NemotronAdapter(HFAdapter):
     ignored = ("rotary_emb.inv_freq",)
 
     def config_from_hf(self, hf: dict, source: str) -> ModelConfig:
-        need_ints(hf, source, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "vocab_size")
         need(hf.get("hidden_act", "relu2") == "relu2", source, f"hidden_act={hf.get('hidden_act')!r}; allowed: 'relu2'")
         need(not hf.get("attention_bias", False) and not hf.get("mlp_bias", False), source,
              "attention_bias/mlp_bias=true; loom's Nemotron has no biases")
-        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or dim // heads
-        theta, scaling = rope_from_hf(hf, source)
         rope = hf.get("rope_parameters") or {}
         fraction = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
-        return ModelConfig(
-            dim=dim, n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
-            **{**NEMOTRON, "vocab_size": hf["vocab_size"], "max_seq_len": int(hf.get("max_position_embeddings", 4096)),
-               "rope_theta": theta, "rotary_fraction": float(fraction), "init_std": float(hf.get("initializer_range", 0.01)),
-               "tie_embeddings": bool(hf.get("tie_word_embeddings", False))},
-            norm_eps=float(hf.get("norm_eps", 1e-5)), rope_scaling=scaling,
-            kv_channels=None if head_dim * heads == dim else head_dim,
-        )
+        return ModelConfig(**{**NEMOTRON, **decoder_fields(hf, source), "rotary_fraction": float(fraction),
+                              "init_std": float(hf.get("initializer_range", 0.01)),
+                              "norm_eps": float(hf.get("norm_eps", 1e-5))})
 
     def hf_config(self, cfg: ModelConfig, dtype: str) -> dict:
         return {
