@@ -186,9 +186,6 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-_did_you_mean = did_you_mean
-
-
 def _field_types(section_cls: type) -> dict[str, object]:
     return typing.get_type_hints(section_cls)
 
@@ -249,7 +246,7 @@ def _split_override(arg: str) -> tuple[str, str, str]:
 def _check_section(section: str, origin: str) -> type:
     if section not in SECTIONS:
         raise ConfigError(
-            f"unknown section [{section}] in {origin}{_did_you_mean(section, SECTIONS)}; "
+            f"unknown section [{section}] in {origin}{did_you_mean(section, SECTIONS)}; "
             f"allowed: {', '.join(SECTIONS)}"
         )
     return SECTIONS[section]
@@ -259,7 +256,7 @@ def _check_key(section: str, key: str, origin: str) -> object:
     types_ = _field_types(SECTIONS[section])
     if key not in types_:
         raise ConfigError(
-            f"unknown key {section}.{key} in {origin}{_did_you_mean(key, types_)}; "
+            f"unknown key {section}.{key} in {origin}{did_you_mean(key, types_)}; "
             f"allowed: {', '.join(types_)}"
         )
     return types_[key]

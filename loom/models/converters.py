@@ -35,7 +35,9 @@ def resolve_kernels(choice: str, device: torch.device) -> tuple[bool, str]:
         return False, "PyTorch ops (train.kernels='torch')"
     why_not = loom_kernels_unavailable(device)
     if why_not is None:
-        return True, "loom AVX-512 CPU kernels (attention, loss, RMSNorm, SwiGLU, RoPE)"
+        from loom.kernels import library
+
+        return True, library.status()
     if choice == "loom":
         raise RuntimeError(f"train.kernels='loom' but loom's kernels cannot run here: {why_not}; "
                            f"allowed here: 'auto', 'torch'")
