@@ -133,18 +133,20 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_aux: tuple[float, float] | None = None
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """logits [N, E] fp32 -> (expert [T], token [T], weight [T] fp32) of the kept
-        assignments, T <= N x k: top-k experts per token, weights the softmax over the k."""
+        assignments, T <= N x k: top-k experts per token, weights the softmax over the k; and
+        the assignments per expert before any are dropped [E] (what the aux loss counts)."""
         n = logits.shape[0]
         top_logits, top_experts = logits.topk(self.top_k, dim=-1)  # [N, k]
         weights = top_logits.softmax(dim=-1)
         expert, weight = top_experts.reshape(-1), weights.reshape(-1)
         token = torch.arange(n, device=logits.device).repeat_interleave(self.top_k)
+        chosen = count_per_expert(expert, self.n_experts)
         if self.capacity_factor is not None:
             keep = self._within_capacity(expert, logits.softmax(dim=-1)[token, expert], n)
             expert, token, weight = expert[keep], token[keep], weight[keep]
-        return expert, token, weight
+        return expert, token, weight, chosen
 
     def _within_capacity(self, expert: torch.Tensor, prob: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """Which assignments each expert keeps: its `capacity` most probable ones."""
@@ -172,7 +174,7 @@ class MoE(nn.Module):
         b, l, d = x.shape
         flat = x.reshape(-1, d)
         logits = self.router(flat)  # [N, E] fp32
-        expert, token, weight = self.route(logits)
+        expert, token, weight, chosen = self.route(logits)
         order = torch.argsort(expert, stable=True)  # assignments grouped by expert
         expert, token, weight = expert[order], token[order], weight[order]
         counts = count_per_expert(expert, self.n_experts)
@@ -181,8 +183,7 @@ class MoE(nn.Module):
         y.index_add_(0, token, out * weight[:, None])
         self.last_counts = counts.detach()
         if self.training and (self.aux_loss_coeff > 0 or self.z_loss_coeff > 0):
-            all_counts = count_per_expert(logits.topk(self.top_k, dim=-1).indices.reshape(-1), self.n_experts)
-            y = _AddAuxLossGradient.apply(y, self.aux_losses(logits, all_counts), self.aux_grad_scale)
+            y = _AddAuxLossGradient.apply(y, self.aux_losses(logits, chosen), self.aux_grad_scale)
         return y.to(x.dtype).view(b, l, d)
 
     def extra_repr(self) -> str:
