@@ -35,6 +35,14 @@ class Batch:
     documents: torch.Tensor | None = None
 
 
+def dataset_mask_token(path: str | Path) -> int | None:
+    """The [MASK] id of the tokenizer a prepared dataset keeps (tokenizer.json), or None."""
+    from loom.data.mlm import mask_token_id
+
+    tokenizer = Path(path) / "tokenizer.json"
+    return mask_token_id(tokenizer) if tokenizer.is_file() else None
+
+
 def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
@@ -72,10 +80,7 @@ class TokenDataset:
 
     def mask_token(self) -> int | None:
         """The [MASK] id of this dataset's tokenizer (masked-LM pretraining), or None."""
-        from loom.data.mlm import mask_token_id
-
-        path = self.path / "tokenizer.json"
-        return mask_token_id(path) if path.is_file() else None
+        return dataset_mask_token(self.path)
 
     def batch(self, indices: np.ndarray, documents: bool = False, masking=None) -> Batch:
         """The sequences `indices` as a Batch; with documents=True, which document each input
@@ -163,9 +168,8 @@ def check_data_files(d, seq_len: int, model, model_name: str) -> None:
     need(model.vocab_size >= vocab,
          f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of data.path={d.path!r}")
     if not model.causal and d.path != BUILTIN_STDLIB:  # the builtin tokenizer has [MASK]
-        from loom.data.mlm import MASK_TOKEN, mask_token_id
+        from loom.data.mlm import MASK_TOKEN
 
-        tok = Path(d.path) / "tokenizer.json"
-        need(tok.is_file() and mask_token_id(tok) is not None,
+        need(dataset_mask_token(d.path) is not None,
              f"data.path={d.path!r}: its tokenizer has no {MASK_TOKEN} token, which masked-LM training of "
              f"model.name={model_name!r} needs; allowed: a dataset whose tokenizer has {MASK_TOKEN}")

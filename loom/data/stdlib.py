@@ -9,6 +9,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from loom.data.mlm import MASK_TOKEN
 from loom.data.prepare import write_dataset
 from loom.locks import exclusive_lock
 from loom.metrics.meter import cache_dir
@@ -16,7 +17,6 @@ from loom.metrics.meter import cache_dir
 BUILTIN_VOCAB_SIZE = 8192
 VAL_FRACTION = 0.02
 EOS = "<|endoftext|>"
-MASK = "[MASK]"  # masked-LM pretraining (BERT) replaces chosen tokens by it
 # Test suites and bundled tools are skipped: they are large, repetitive and full of odd strings.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
 
@@ -45,7 +45,7 @@ def train_bpe(texts: list[str], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, MASK],
+        special_tokens=[EOS, MASK_TOKEN],  # [MASK]: masked-LM pretraining (BERT)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -126,10 +126,10 @@ def upstream_scaled_grads(ctx, grad_loss: torch.Tensor) -> tuple:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, compute_dtype, softmax_ce, divisor):
+    def forward(ctx, hidden, weight, bias, labels, compute_dtype, softmax_ce, loss_tokens):
         # Gradients are of the mean loss from the start, so that backward has nothing left to
         # do for the usual upstream gradient of 1 (no pass over a [V, D] gradient).
-        grad_scale = 1.0 / loss_divisor(labels, divisor)
+        grad_scale = 1.0 / loss_divisor(labels, loss_tokens)
         want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
 
