@@ -56,6 +56,8 @@ class _RMSNormKernelFn(torch.autograd.Function):
 class LoomRMSNorm(RMSNorm):
     """RMSNorm in one fused pass each way for fp32 CPU tensors."""
 
+    kernel_name = "RMSNorm"  # in the summary's kernel line
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.rms_norm_supports(x, self.weight):
             return _RMSNormKernelFn.apply(x, self.weight, self.eps)
@@ -76,6 +78,8 @@ class _SwiGLUKernelFn(torch.autograd.Function):
 
 
 class LoomSwiGLU(SwiGLU):
+    kernel_name = "SwiGLU"  # in the summary's kernel line
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.swiglu_supports(a, b):
             return _SwiGLUKernelFn.apply(a, b)
@@ -97,6 +101,8 @@ class _RotateKernelFn(torch.autograd.Function):
 
 
 class LoomRotary(Rotary):
+    kernel_name = "RoPE"  # in the summary's kernel line
+
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.rope_supports(x, cos, sin):
             return _RotateKernelFn.apply(x, cos, sin)
@@ -112,19 +118,17 @@ def loom_softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, grad
 
 
 class LoomOutputLayer(OutputLayer):
+    kernel_name = "loss"  # in the summary's kernel line
     softmax_cross_entropy = staticmethod(loom_softmax_cross_entropy_)
 
 
 # plain part -> its kernel-backed form (the converter swaps modules of exactly these types)
 SWAPS: dict[type, type] = {
+    OutputLayer: LoomOutputLayer,
     RMSNorm: LoomRMSNorm,
     SwiGLU: LoomSwiGLU,
     Rotary: LoomRotary,
-    OutputLayer: LoomOutputLayer,
 }
-
-
-KERNEL_NAMES: dict[type, str] = {OutputLayer: "loss", RMSNorm: "RMSNorm", SwiGLU: "SwiGLU", Rotary: "RoPE"}
 
 
 def as_kernel_module(module: nn.Module) -> nn.Module:

@@ -50,19 +50,19 @@ def install_cpu_kernels(model: nn.Module) -> list[str]:
     """Swap the model's plain parts for loom's kernel-backed ones, in place; returns which
     kernels the model now runs (attention, loss, RMSNorm, SwiGLU, RoPE: those its family has).
     Parameters (and their names) are unchanged."""
-    from loom.kernels.modules import KERNEL_NAMES, LOOM_CPU_ATTENTION, SWAPS, as_kernel_module
+    from loom.kernels.modules import LOOM_CPU_ATTENTION, SWAPS, as_kernel_module
     from loom.models.attention import CoreAttention
 
     installed = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in SWAPS:
-                installed.add(KERNEL_NAMES[type(child)])
+                installed.add(SWAPS[type(child)].kernel_name)
                 setattr(parent, name, as_kernel_module(child))
             elif isinstance(child, CoreAttention):
                 child.kernel = LOOM_CPU_ATTENTION
                 installed.add("attention")
-    order = ["attention", *KERNEL_NAMES.values()]
+    order = ["attention", *(kernel.kernel_name for kernel in SWAPS.values())]
     return sorted(installed, key=order.index)
 
 
