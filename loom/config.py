@@ -87,8 +87,9 @@ class ParallelSection:
     # gradients every micro-batch; 1 keeps both whole through a step (Megatron's distributed
     # optimizer). See loom/parallel/fsdp.py.
     zero: int = 3
-
-
+    # Expert parallelism: MoE experts split over ep ranks borrowed from dp_shard x cp (see
+    # loom/parallel/expert.py); 1 keeps every expert on every rank (FSDP-sharded).
+    ep: int = 1
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ router logits. Plain single-device PyTorch, like the rest of loom.models.
 
 Shapes: N tokens (B x L flattened), D model dim, F expert hidden dim, E experts, k top_k,
 T = N x k token-expert assignments.
+
+Two seams let loom.parallel.expert lay this layer out without this file knowing how: the
+experts module (swapped for one that sends each token to the rank holding its expert), and
+`routing`, the group of ranks whose tokens the statistics cover (by default this rank's
+micro-batch; under context or sequence parallelism the ranks holding parts of the same
+sequences, so the aux losses and the capacity are those of one process).
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loom.models.loss import compute_dtype_of
 
 
 def count_per_expert(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -89,16 +97,19 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [T, D] sorted by expert, counts [E] -> [T, D]."""
-        dtype = _compute_dtype(x)
+        return self.compute(x, counts, *self.weights())
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) as the GEMMs use them."""
+        return self.w1, self.w3, self.w2
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor, w1, w3, w2) -> torch.Tensor:
+        """x [T, D] sorted by expert, counts [e], weights of those e experts -> [T, D]."""
+        dtype = compute_dtype_of(x)
         x = _ContiguousGrad.apply(x.to(dtype))
-        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (w.to(dtype) for w in (w1, w3, w2))
         h = F.silu(grouped_matmul(x, w1, counts, self.grouped)) * grouped_matmul(x, w3, counts, self.grouped)
         return grouped_matmul(_ContiguousGrad.apply(h), w2, counts, self.grouped)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class Router(nn.Module):
@@ -109,7 +120,34 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, D] -> logits [N, E] in fp32."""
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.gate.weight.float())
+            return F.linear(x.float(), self.weight().float())
+
+    def weight(self) -> torch.Tensor:
+        """The gate [E, D] as the router uses it."""
+        return self.gate.weight
+
+
+class RoutingGroup:
+    """The ranks whose tokens one routing decision covers: here this rank alone. The parallel
+    code swaps in a group of the ranks holding parts of the same sequences (context and
+    sequence parallelism) whose methods combine over them."""
+
+    size = 1  # ranks sharing the micro-batch's sequences
+    # What this rank's share of the aux losses is multiplied by, so that the layout's reduction
+    # of gradients over these ranks (a mean over context-parallel ranks) gives their sum.
+    loss_scale = 1.0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the ranks (no gradient)."""
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """t [n, ...] of every rank, concatenated in rank order [size x n, ...] (no gradient)."""
+        return t
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a gathered tensor."""
+        return t
 
 
 class MoE(nn.Module):
@@ -126,6 +164,7 @@ class MoE(nn.Module):
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.router = Router(dim, n_experts)
         self.experts = GroupedExperts(n_experts, dim, hidden)
+        self.routing = RoutingGroup()
         # What one unit of the auxiliary losses weighs in the gradients: the share of the step's
         # loss one micro-batch has (set by the trainer: 1 / micro-batches, or 1 under pipeline
         # schedules, which scale every gradient themselves).
@@ -144,12 +183,15 @@ class MoE(nn.Module):
         token = torch.arange(n, device=logits.device).repeat_interleave(self.top_k)
         chosen = count_per_expert(expert, self.n_experts)
         if self.capacity_factor is not None:
-            keep = self._within_capacity(expert, logits.softmax(dim=-1)[token, expert], n)
+            prob = logits.softmax(dim=-1)[token, expert].detach()
+            g = self.routing  # the ranking covers the whole micro-batch, over sequence shards too
+            keep = g.own(self._within_capacity(g.gather(expert), g.gather(prob), n * g.size))
             expert, token, weight = expert[keep], token[keep], weight[keep]
         return expert, token, weight, chosen
 
     def _within_capacity(self, expert: torch.Tensor, prob: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Which assignments each expert keeps: its `capacity` most probable ones."""
+        """Which assignments each expert keeps: its `capacity` most probable ones (ties: the
+        earlier assignment, in rank order under sequence sharding)."""
         capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
         # Rank every assignment within its expert by probability (ties: earlier token first).
         order = torch.argsort(-prob, stable=True)
@@ -162,13 +204,18 @@ class MoE(nn.Module):
 
     def aux_losses(self, logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """coeff x load balancing + coeff x z-loss (fp32 scalar) of logits [N, E] and the
-        assignments per expert [E] (before dropping, as Megatron counts them)."""
-        n = logits.shape[0]
+        assignments per expert [E] (before dropping, as Megatron counts them).
+
+        Under sequence sharding each rank returns its share: the sums over its own tokens, with
+        the counts and token total of the whole micro-batch, so that the shares add up to one
+        process's losses (times routing.loss_scale, which the layout's mean undoes)."""
+        g = self.routing
+        n = logits.shape[0] * g.size
         probs = logits.softmax(dim=-1)
-        balance = (counts.float() * probs.sum(0)).sum() * self.n_experts / (self.top_k * n * n)
-        z = torch.logsumexp(logits, dim=-1).square().mean()
+        balance = (g.sum(counts).float() * probs.sum(0)).sum() * self.n_experts / (self.top_k * n * n)
+        z = torch.logsumexp(logits, dim=-1).square().sum() / n
         self.last_aux = (balance.detach(), z.detach())
-        return self.aux_loss_coeff * balance + self.z_loss_coeff * z
+        return g.loss_scale * (self.aux_loss_coeff * balance + self.z_loss_coeff * z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, l, d = x.shape

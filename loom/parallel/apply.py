@@ -1,6 +1,6 @@
 """Apply a layout to a model built on the meta device, in loom's fixed order: pipeline split,
-then context parallelism, tensor parallelism, recomputation, and FSDP on each stage; then
-allocate this rank's shards and initialize them.
+then context parallelism, tensor parallelism, the MoE layers' layout (expert parallelism),
+recomputation, and FSDP on each stage; then allocate this rank's shards and initialize them.
 
 Nothing here allocates a whole parameter: the split and the sharding happen on meta, and
 `materialize` allocates and initializes only the local shards (loom.parallel.init), with the
@@ -13,6 +13,7 @@ from torch import nn
 
 from loom.parallel.context import apply_context_parallel
 from loom.parallel.dims import LayoutMesh, ParallelDims
+from loom.parallel.expert import apply_expert_parallel
 from loom.parallel.fsdp import apply_fsdp
 from loom.metrics.memory import LiveTensorBytes
 from loom.parallel.init import init_local_shards, local_shard_bytes
@@ -39,6 +40,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
             apply_context_parallel(module, mesh["cp"], parallel.cp_comm, parallel.cp_load_balance)
         if mesh is not None and dims.tp > 1:
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
+        if mesh is not None:
+            apply_expert_parallel(module, dims, mesh, parallel.sequence_parallel)
         apply_recompute(list(module.layers.values()), recompute)
         if mesh is not None and dims.dp * dims.cp > 1:
             apply_fsdp(module, dims, mesh, param_dtype, parallel.zero)

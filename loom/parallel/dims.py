@@ -7,6 +7,13 @@ Flattened axes:
     dp_shard_cp = (dp_shard, cp)             FSDP shards parameters over these
     dp_cp       = (dp_replicate, dp_shard, cp)  ranks whose gradients and losses are averaged
     hsdp        = 2-D (dp_replicate, dp_shard_cp)  FSDP's mesh: replicate outer, shard inner
+    cp_tp       = (cp, tp)                   ranks that share the same sequences (MoE routing
+                                             statistics under CP and sequence parallelism)
+Expert parallelism borrows its ranks from dp_shard_cp (Megatron-Core's "parallel folding"), so
+it adds no world size: dp_shard_cp is cut into (expert_fsdp, ep), ep innermost, and
+    ep          = experts are split over these ranks; tokens travel between them
+    expert_fsdp = the expert shards' FSDP mesh (dp_shard_cp / ep ranks), expert_hsdp with
+                  dp_replicate as its outer dimension
 """
 from __future__ import annotations
 
@@ -28,13 +35,15 @@ class ParallelDims:
     dp_shard: int
     cp: int
     tp: int
+    ep: int = 1  # not a mesh axis of its own: borrowed from dp_shard x cp
 
     @classmethod
     def resolve(cls, pp: int, dp_replicate: int, dp_shard: int, cp: int, tp: int,
-                world_size: int | None) -> "ParallelDims":
+                world_size: int | None, ep: int = 1) -> "ParallelDims":
         """Fill dp_shard=-1 with what the world size leaves (1 when the world size is unknown)
         and check that the degrees multiply to the world size."""
         others = pp * dp_replicate * cp * tp
+        fill = dp_shard == -1 and world_size is None  # dp_shard unknown: ep is checked at launch
         if dp_shard == -1:
             if world_size is None:
                 dp_shard = 1
@@ -45,11 +54,16 @@ class ParallelDims:
                 )
             else:
                 dp_shard = world_size // others
-        dims = cls(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp)
+        dims = cls(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp, ep=ep)
         if world_size is not None and dims.world_size != world_size:
             raise LayoutError(
                 f"the layout pp={pp} x dp_replicate={dp_replicate} x dp_shard={dp_shard} x cp={cp} x tp={tp} "
                 f"needs {dims.world_size} ranks, but the world size is {world_size}"
+            )
+        if not fill and (dp_shard * cp) % ep:
+            raise LayoutError(
+                f"parallel.ep={ep} does not divide parallel.dp_shard x cp = {dp_shard} x {cp} = {dp_shard * cp} "
+                f"(experts are split over ranks borrowed from dp_shard x cp); allowed: a divisor of {dp_shard * cp}"
             )
         return dims
 
@@ -57,7 +71,7 @@ class ParallelDims:
     def from_section(cls, parallel, world_size: int | None) -> "ParallelDims":
         """`resolve` with the degrees of a config's [parallel] section."""
         p = parallel
-        return cls.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size)
+        return cls.resolve(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size, p.ep)
 
     @property
     def world_size(self) -> int:
@@ -68,8 +82,14 @@ class ParallelDims:
         """Ranks that read different data."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def expert_fsdp(self) -> int:
+        """Ranks over which FSDP shards each expert shard (the rest of dp_shard x cp)."""
+        return self.dp_shard * self.cp // self.ep
+
     def degrees(self) -> dict[str, int]:
-        return {axis: getattr(self, axis) for axis in MESH_AXES}
+        """The mesh axes' degrees, and ep."""
+        return {**{axis: getattr(self, axis) for axis in MESH_AXES}, "ep": self.ep}
 
     def build_mesh(self, device_type: str) -> "LayoutMesh":
         """One DeviceMesh with every axis named, plus the flattened axes of the module docstring."""
@@ -89,6 +109,13 @@ class ParallelDims:
         flat["hsdp"] = flat["dp_cp"]._unflatten(
             0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp")
         )
+        if self.cp > 1 and self.tp > 1:
+            flat["cp_tp"] = root["cp", "tp"]._flatten("cp_tp")
+        if self.ep > 1:
+            experts = flat["dp_cp"]._unflatten(
+                0, (self.dp_replicate, self.expert_fsdp, self.ep), ("dp_replicate", "expert_fsdp", "ep"))
+            flat["ep"], flat["expert_fsdp"] = experts["ep"], experts["expert_fsdp"]
+            flat["expert_hsdp"] = experts["dp_replicate", "expert_fsdp"]
         return LayoutMesh(root, flat)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from loom.parallel.dims import LayoutMesh, ParallelDims
+from loom.parallel.expert import expert_modules
 
 ZERO_MODES = (3, 1)
 
@@ -77,6 +78,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dty
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     units = fsdp_units(model)
     reshard = not keeps_units_gathered(zero, dims.pp)
+    if dims.ep > 1:
+        _shard_experts(model, dims, mesh, policy, reshard)
     for i, unit in enumerate(units):
         # The last unit's parameters are the first needed in backward: never freed in between.
         fully_shard(unit, mesh=fsdp_mesh, mp_policy=_policy_of(unit, model, policy),
@@ -85,6 +88,23 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dty
     root_policy = _policy_of([model.tok_embeddings], model, policy) if holds_tied_ends(model) else policy
     fully_shard(model, mesh=fsdp_mesh, mp_policy=root_policy, reshard_after_forward=reshard)
     return model
+
+
+def _shard_experts(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, policy: MixedPrecisionPolicy,
+                   reshard: bool) -> None:
+    """Expert-parallel experts (each rank's E/ep experts) are units of their own, sharded over the
+    rest of dp_shard x cp (expert_fsdp). Their gradient sums the tokens of the whole ep group, so
+    FSDP divides it by dp x cp, the ranks every other gradient is averaged over."""
+    expert_mesh = mesh["expert_hsdp"] if dims.dp_replicate > 1 else mesh["expert_fsdp"]
+    last_block = list(model.layers.values())[-1] if len(model.layers) else None
+    for experts in expert_modules(model):
+        in_last = last_block is not None and any(m is experts for m in last_block.modules())
+        fully_shard(experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard and not in_last)
+        experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
+        # gloo has no pre-multiplied sum: sum, then divide. (Not over one rank, where torch 2.13
+        # divides in its copy and again after: twice.)
+        if expert_mesh.device_type == "cpu" and dims.expert_fsdp > 1:
+            experts.set_force_sum_reduction_for_comms(True)
 
 
 def _policy_of(unit, model: nn.Module, policy: MixedPrecisionPolicy) -> MixedPrecisionPolicy:

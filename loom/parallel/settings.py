@@ -15,7 +15,7 @@ from loom.settings import need, one_of
 def check_parallel(p, model: ModelConfig, t, world_size: int | None) -> ParallelDims:
     """p: the [parallel] section; t: [train] (batch sizes and sequence length meet the layout).
     Returns the resolved degrees."""
-    for key in ("dp_replicate", "tp", "cp", "pp", "pp_virtual_stages"):
+    for key in ("dp_replicate", "tp", "cp", "pp", "pp_virtual_stages", "ep"):
         v = getattr(p, key)
         need(v >= 1, f"parallel.{key}={v} must be a positive integer")
     need(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be -1 (fill) or a positive integer")
@@ -30,11 +30,12 @@ def check_parallel(p, model: ModelConfig, t, world_size: int | None) -> Parallel
 
 
 def _check_model_split(p, model: ModelConfig) -> None:
-    if model.moe_experts:
-        for key in ("tp", "cp"):
-            need(getattr(p, key) == 1,
-                 f"parallel.{key}={getattr(p, key)} with moe.n_experts={model.moe_experts}: loom's MoE layers do not "
-                 f"run under tensor or context parallelism yet; allowed: parallel.{key}=1 (FSDP and pipeline layouts)")
+    if p.ep > 1:
+        need(model.moe_experts > 0, f"parallel.ep={p.ep} needs a mixture-of-experts model (moe.n_experts > 0); "
+                                    f"model {model.family!r} is dense: allowed parallel.ep=1")
+        need(model.moe_experts % p.ep == 0,
+             f"parallel.ep={p.ep} does not divide moe.n_experts={model.moe_experts} (each expert-parallel rank "
+             f"holds n_experts / ep experts)")
     need(model.n_kv_heads % p.tp == 0, f"parallel.tp={p.tp} does not divide model.n_kv_heads={model.n_kv_heads}")
     if p.tp > 1:
         for key in ("vocab_size", "ffn_dim"):

@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from loom.models.moe import MoE
 from loom.parallel.vocab_parallel import apply_vocab_parallel_embedding, apply_vocab_parallel_output
 
 
@@ -48,12 +49,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=stream),
-            "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
         }
-        if block.feed_forward.w3 is not None:
-            plan["feed_forward.w3"] = ColwiseParallel()
+        # A MoE layer is not tensor-parallel: it routes the stream's local tokens (see
+        # loom.parallel.expert); a dense MLP is column- then row-parallel.
+        if not isinstance(block.feed_forward, MoE):
+            plan.update({
+                "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+            })
+            if block.feed_forward.w3 is not None:
+                plan["feed_forward.w3"] = ColwiseParallel()
         if sequence_parallel:
             # Local tensors out: the residual additions (before or after the norms) stay plain.
             plan["attention_norm"] = SequenceParallel(use_local_output=True)

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from loom.models.loss import (IGNORE_INDEX, check_labels, chunked_linear_loss, compute_dtype_of, loss_divisor,
                               upstream_scaled_grads)
 from loom.models.matmul import linear
+from loom.parallel.collectives import SumGradOverGroup
 
 
 def _chunk_statistics(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group) -> tuple:
@@ -162,22 +163,6 @@ class VocabParallelEmbedding(nn.Module):
         return summed.redistribute(self.tp_mesh, [self.output_placement]).to_local()
 
 
-class _SumGradOverGroup(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over a process group (each rank's gradient
-    covers only its own tokens)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 class ReplicatedSequenceEmbedding(nn.Module):
     """Drop-in for a small nn.Embedding (learned positions, token types) under tensor parallelism:
     the table is replicated over tp; ids [B, L] (the same on every tp rank) -> this rank's local
@@ -197,7 +182,7 @@ class ReplicatedSequenceEmbedding(nn.Module):
             n, r = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
             shard = ids.shape[1] // n
             ids = ids[:, r * shard:(r + 1) * shard]
-            w = _SumGradOverGroup.apply(w, self.tp_mesh.get_group())
+            w = SumGradOverGroup.apply(w, self.tp_mesh.get_group())
         return torch.nn.functional.embedding(ids, w)
 
 

@@ -403,9 +403,9 @@ class Trainer:
         for layer in self.moe_layers:
             if layer.last_counts is not None:
                 totals[:e] += layer.last_counts.double()
-            if layer.last_aux is not None:
+            if layer.last_aux is not None:  # a share of the micro-batch's loss under sequence sharding
                 totals[e] += layer.last_aux[0].double()
-                totals[e + 1] += 1
+                totals[e + 1] += 1 / layer.routing.size
         if self.mesh is not None:
             import torch.distributed as dist
 
