@@ -232,6 +232,31 @@ def test_killed_save_leaves_the_previous_checkpoint_usable(dataset, tmp_path):
 
 
 # -- bad checkpoints and bad resumes: one line, exit 2, nothing touched ----------------------------
+def test_expert_parallel_checkpoint_reshards_to_any_ep(dataset, tmp_path):
+    """tiny-moe saved under ep=4 (experts split over 4 ranks) loads under dp_shard=2 x tp=2 x
+    ep=2 and in one process: the same weights bit for bit, and training goes on alike."""
+    moe = common(dataset, tmp_path, steps=9) + ["--model.name=tiny-moe"]
+    saved = tmp_path / "ck_ep4"
+    jobs = {
+        "ep4_save": moe + ["--parallel.dp_shard=4", "--parallel.ep=4", f"--checkpoint.dir={saved}",
+                           "--train.stop_at=6"],
+        "ep2_load": moe + ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2",
+                           f"--checkpoint.dir={tmp_path}/ck_ep2", f"--checkpoint.resume={saved}/step-00000006"],
+    }
+    results = launch(4, tmp_path / "out.pt", jobs, tmp_path)
+    single = run_in_process({"single": moe + [f"--checkpoint.dir={tmp_path}/ck_single",
+                                              f"--checkpoint.resume={saved}/step-00000006"]})["single"]
+    saved_params = results["ep4_save"]["params"]
+    assert any(".experts." in name for name in saved_params)
+    for loaded in (results["ep2_load"], single):
+        assert loaded["loaded"].keys() == saved_params.keys()
+        for name, p in saved_params.items():
+            assert torch.equal(loaded["loaded"][name], p), name
+        assert loaded["curve"][:6] == results["ep4_save"]["curve"]
+    for (s1, a), (s2, b) in zip(results["ep2_load"]["curve"][6:], single["curve"][6:]):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def saved(dataset, tmp_path_factory):
     """A finished 4-step single-process run with checkpoints at steps 2 and 4."""

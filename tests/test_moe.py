@@ -137,11 +137,30 @@ def test_moe_bad_settings_are_one_line():
         (["--moe.top_k=9"], "moe.top_k=9 must be between 1 and moe.n_experts=8"),
         (["--moe.capacity_factor=0"], "moe.capacity_factor=0.0 must be positive"),
         (["--moe.capacity_factor=-1"], "moe.capacity_factor=-1.0 must be positive"),
-        (["--parallel.tp=2"], "parallel.tp=2 with moe.n_experts=8"),
+        (["--parallel.dp_shard=2", "--parallel.ep=4"],
+         "parallel.ep=4 does not divide parallel.dp_shard x cp = 2 x 1 = 2"),
+        (["--parallel.dp_shard=3", "--parallel.ep=3"], "parallel.ep=3 does not divide moe.n_experts=8"),
+        (["--parallel.dp_shard=2", "--parallel.ep=0"], "parallel.ep=0 must be a positive integer"),
+        (["--model.name=tiny", "--parallel.dp_shard=2", "--parallel.ep=2"],
+         "parallel.ep=2 needs a mixture-of-experts model"),
     ):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             validate(load_config(None, ["--model.name=tiny-moe", "--parallel.dp_shard=1", "--parallel.pp=1", *args]),
                      check_files=False)
+
+
+def test_bad_expert_layout_is_refused_before_any_worker_starts(tmp_path):
+    """`loom train --nproc 4` with ep=3: one line, exit status 2, and no torchrun started."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "loom", "train", "--nproc", "4", "--model.name=tiny-moe",
+                        "--parallel.pp=1", "--parallel.dp_shard=2", "--parallel.cp=2", "--parallel.ep=8"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "parallel.ep=8 does not divide parallel.dp_shard x cp = 2 x 2 = 4" in lines[0], r.stderr
+    assert "torch.distributed" not in r.stderr and r.stdout == ""
 
 
 def test_tiny_moe_trains_and_logs_routing(dataset, tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from loom.models.loss import compute_dtype_of
@@ -111,6 +112,8 @@ def dispatch(x: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Tensor
     needs to send the results back)."""
     ep = dist.get_world_size(group)
     per_rank = counts.numel() // ep
+    if is_fake(counts):  # the dry run's fake tensors hold no routing: trace the balanced one
+        return _balanced_dispatch(x, per_rank, ep, group)
     received = torch.empty_like(counts)
     dist.all_to_all_single(received, counts.contiguous(), group=group)  # block r: rank r's counts for my experts
     received = received.view(ep, per_rank)  # [source, local expert]
@@ -121,6 +124,14 @@ def dispatch(x: torch.Tensor, counts: torch.Tensor, group) -> tuple[torch.Tensor
     segment = torch.arange(ep * per_rank, device=x.device).repeat_interleave(received.flatten())
     order = torch.argsort((segment % per_rank) * ep + segment // per_rank, stable=True)
     return rows[order], received.sum(0), (order, send, recv, group)
+
+
+def _balanced_dispatch(x: torch.Tensor, per_rank: int, ep: int, group):
+    """dispatch's result when every expert gets the same share of every rank's rows."""
+    send = [x.shape[0] // ep + (r < x.shape[0] % ep) for r in range(ep)]
+    local_counts = torch.full((per_rank,), x.shape[0] // (ep * per_rank), dtype=torch.int64, device=x.device)
+    rows = AllToAll.apply(x, send, send, group)
+    return rows, local_counts, (torch.arange(rows.shape[0], device=x.device), send, send, group)
 
 
 def combine(y: torch.Tensor, route: tuple) -> torch.Tensor:
