@@ -191,7 +191,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                    "inter_node_gbps": args.inter_node_gbps, "gpus_per_node": args.gpus_per_node,
                                    "peak_tflops": args.peak_tflops})
         rows = plan(cfg, args.gpus, spec, args.seq_len, args.global_batch, args.dtype, args.tp, args.cp, args.pp,
-                    args.micro_batch, args.recompute, args.zero)
+                    args.micro_batch, args.recompute, args.zero, args.ep)
     except PlanError as e:
         return fail(prog, str(e))
     shown = rows if (args.tp and args.cp and args.pp and args.micro_batch) else rows[: args.top]
@@ -202,12 +202,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{args.model} on {args.gpus} x {spec.name} ({spec.description}); seq {args.seq_len:,}, global batch "
           f"{args.global_batch} sequences, {args.dtype}; {len(rows)} layouts, {fitting} fit; "
           f"model TFLOP/s in the megatron convention")
-    head = ["#", "TP", "CP", "PP", "DP", "MB", "recompute", "zero", "memory GB", "fits", "tokens/s/dev",
-            "TFLOP/s/dev", "MFU"]
+    moe = bool(cfg.moe_experts)  # the EP column, for models that have experts
+    head = ["#", "TP", "CP", "PP", "DP", *(["EP"] if moe else []), "MB", "recompute", "zero", "memory GB", "fits",
+            "tokens/s/dev", "TFLOP/s/dev", "MFU"]
     table = []
     for i, r in enumerate(shown, 1):
         lay = r.layout
-        table.append([str(i), str(lay.tp), str(lay.cp), str(lay.pp), str(lay.dp), str(lay.micro_batch), lay.recompute,
+        table.append([str(i), str(lay.tp), str(lay.cp), str(lay.pp), str(lay.dp), *([str(lay.ep)] if moe else []),
+                      str(lay.micro_batch), lay.recompute,
                       str(lay.zero), f"{r.memory.total / GIB:.1f}", "yes" if r.fits else "OOM", f"{r.perf.tokens_per_s_per_device:,.0f}",
                       f"{r.perf.tflops_per_device:.{1 if r.perf.tflops_per_device >= 10 else 4}f}",
                       f"{100 * r.perf.mfu:.1f}%"])
@@ -220,7 +222,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.explain:
         for i, r in enumerate(shown, 1):
             lay = r.layout
-            print(f"\n#{i} TP={lay.tp} CP={lay.cp} PP={lay.pp} DP={lay.dp} MB={lay.micro_batch} "
+            print(f"\n#{i} TP={lay.tp} CP={lay.cp} PP={lay.pp} DP={lay.dp}{f' EP={lay.ep}' if moe else ''} "
+                  f"MB={lay.micro_batch} "
                   f"recompute={lay.recompute} zero={lay.zero}: {lay.n_micro} micro-batches per step")
             print("  memory per device" + " " * 20 + "GiB")
             for name, v in r.memory.rows():
@@ -330,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--global-batch", type=int, required=True, help="sequences per step")
     for flag in ("--tp", "--cp", "--pp", "--micro-batch"):
         pl.add_argument(flag, type=int)
+    pl.add_argument("--ep", type=int, help="expert parallelism (MoE models; borrowed from DP x CP); default: searched")
     pl.add_argument("--recompute", choices=["none", "selective", "full"],
                     help="default: the fastest that fits, per layout")
     pl.add_argument("--zero", type=int, choices=[3, 1],

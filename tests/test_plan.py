@@ -245,3 +245,63 @@ def test_groups_that_cross_nodes_and_zero_modes_cost_what_they_move():
     assert z3.dp_comm > 2 * z1.dp_comm
     m3, m1 = memory_breakdown(cfg, lay, spec), memory_breakdown(cfg, dataclasses.replace(lay, zero=1), spec)
     assert m1.gradients > m3.gradients and m1.fsdp_buffers > m3.fsdp_buffers
+
+
+MOE = ModelConfig(dim=1024, n_layers=4, n_heads=16, n_kv_heads=8, ffn_dim=2048, vocab_size=32000, moe_experts=8,
+                  moe_top_k=2)
+
+
+def test_moe_memory_and_time_under_expert_parallelism_by_hand():
+    """tp=2 x dp=4, 8 experts of 3 x 1024 x 2048, ep=1 against ep=4: FSDP shards everything over
+    dp x cp either way, but a block is gathered with E / ep experts; under ep the routed copies
+    of the local tokens cross the ep group by all-to-all, and FSDP moves E / ep experts over
+    dp x cp / ep ranks."""
+    from loom.plan.timing import step_time
+
+    spec = get_spec("h100-sxm-80gb")
+    lay = Layout(tp=2, cp=1, pp=1, dp=4, micro_batch=1, seq_len=4096, global_batch=8)
+    ep4 = dataclasses.replace(lay, ep=4)
+    experts = 8 * 3 * 1024 * 2048  # not tensor-parallel
+    attention = 2 * 1024 * 1024 + 2 * 1024 * 512
+    block = attention / 2 + experts + 8 * 1024 + 2 * 1024  # attention over tp; experts, router, norms whole
+    root = 32000 * 1024 / 2 * 2 + 1024  # embedding and output (vocab-parallel) + final norm
+    stage = 4 * block + root
+    m1, m4 = rank_memory(MOE, lay, spec, 0), rank_memory(MOE, ep4, spec, 0)
+    assert m1.parameters == pytest.approx(4 * stage / 4) and m4.parameters == m1.parameters
+    # zero=3: the output unit, two gathered blocks (or the fp32 embedding) and one block's fp32
+    # gradient, as for a dense model; but ep=4 gathers a block with 2 experts, not 8.
+    table, last = 32000 * 1024 / 2, 32000 * 1024 / 2 + 1024
+    gathered = lambda b: 2 * last + 2 * max(2 * b, 4 * table) + 4 * b  # noqa: E731
+    assert m1.fsdp_buffers == pytest.approx(gathered(block))
+    assert m4.fsdp_buffers == pytest.approx(gathered(block - experts * 3 / 4))
+    # Activations: a token's 2 experts (not over tp: the rank routes its sequence shard of 4096 / 2)
+    # and its 2 routed copies, plus the received copies under ep.
+    per_token = lambda copies: (8 * 1024 / 2 + 2 * 2 * 1024 + 2 * 2048 / 2 + 2 * 1024 / 2 + 4 * 16 / 2  # noqa: E731
+                                + (3 * 2 * 2048 * 2 + copies * 2 * 1024 * 2) / 2)
+    assert m1.activations == pytest.approx(4 * 4096 * per_token(2))
+    assert m4.activations == pytest.approx(4 * 4096 * per_token(3))
+    t1, t4 = step_time(MOE, lay, spec), step_time(MOE, ep4, spec)
+    assert t1.ep_comm == 0
+    # 4 all-to-alls per layer and micro-batch (2 forward, 2 backward), each of 3/4 of the 2048 local
+    # tokens' 2 bf16 rows of 1024, over ep x tp = 8 GPUs: one node's NVLink.
+    eff = spec.efficiency
+    per_layer = 4 * 3 / 4 * 2048 * 2 * 1024 * 2 / (spec.intra_node_gbps * 1e9 * eff.link) + 4 * 3 * eff.collective_latency_s
+    assert t4.ep_comm == pytest.approx(4 * 2 * per_layer)  # 4 layers, 2 micro-batches
+    assert t4.dp_comm < t1.dp_comm  # experts gathered over one rank (dp x cp / ep = 1): not moved at all
+
+
+def test_plan_searches_expert_parallelism(capsys):
+    args = ["plan", "--model", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100-sxm", "--seq-len", "65536",
+            "--global-batch", "64"]
+    code, out, _ = _cli(args, capsys)
+    assert code == 0 and " EP " in out.splitlines()[1]
+    code, out, _ = _cli(args + ["--json", "--top", "1000"], capsys)
+    rows = json.loads(out)
+    assert {r["ep"] for r in rows} == {1, 2, 4, 8}
+    for r in rows:
+        assert (r["dp"] * r["cp"]) % r["ep"] == 0 and r["tp"] * r["cp"] * r["pp"] * r["dp"] == 64
+    assert rows[0]["fits"] and rows[0]["ep"] > 1 and rows[0]["cp"] > 1  # long sequences: cp, and experts split
+    for extra, message in ((["--ep", "3"], "--ep=3 does not divide the model's n_experts=8"),
+                           (["--model", "llama3-8b", "--ep", "2"], "--ep=2 needs a mixture-of-experts model")):
+        code, _, err = _cli(args + extra, capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err

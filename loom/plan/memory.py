@@ -51,7 +51,8 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 
 @dataclass(frozen=True)
 class Layout:
-    """One training layout. dp is dp_shard (FSDP); the world is tp x cp x pp x dp."""
+    """One training layout. dp is dp_shard (FSDP); the world is tp x cp x pp x dp; ep (MoE experts
+    split over ep ranks) is borrowed from dp x cp."""
 
     tp: int
     cp: int
@@ -66,6 +67,7 @@ class Layout:
     pp_virtual_stages: int = 1
     sequence_parallel: bool = True
     zero: int = 3
+    ep: int = 1
 
     @property
     def world(self) -> int:
@@ -78,7 +80,8 @@ class Layout:
         p, t = cfg.parallel, cfg.train
         return cls(tp=dims.tp, cp=dims.cp, pp=dims.pp, dp=dims.dp, micro_batch=t.micro_batch, seq_len=t.seq_len,
                    global_batch=t.global_batch, recompute=t.recompute, dtype=t.dtype, pp_schedule=p.pp_schedule,
-                   pp_virtual_stages=p.pp_virtual_stages, sequence_parallel=p.sequence_parallel, zero=p.zero)
+                   pp_virtual_stages=p.pp_virtual_stages, sequence_parallel=p.sequence_parallel, zero=p.zero,
+                   ep=dims.ep)
 
     @property
     def n_micro(self) -> int:
@@ -88,6 +91,11 @@ class Layout:
     def local_tokens(self) -> int:
         """Tokens of one micro-batch on one device (before sequence parallelism)."""
         return self.micro_batch * self.seq_len // self.cp
+
+    @property
+    def sp(self) -> int:
+        """The factor sequence parallelism divides a device's tokens by between the matmuls."""
+        return self.tp if (self.tp > 1 and self.sequence_parallel) else 1
 
 
 def block_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -102,13 +110,21 @@ def active_block_matrices(cfg: ModelConfig) -> int:
     return param_counts(cfg).active_block_matmuls // cfg.n_layers
 
 
+def expert_params(cfg: ModelConfig) -> int:
+    """One block's MoE expert matrices (0 for a dense model): not tensor-parallel, split over ep."""
+    return cfg.moe_experts * (3 if cfg.gated else 2) * cfg.dim * cfg.ffn_dim
+
+
 def _block_params_per_device(cfg: ModelConfig, tp: int) -> float:
     """One block's parameters on one device of its tp group: matrices and the biases of the
-    column-parallel projections (q, k, v, up, gate) sharded; row-parallel biases and norms whole."""
+    column-parallel projections (q, k, v, up, gate) sharded; row-parallel biases and norms whole;
+    MoE experts (and their router, counted with the norms) whole, replicated over tp
+    (loom.parallel.expert)."""
     matrices, others = block_params(cfg)
+    replicated = expert_params(cfg)
     column_biases = ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
                      + (2 if cfg.gated else 1) * cfg.ffn_dim) if cfg.bias else 0
-    return matrices / tp + column_biases / tp + (others - column_biases)
+    return (matrices - replicated) / tp + replicated + column_biases / tp + (others - column_biases)
 
 
 def _end_params_per_device(cfg: ModelConfig, tp: int, first: bool, last: bool) -> float:
@@ -143,14 +159,20 @@ def activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     """Bytes saved for backward per layer and local token (see the module docstring)."""
     e = DTYPE_BYTES[layout.dtype]
     tp = layout.tp
-    sp = tp if (tp > 1 and layout.sequence_parallel) else 1
+    sp = layout.sp
     h, f = cfg.dim, cfg.ffn_dim
     hq, hk = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    # gated: both projections and their product; a MoE token does it in each of its top-k experts
-    mlp = (3 if cfg.gated else 2) * e * f / tp * (cfg.moe_top_k if cfg.moe_experts else 1)
+    # gated: both projections and their product. A MoE token does it in each of its top-k
+    # experts, which are not tensor-parallel (a tp rank routes its sequence shard), and keeps
+    # its k routed copies (gathered by expert, and received from ep) and the experts' outputs.
+    if cfg.moe_experts:
+        k = cfg.moe_top_k
+        mlp = ((3 if cfg.gated else 2) * e * f * k + (3 if layout.ep > 1 else 2) * e * h * k) / sp
+    else:
+        mlp = (3 if cfg.gated else 2) * e * f / tp
     full = (8 * h / sp + 2 * e * h + e * (hq + 2 * hk) / tp + e * hq / tp + 4 * cfg.n_heads / tp + mlp)
     if layout.recompute == "selective":
-        return full - 2 * e * h - e * f / tp
+        return full - 2 * e * h - e * f / (sp if cfg.moe_experts else tp)
     return full
 
 
@@ -205,10 +227,12 @@ def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) ->
     n_layers = len(device_layers(cfg, layout)[r])
     block = _block_params_per_device(cfg, layout.tp)
     t = layout.local_tokens
-    sp = layout.tp if (layout.tp > 1 and layout.sequence_parallel) else 1
+    sp = layout.sp
     n_stages = layout.pp * layout.pp_virtual_stages
     holds_first, holds_last = r == 0, r == (n_stages - 1) % layout.pp
     embedding = _end_params_per_device(cfg, layout.tp, True, False) if holds_first else 0.0
+    # FSDP gathers a block with only this rank's E / ep experts.
+    not_gathered = expert_params(cfg) * (1 - 1 / layout.ep)
 
     params = stage / shard
     gradients = 4 * params
@@ -216,8 +240,9 @@ def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) ->
         gradients += 4 * stage
     fsdp = 0.0
     if shard > 1 and keeps_units_gathered(layout.zero, layout.pp):
-        fsdp = e * (stage - embedding) + 4 * embedding
+        fsdp = e * (stage - embedding - n_layers * not_gathered) + 4 * embedding
     elif shard > 1:
+        block -= not_gathered
         last_unit = _end_params_per_device(cfg, layout.tp, False, True) if holds_last else block
         others = [block] * (n_layers - (0 if holds_last else 1))
         fsdp = e * last_unit + 2 * max([e * x for x in others] + [4 * embedding]) + 4 * block
@@ -245,6 +270,8 @@ def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) ->
         comm += t * 2 * hk * (2 * e + 4)
     if layout.tp > 1:  # the gathered sequence of one matmul input
         comm += layout.micro_batch * layout.seq_len / layout.cp * cfg.dim * e
+    if layout.ep > 1:  # one layer's tokens in transit: sent and received, in and out
+        comm += 2 * t / sp * cfg.moe_top_k * cfg.dim * e
     optimizer = 8 * params
     counted = 4 * params + gradients + optimizer + fsdp + acts + logits + comm
     return MemoryBreakdown(parameters=4 * params, gradients=gradients, optimizer=optimizer, fsdp_buffers=fsdp,

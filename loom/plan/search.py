@@ -1,5 +1,6 @@
-"""Layout search: every valid (tp, cp, pp, dp, micro batch) for a model on N devices, each with its
-predicted memory and throughput, ranked by predicted tokens/s per device."""
+"""Layout search: every valid (tp, cp, pp, dp, ep, micro batch) for a model on N devices, each with
+its predicted memory and throughput, ranked by predicted tokens/s per device (ep, for MoE models:
+a divisor of dp x cp and of the experts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ class PlanRow:
 
     def as_json(self) -> dict:
         lay = self.layout
-        return {"tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "dp": lay.dp, "micro_batch": lay.micro_batch,
+        return {"tp": lay.tp, "cp": lay.cp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "micro_batch": lay.micro_batch,
                 "recompute": lay.recompute, "zero": lay.zero, "memory_gb": round(self.memory.total / GIB, 3), "fits": self.fits,
                 "tokens_per_s_per_device": round(self.perf.tokens_per_s_per_device, 3),
                 "tflops_per_device": round(self.perf.tflops_per_device, 4),
@@ -44,10 +45,10 @@ def resolve_model(name: str) -> ModelConfig:
 
 
 def check_inputs(cfg: ModelConfig, gpus: int, seq_len: int, global_batch: int, tp: int | None, cp: int | None,
-                 pp: int | None, micro_batch: int | None) -> None:
+                 pp: int | None, micro_batch: int | None, ep: int | None = None) -> None:
     """One-line errors for input no layout can satisfy."""
     for flag, v in (("--gpus", gpus), ("--seq-len", seq_len), ("--global-batch", global_batch),
-                    ("--tp", tp), ("--cp", cp), ("--pp", pp), ("--micro-batch", micro_batch)):
+                    ("--tp", tp), ("--cp", cp), ("--pp", pp), ("--micro-batch", micro_batch), ("--ep", ep)):
         if v is not None and v < 1:
             raise PlanError(f"{flag}={v} must be a positive integer")
     fixed = 1
@@ -56,11 +57,11 @@ def check_inputs(cfg: ModelConfig, gpus: int, seq_len: int, global_batch: int, t
             fixed *= v
             if gpus % fixed:
                 raise PlanError(f"{flag}={v} does not divide --gpus={gpus} (with the other fixed degrees: {fixed})")
-    if cfg.moe_experts:
-        for flag, v in (("--tp", tp), ("--cp", cp)):
-            if v is not None and v > 1:
-                raise PlanError(f"{flag}={v}: loom's MoE layers do not run under tensor or context parallelism yet; "
-                                f"allowed: {flag}=1")
+    if ep is not None and ep > 1:
+        if not cfg.moe_experts:
+            raise PlanError(f"--ep={ep} needs a mixture-of-experts model; this one is dense: allowed --ep=1")
+        if cfg.moe_experts % ep:
+            raise PlanError(f"--ep={ep} does not divide the model's n_experts={cfg.moe_experts}")
     if tp is not None:
         for key in ("n_heads", "n_kv_heads"):
             if getattr(cfg, key) % tp:
@@ -77,14 +78,12 @@ def check_inputs(cfg: ModelConfig, gpus: int, seq_len: int, global_batch: int, t
 def candidate_layouts(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int,
                       dtype: str, tp: int | None = None, cp: int | None = None, pp: int | None = None,
                       micro_batch: int | None = None, recompute: str | None = None,
-                      zero: int | None = None) -> list[Layout]:
+                      zero: int | None = None, ep: int | None = None) -> list[Layout]:
     """Every layout loom can run (its config validation's rules), one per recompute mode and
     FSDP sharding mode (parallel.zero; only 3 where nothing is FSDP-sharded)."""
     out = []
     tps = [tp] if tp else [d for d in _divisors(gpus) if cfg.n_kv_heads % d == 0 and cfg.n_heads % d == 0
                            and (spec.cores is not None or d <= spec.gpus_per_node)]
-    if cfg.moe_experts:  # MoE runs under FSDP and pipelines only, for now (see parallel/settings.py)
-        tps, cp = [1], 1
     for t in tps:
         cps = [cp] if cp else [d for d in _divisors(gpus // t) if d & (d - 1) == 0]
         for c in cps:
@@ -99,11 +98,19 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: 
                     if global_batch % (dp * mb) or global_batch // (dp * mb) < p:
                         continue
                     zeros = [zero] if zero else (ZERO_MODES if dp * c > 1 else (3,))
-                    for rc in ([recompute] if recompute else RECOMPUTE_ORDER):
-                        for z in zeros:
-                            out.append(Layout(tp=t, cp=c, pp=p, dp=dp, micro_batch=mb, seq_len=seq_len,
-                                              global_batch=global_batch, recompute=rc, dtype=dtype, zero=z))
+                    for e in _expert_degrees(cfg, dp * c, ep):
+                        for rc in ([recompute] if recompute else RECOMPUTE_ORDER):
+                            for z in zeros:
+                                out.append(Layout(tp=t, cp=c, pp=p, dp=dp, micro_batch=mb, seq_len=seq_len,
+                                                  global_batch=global_batch, recompute=rc, dtype=dtype, zero=z, ep=e))
     return out
+
+
+def _expert_degrees(cfg: ModelConfig, shard: int, ep: int | None) -> list[int]:
+    """ep degrees a layout can take: divisors of dp x cp (the ranks ep borrows) and of the experts."""
+    if ep is not None:
+        return [ep] if shard % ep == 0 else []
+    return [e for e in _divisors(shard) if cfg.moe_experts % e == 0] if cfg.moe_experts else [1]
 
 
 def evaluate(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> PlanRow:
@@ -115,14 +122,14 @@ def evaluate(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> PlanRow:
 
 def plan(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_batch: int, dtype: str = "bfloat16",
          tp: int | None = None, cp: int | None = None, pp: int | None = None, micro_batch: int | None = None,
-         recompute: str | None = None, zero: int | None = None) -> list[PlanRow]:
+         recompute: str | None = None, zero: int | None = None, ep: int | None = None) -> list[PlanRow]:
     """Ranked rows: layouts that fit first, by predicted tokens/s per device; per (tp, cp, pp, micro
     batch) the fastest recompute and zero modes that fit (or, if none fits, the smallest, marked
     OOM)."""
-    check_inputs(cfg, gpus, seq_len, global_batch, tp, cp, pp, micro_batch)
+    check_inputs(cfg, gpus, seq_len, global_batch, tp, cp, pp, micro_batch, ep)
     spec.peak_flops(dtype)  # a dtype the spec has a peak for
     layouts = candidate_layouts(cfg, gpus, spec, seq_len, global_batch, dtype, tp, cp, pp, micro_batch, recompute,
-                                zero)
+                                zero, ep)
     if not layouts:
         raise PlanError(f"no layout of {gpus} devices runs --seq-len={seq_len} with --global-batch={global_batch} "
                         f"(global batch must be a multiple of dp x micro batch, with at least pp micro-batches)")
@@ -131,7 +138,7 @@ def plan(cfg: ModelConfig, gpus: int, spec: HardwareSpec, seq_len: int, global_b
 
     chosen: dict[tuple, PlanRow] = {}
     for layout in layouts:
-        key = (layout.tp, layout.cp, layout.pp, layout.micro_batch)
+        key = (layout.tp, layout.cp, layout.pp, layout.ep, layout.micro_batch)
         row = evaluate(cfg, layout, spec)
         if key not in chosen or preference(row) > preference(chosen[key]):
             chosen[key] = row

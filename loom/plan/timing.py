@@ -20,6 +20,12 @@ Work per micro-batch and pipeline stage, with t = micro_batch * seq_len / cp loc
   pipeline once per step. Gradients are reduce-scattered in fp32 after every micro-batch under
   zero=3, once per step under zero=1 (and zero-bubble schedules). The `dp_overlap` share of min(transfer, compute) is
   hidden.
+  Expert-parallel experts are gathered over dp_shard x cp / ep ranks only, E / ep of them.
+- MoE: a token's top-k experts are matmuls like the others, but not tensor-parallel (a tp rank
+  routes its sequence shard; without sequence parallelism every tp rank computes them all).
+  Under ep, per layer and micro-batch, the routed copies of the local tokens (t / sp x k rows)
+  go out and come back by all-to-all, forward and backward (and again when recomputed), moving
+  (ep - 1) / ep of them over the ep group (ep x tp consecutive devices); not overlapped.
 - AdamW (and gradient clipping): memory-bound passes over the local fp32 states.
 Links: tp is innermost, so it is in a node when tp <= GPUs per node; cp when tp cp fits; FSDP
 when tp cp dp fits; pp when the whole world fits. Otherwise the inter-node bandwidth applies.
@@ -33,7 +39,7 @@ from loom.metrics.flops import flops_per_token
 from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.plan.hardware import HardwareSpec
-from loom.plan.memory import DTYPE_BYTES, Layout, active_block_matrices, device_layers, stage_params
+from loom.plan.memory import DTYPE_BYTES, Layout, active_block_matrices, device_layers, expert_params, stage_params
 
 OPTIMIZER_BYTES_PER_PARAM = 40  # fused AdamW reads param, grad, m, v and writes param, m, v; clipping reads grads
 
@@ -51,17 +57,19 @@ class TimeBreakdown:
     bubble: float
     dp_comm: float  # exposed
     optimizer: float
+    ep_comm: float = 0.0
 
     @property
     def total(self) -> float:
         return (self.matmul + self.attention + self.overhead + self.tp_comm + self.cp_comm + self.pp_comm
-                + self.bubble + self.dp_comm + self.optimizer)
+                + self.bubble + self.dp_comm + self.optimizer + self.ep_comm)
 
     def rows(self) -> list[tuple[str, float]]:
         return [("matmuls", self.matmul), ("attention", self.attention), ("element-wise + per-layer overhead", self.overhead),
                 ("tp collectives", self.tp_comm), ("cp ring (exposed)", self.cp_comm),
                 ("pp transfers", self.pp_comm), ("pipeline bubble", self.bubble),
-                ("FSDP collectives (exposed)", self.dp_comm), ("optimizer step", self.optimizer),
+                ("FSDP collectives (exposed)", self.dp_comm), ("ep all-to-all", self.ep_comm),
+                ("optimizer step", self.optimizer),
                 ("total", self.total)]
 
 
@@ -82,7 +90,7 @@ def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     (`selective` repeats all but the residual additions)."""
     e = DTYPE_BYTES[layout.dtype]
     tp = layout.tp
-    sp = tp if (tp > 1 and layout.sequence_parallel) else 1
+    sp = layout.sp
     h, f, hk = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
     norms = 2 * (4 + e) * h / sp
     rope = 2 * e * (h + hk) / tp
@@ -105,6 +113,7 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     t = layout.local_tokens
     tp, cp, pp = layout.tp, layout.cp, layout.pp
     matrices = active_block_matrices(cfg)  # FLOPs: a token's experts only
+    routed = cfg.moe_top_k * expert_params(cfg) // max(1, cfg.moe_experts)  # of which not tensor-parallel
     hk = cfg.n_kv_heads * cfg.head_dim
     passes = 4 if layout.recompute == "full" else 3  # forward, backward (2x), recompute
     n_stages = pp * layout.pp_virtual_stages
@@ -113,7 +122,7 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     per_stage = []  # (matmul, attention, overhead, tp, cp) seconds per micro-batch on each pp rank
     for r in range(pp):
         n = len(layers[r])
-        mm_flops = n * 2 * t * matrices / tp * passes
+        mm_flops = n * 2 * t * ((matrices - routed) / tp + routed / layout.sp) * passes
         if r == (n_stages - 1) % pp:  # holds the last stage: the output layer
             mm_flops += 6 * t * cfg.vocab_size * cfg.dim / tp
         # Causal flash attention does half of QK^T and AV; bidirectional (BERT) all of it.
@@ -135,15 +144,19 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
             comm = n * _transfer_s(spec, nbytes, tp * cp, count=3 * cp - 2)
             cp_s = comm - eff.cp_overlap * min(comm, attn_s)
             cp_s += n * (passes - 1) * (cp - 1) * eff.cp_step_overhead_s / share
-        per_stage.append((mm_s, attn_s, over_s, tp_s, cp_s))
+        ep_s = 0.0
+        if layout.ep > 1:
+            ep, exchanges = layout.ep, 6 if layout.recompute == "full" else 4
+            nbytes = exchanges * (ep - 1) / ep * t / layout.sp * cfg.moe_top_k * cfg.dim * e
+            ep_s = n * _transfer_s(spec, nbytes, tp * ep, count=exchanges * (ep - 1))
+        per_stage.append((mm_s, attn_s, over_s, tp_s, cp_s, ep_s))
 
     pp_s = 0.0
     if pp > 1:
-        sp = tp if (tp > 1 and layout.sequence_parallel) else 1
-        pp_s = _transfer_s(spec, 2 * t * cfg.dim * e / sp, layout.world, count=2)
+        pp_s = _transfer_s(spec, 2 * t * cfg.dim * e / layout.sp, layout.world, count=2)
     slot = max(sum(x) for x in per_stage) + pp_s  # the slowest stage paces the pipeline
     slowest = max(range(pp), key=lambda r: sum(per_stage[r]))
-    mm_s, attn_s, over_s, tp_s, cp_s = (x * layout.n_micro for x in per_stage[slowest])
+    mm_s, attn_s, over_s, tp_s, cp_s, ep_s = (x * layout.n_micro for x in per_stage[slowest])
     bubble = 0.0
     if pp > 1:
         extra = (pp - 1) / layout.pp_virtual_stages
@@ -157,14 +170,17 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     if shard > 1:
         gathers = 1 if keeps_units_gathered(layout.zero, pp) else 2 * layout.n_micro
         reduces = 1 if accumulates_unsharded_grads(layout.zero, pp, layout.pp_schedule) else layout.n_micro
-        gather = gathers * params * e * (shard - 1) / shard
-        reduce = reduces * params * 4 * (shard - 1) / shard
+        # Experts travel over their own FSDP group: E / ep of them, over shard / ep ranks.
+        experts = len(layers[slowest]) * expert_params(cfg)
+        moved = (params - experts) * (shard - 1) / shard + experts / layout.ep * (1 - layout.ep / shard)
+        gather = gathers * moved * e
+        reduce = reduces * moved * 4
         ops = (gathers + reduces) * (len(layers[slowest]) + 2)  # per unit: blocks, embedding, norm + output
         comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp, count=ops * (shard - 1))
         compute = mm_s + attn_s + over_s
         dp_s = comm - eff.dp_overlap * min(comm, compute) + ops * eff.fsdp_block_overhead_s / share
     optimizer_s = params / shard * OPTIMIZER_BYTES_PER_PARAM / (spec.memory_gbps * 1e9 * share)
-    return TimeBreakdown(mm_s, attn_s, over_s, tp_s, cp_s, pp_s * layout.n_micro, bubble, dp_s, optimizer_s)
+    return TimeBreakdown(mm_s, attn_s, over_s, tp_s, cp_s, pp_s * layout.n_micro, bubble, dp_s, optimizer_s, ep_s)
 
 
 @dataclass(frozen=True)
