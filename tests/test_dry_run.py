@@ -109,3 +109,21 @@ def test_dry_run_bad_layouts_are_one_line(args, message):
 def test_world_needs_dry_run():
     r = _loom("--world", "8")
     assert r.returncode == 2 and "--world=8 needs --dry-run" in r.stderr
+
+
+def test_dry_run_traces_expert_parallelism_and_gathers_only_local_experts():
+    """Mixtral's 64K recipe shrunk to 2 layers and one stage, at 128 ranks (tp=4 x cp=8 x dp_shard=4):
+    the balanced all-to-all dispatch is traced on fake tensors, and FSDP gathers each block with
+    its E / ep experts: ep=8 gathers 7/8 of the experts' bytes fewer than ep=1."""
+    shrink = ["--model.n_layers=2", "--parallel.pp=1", "--parallel.pp_virtual_stages=1", "--train.global_batch=8",
+              "--train.seq_len=8192"]
+    rows = {}
+    for ep in (8, 1):
+        cfg = load_config(str(ROOT / "configs" / "mixtral_8x7b_64k.toml"), shrink + [f"--parallel.ep={ep}"])
+        report = dry_run(cfg, validate(cfg, 128, check_files=False), 128)
+        assert report.dims.ep == ep and report.dims.dp_shard == 4
+        (rows[ep],) = report.rows
+        assert rows[ep].note == "" and rows[ep].activations > 0  # traced
+    experts = 2 * 8 * 3 * 4096 * 14336  # 2 layers of 8 experts, not tensor-parallel
+    assert rows[1].gathered - rows[8].gathered == pytest.approx(2 * experts * 7 / 8, rel=1e-6)  # bf16
+    assert rows[8].parameters == rows[1].parameters  # both sharded over dp_shard x cp = 32 ranks

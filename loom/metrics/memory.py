@@ -58,6 +58,12 @@ class LiveTensorBytes(TorchDispatchMode):
             return
         self._storages[key] = weakref.ref(storage, lambda _, k=key: self._storages.pop(k, None))
 
+    def counts(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s storage is among those counted."""
+        storage = _storage_of(tensor)
+        known = self._storages.get(id(storage)) if storage is not None else None
+        return known is not None and known() is storage
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # Views and in-place results share an input's storage: not a new allocation.

@@ -32,7 +32,7 @@ from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_un
 from loom.parallel.init import local_shard_bytes
 from loom.train.settings import DTYPES
 
-FSDP_AXES = ("dp_shard_cp", "dp_replicate")
+FSDP_AXES = ("dp_shard_cp", "dp_replicate", "expert_fsdp")  # the mesh axes FSDP shards over
 
 
 @dataclass
@@ -95,14 +95,15 @@ def _is_fsdp_sharded(p: torch.Tensor) -> bool:
     return any(axis in names for axis in FSDP_AXES)
 
 
-def _tp_local_numel(p: torch.Tensor) -> int:
-    """Elements of the parameter as FSDP gathers it: whole, or its tensor-parallel slice."""
+def _gathered_numel(p: torch.Tensor) -> int:
+    """Elements of the parameter as FSDP gathers it: whole, or its tensor-parallel slice, or
+    (experts) its expert-parallel share."""
     n = p.numel()
     mesh = getattr(p, "device_mesh", None)
     if mesh is None:
         return n
     for name, placement, size in zip(mesh.mesh_dim_names or (), p.placements, mesh.shape):
-        if name == "tp" and placement.is_shard():
+        if name in ("tp", "ep") and placement.is_shard():
             n //= size
     return n
 
@@ -121,7 +122,7 @@ def gathered_bytes(modules: list[nn.Module], dims: ParallelDims, zero: int, comp
         for unit in fsdp_units(module):
             fp32 = isinstance(unit, list) and module.tok_embeddings in unit  # gathered in fp32 (loom.parallel.fsdp)
             item = 4 if fp32 else torch.empty((), dtype=compute).element_size()
-            sizes.append(sum(_tp_local_numel(p) for p in _unit_params(unit)) * item)
+            sizes.append(sum(_gathered_numel(p) for p in _unit_params(unit)) * item)
     if keeps_units_gathered(zero, dims.pp):
         return sum(sizes)
     *others, last = sizes
@@ -133,7 +134,7 @@ def state_bytes(modules: list[nn.Module], dims: ParallelDims, parallel) -> tuple
     params = local_shard_bytes(modules)
     grads = params
     if dims.dp * dims.cp > 1 and accumulates_unsharded_grads(parallel.zero, dims.pp, parallel.pp_schedule):
-        grads += sum(4 * _tp_local_numel(p) for m in modules for p in m.parameters())
+        grads += sum(4 * _gathered_numel(p) for m in modules for p in m.parameters())
     return params, grads, 2 * params
 
 
@@ -156,11 +157,12 @@ def _gathered_ids(module: nn.Module) -> set[int]:
     return {id(p) for p in module.parameters() if not _is_fsdp_sharded(p)}
 
 
-def _newly_gathered(module: nn.Module, before: set[int], compute: torch.dtype) -> int:
-    """Bytes of parameters gathered now that were not when `before` was taken."""
+def _newly_gathered(module: nn.Module, before: set[int], compute: torch.dtype, mem: LiveTensorBytes) -> int:
+    """Bytes of parameters gathered now that were not when `before` was taken, in storages that
+    `mem` counts (FSDP gathers DTensor parameters, the experts, into storages it kept)."""
     item = torch.empty((), dtype=compute).element_size()
-    return sum(item * _tp_local_numel(p) for p in module.parameters()
-               if not _is_fsdp_sharded(p) and id(p) not in before)
+    return sum(item * _gathered_numel(p) for p in module.parameters()
+               if not _is_fsdp_sharded(p) and id(p) not in before and mem.counts(p))
 
 
 def trace_micro_batch(module: nn.Module, model_cfg, cfg, dims: ParallelDims, compute: torch.dtype) -> tuple[int, int]:
@@ -179,7 +181,7 @@ def trace_micro_batch(module: nn.Module, model_cfg, cfg, dims: ParallelDims, com
         with LiveTensorBytes() as mem:
             with autocast:
                 out = module(x, **kwargs)
-            saved = mem.current - (_newly_gathered(module, gathered, compute) if fsdp else 0)
+            saved = mem.current - (_newly_gathered(module, gathered, compute, mem) if fsdp else 0)
             after_forward = mem.current
             out.backward() if out.dim() == 0 else out.backward(torch.ones_like(out))
             del out

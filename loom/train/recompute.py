@@ -3,7 +3,9 @@
 - `full`: keep only each block's input; re-run the whole block in backward.
 - `selective`: keep the outputs of matmuls and attention, recompute the cheap element-wise
   work (norms, RoPE, SiLU and the SwiGLU product). Saves most of a block's activation memory
-  for no extra matmul FLOPs.
+  for no extra matmul FLOPs. In a MoE block only the attention sublayer is recomputed so: the
+  MoE layer's routing and token exchange (collectives whose splits depend on the data) cannot
+  be replayed op by op, and keep their activations.
 
 The block's `forward` is replaced on the instance (not wrapped in a new module), so parameter
 names and checkpoints are the same with and without recomputation.
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import (
 )
 
 from loom.kernels import cpu_attention  # noqa: F401  (registers torch.ops.loom.cpu_attention_*)
+from loom.models.moe import MoE
 
 RECOMPUTE_MODES = ("none", "full", "selective")
 aten = torch.ops.aten
@@ -50,6 +53,10 @@ def apply_recompute(blocks: list[nn.Module], mode: str) -> None:
         inner = block.forward
         if mode == "full":
             block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+        elif mode == "selective" and isinstance(block.feed_forward, MoE):
+            block.attention.forward = functools.partial(
+                checkpoint, block.attention.forward, use_reentrant=False, context_fn=_selective_context
+            )
         elif mode == "selective":
             block.forward = functools.partial(
                 checkpoint, inner, use_reentrant=False, context_fn=_selective_context
