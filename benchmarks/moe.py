@@ -7,12 +7,21 @@ Python loop over experts, and the routing balance with and without the load-bala
    grouped vs looped, runs alternating so that machine noise hits both alike.
 2. max / mean tokens per expert (over layers and the last 10 steps) of a short training run on
    the builtin corpus, aux_loss_coeff 0.01 against 0.
+3. expert parallelism on 2 ranks (`loom train --nproc 2`, dp_shard=2, gloo, one thread per
+   rank): tokens/s with every expert on both ranks (ep=1, FSDP-sharded) against 4 experts per
+   rank with all-to-all dispatch (ep=2), runs alternating, --rounds of each.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,11 +70,35 @@ def balance(aux: float, steps: int) -> float:
     return statistics.mean(ratios)
 
 
+def launch_rate(ep: int, steps: int, seq_len: int, out: Path) -> float:
+    """Median tokens/s (global) over the logged steps after the first of a 2-rank tiny-moe run."""
+    jsonl = out / f"ep{ep}.jsonl"
+    jsonl.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", "--model.name=tiny-moe",
+           "--parallel.pp=1", "--parallel.dp_shard=2", f"--parallel.ep={ep}", f"--train.steps={steps}",
+           f"--train.seq_len={seq_len}", "--train.micro_batch=2", "--train.global_batch=4", "--train.eval_every=0",
+           "--metrics.log_every=1", f"--metrics.jsonl={jsonl}", "--metrics.plot="]
+    subprocess.run(cmd, check=True, env=env, cwd=out, capture_output=True)
+    rows = [json.loads(line) for line in open(jsonl)]
+    return statistics.median(r["tokens_per_s"] for r in rows[1:])
+
+
+def expert_parallel_rates(rounds: int, steps: int, seq_len: int) -> dict[int, list[float]]:
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for ep in (1, 2):
+                rates[ep].append(launch_rate(ep, steps, seq_len, Path(tmp)))
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating 2-rank launches per ep degree")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rates = step_rates(args.seq_len, args.steps)
@@ -80,6 +113,14 @@ def main() -> None:
     print("|---:|---:|")
     for aux in (0.01, 0.0):
         print(f"| {aux} | {balance(aux, args.train_steps):.3f} |", flush=True)
+    rates = expert_parallel_rates(args.rounds, args.steps, args.seq_len)
+    print(f"\n## expert parallelism: tiny-moe on 2 ranks (dp_shard=2), 2 x {args.seq_len} tokens per rank and "
+          f"step, median tokens/s of steps 2-{args.steps}")
+    print("| layout | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " | vs ep=1 |")
+    print("|---|" + "---:|" * (args.rounds + 1))
+    for ep in (1, 2):
+        ratio = statistics.mean(rates[ep]) / statistics.mean(rates[1])
+        print(f"| ep={ep} | " + " | ".join(f"{r:,.0f}" for r in rates[ep]) + f" | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

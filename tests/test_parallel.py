@@ -280,7 +280,7 @@ def test_nproc_launches_torchrun_and_rank0_reports(dataset, tmp_path):
         stdout = r.stdout
     cp_rows = rows["cp2"]
     assert [row["step"] for row in cp_rows] == [1, 2, 3]  # written once, by rank 0
-    assert cp_rows[0]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 1, "world_size": 2}
+    assert cp_rows[0]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 2, "tp": 1, "ep": 1, "world_size": 2}
     assert cp_rows[0]["tokens_per_s_per_device"] == pytest.approx(cp_rows[0]["tokens_per_s"] / 2)
     assert stdout.count("tokens/s per device") == 1 and "cp=2" in stdout
     for a, b in zip(cp_rows, rows["single"]):

@@ -63,7 +63,7 @@ def test_train_cli_writes_metrics_plot_and_summary(dataset, tmp_path, capsys):
         assert words in out
     rows = [json.loads(line) for line in open(tmp_path / "run" / "m.jsonl")]
     assert [r["step"] for r in rows] == [1, 5, 6, 10, 12]
-    assert rows[0]["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "cp": 1, "pp": 1, "world_size": 1}
+    assert rows[0]["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "cp": 1, "pp": 1, "ep": 1, "world_size": 1}
     assert rows[0]["flops_convention"] == "megatron"
     assert all("layout" not in r for r in rows[1:])
     keys = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device",
