@@ -94,11 +94,13 @@ def _cuda_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     n_rep = q.shape[1] // k.shape[1]
     ke, ve = _expand_kv(k, n_rep), _expand_kv(v, n_rep)
     if q.dtype in (torch.float16, torch.bfloat16):
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
+        philox = torch.empty(0, device=q.device, dtype=torch.int64)  # no dropout: unused
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            # A tile's lse is a strided slice; the CUDA kernels index it as contiguous.
-            dout, q, ke, ve, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
-            empty, empty, scale=scale,
+            # A tile's lse is a strided slice; the CUDA kernels index it as contiguous. No
+            # cumulative sequence lengths (None, as the dense forward returns them): torch 2.11
+            # reads a defined one, even empty, as variable-length input and wants it int32.
+            dout, q, ke, ve, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal,
+            philox, philox, scale=scale,
         )
     else:
         philox = torch.empty(0, device=q.device, dtype=torch.int64)
