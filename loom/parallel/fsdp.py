@@ -6,7 +6,8 @@ replicates across it (HSDP). Gradients are averaged over all of these ranks, whi
 loss (a mean over every rank's tokens, all ranks holding equal token counts) asks for.
 
 Units, each gathered and freed on its own: the embedding, every block, and the final norm with
-the output layer; the root holds no parameter of its own. Two sharding modes (parallel.zero):
+the output layer; the root holds no parameter of its own. Under expert parallelism each block's
+experts are a unit of their own, on their own mesh (see _shard_experts). Two sharding modes (parallel.zero):
 - 3 (ZeRO-3, the default): parameters are freed after each unit's forward and gathered again
   for its backward; gradients are reduce-scattered after every micro-batch, so no unsharded
   gradient outlives a unit's backward.
