@@ -150,7 +150,8 @@ MOE_LAYOUTS = {
                                  "--moe.capacity_factor=1.0"],
         "dp_replicate2_dp_shard2_ep2": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--parallel.ep=2"],
         # The aux losses dominate the router's gradient here, so that it checks their value as
-        # computed from shares spread over cp x tp (with coefficient 0.01 they are ~1% of it).
+        # computed from shares spread over cp x tp (measured: 99% of its norm at coefficient 1.0,
+        # 11% at the default 0.01).
         "cp2_tp2_ep2_strong_aux": ["--parallel.cp=2", "--parallel.tp=2", "--parallel.dp_shard=1", "--parallel.ep=2",
                                    "--moe.aux_loss_coeff=1.0", "--moe.z_loss_coeff=0.1"]},
 }
