@@ -76,10 +76,17 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
     except (DataError, CheckpointError) as e:
         return worker_fail(str(e))
+    from loom.train.signals import EXIT_STOPPED, StoppedBySignal
+
     try:
-        summary = trainer.train()
+        with trainer.stop_requests:  # SIGTERM / SIGINT: stop after this step, with a checkpoint
+            summary = trainer.train()
     except (FloatingPointError, CheckpointError) as e:
         return worker_fail(str(e))
+    except StoppedBySignal as e:
+        if trainer.rank == 0:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
         trainer.close()
     if trainer.rank == 0:

@@ -2,21 +2,99 @@
 
 Multi-node jobs call torchrun themselves (`torchrun --nnodes ... -m loom train ...`): under
 torchrun `loom train` is simply one worker.
+
+Signals: `loom train --nproc N` runs torchrun in a session of its own, so that a terminal's
+Ctrl-C reaches it once, through this process, which forwards SIGINT and SIGTERM to it and waits:
+torchrun passes the signal to every worker, which stops after its step with a checkpoint
+(loom.train.signals), and no process outlives `loom train`. A second signal kills torchrun and
+its workers at once. torchrun runs under `python -m loom.launch`, which is torchrun's own main
+with its exit on a signal made quiet (one line from the workers, not torchrun's traceback).
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import subprocess
 import sys
+
+from loom.train.signals import EXIT_STOPPED, STOP_SIGNALS
 
 
 def launch_local(nproc: int, worker_args: list[str], max_restarts: int = 0, quiet: bool = False) -> int:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "loom.launch",
         "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         "-m", "loom", "train", *worker_args, *(["--quiet"] if quiet else []),
     ]
     # After a restart, workers sharing torchrun's rendezvous store can read the previous attempt's
     # addresses and fail to connect (pytorch/pytorch#135712); a store per attempt avoids that.
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.call(cmd, env=env)
+    torchrun = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            torchrun.send_signal(signum)
+        elif len(received) == 2:  # a second signal: everything, now
+            for pid in [*_descendants(torchrun.pid), torchrun.pid]:
+                _kill(pid)
+            print(f"loom train: stopped at once by a second {signal.Signals(signum).name}; the checkpoints "
+                  f"published before it are intact", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        status = torchrun.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if len(received) > 1:
+        return 128 + received[1]
+    return EXIT_STOPPED if received and status != 0 else status
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes below `pid` (Linux /proc; elsewhere none are found and torchrun's own shutdown
+    ends its workers)."""
+    children = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class _DropSignalNotices(logging.Filter):
+    """torchrun's warnings that it got a signal and passes it on: the workers say what happens."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "closing signal" not in message and "death signal" not in message
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun's main on argv; a signal that stopped it is its exit status EXIT_STOPPED, quietly."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_DropSignalNotices())
+    try:
+        main(argv)
+    except SignalException:
+        return EXIT_STOPPED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))

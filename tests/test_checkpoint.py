@@ -202,6 +202,83 @@ def test_killed_worker_restarts_and_resumes(dataset, tmp_path):
     assert finals["killed"][0] == finals["uninterrupted"][0]
 
 
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)] if path.exists() else []
+
+
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resumes_exactly(dataset, tmp_path):
+    """Preemption: `loom train --nproc 2` gets SIGTERM once step 5 is logged. Its workers finish
+    the step in flight, agree on it, write its checkpoint and end; the launcher exits with status
+    3 and one line; no process is left. The same command then resumes, and every step's loss
+    equals the uninterrupted run's, bit for bit."""
+    import signal
+    import time
+
+    from loom.train.signals import EXIT_STOPPED
+
+    args = common(dataset, tmp_path, steps=12)[2:] + ["--parallel.dp_shard=2", "--parallel.pp=1", "--metrics.log_every=1"]
+    ck = tmp_path / "ck"
+    runs = {"uninterrupted": args + [f"--metrics.jsonl={tmp_path}/full.jsonl"],
+            "stopped": args + [f"--checkpoint.dir={ck}", f"--metrics.jsonl={tmp_path}/stopped.jsonl"]}
+    cmd = [sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2"]
+    proc = subprocess.Popen(cmd + runs["stopped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_cli_env(), cwd=tmp_path)
+    deadline = time.time() + 300
+    while len(_rows(tmp_path / "stopped.jsonl")) < 5:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 5"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("loom train")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    step = int(lines[0].split("after step ")[1].split(";")[0])
+    assert 5 <= step <= 7  # the step in flight when the workers got the signal (or the next)
+    assert f"checkpoint {ck}/step-{step:08d} written" in lines[0]
+    assert sorted(p.name for p in ck.iterdir()) == [f"step-{step:08d}"]
+    assert not _worker_pids(str(ck))
+    for name, extra in (("resumed", runs["stopped"]), ("uninterrupted", runs["uninterrupted"])):
+        r = subprocess.run(cmd + extra, capture_output=True, text=True, env=_cli_env(), cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    full, resumed = _rows(tmp_path / "full.jsonl"), _rows(tmp_path / "stopped.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
+def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, tmp_path):
+    """Two SIGTERMs in a row: the launcher kills torchrun and its workers at once, says so in one
+    line and exits with 128 + 15; the checkpoints published before are byte for byte unchanged."""
+    import signal
+    import time
+
+    ck = tmp_path / "ck"
+    # A model whose steps and saves (34M parameters) take long enough that the second signal,
+    # 0.2 s after the first, finds the graceful stop under way.
+    args = common(dataset, tmp_path, steps=400)[2:] + [
+        "--parallel.dp_shard=2", "--parallel.pp=1", "--metrics.log_every=1", f"--checkpoint.dir={ck}",
+        "--checkpoint.every=4", "--checkpoint.keep=100", f"--metrics.jsonl={tmp_path}/m.jsonl",
+        "--model.dim=512", "--model.n_layers=8", "--model.n_heads=8", "--model.n_kv_heads=8", "--model.ffn_dim=1536"]
+    proc = subprocess.Popen([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(), cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (ck / "step-00000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.01)
+    published = {p.name: {f.name: f.read_bytes() for f in p.rglob("*") if f.is_file()}
+                 for p in ck.iterdir() if p.name.startswith("step-")}
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # two signals sent at once may arrive as one
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("loom train")]
+    assert lines == ["loom train: stopped at once by a second SIGTERM; the checkpoints published before it are "
+                     "intact"], err[-3000:]
+    assert not _worker_pids(str(ck))
+    for name, files in published.items():
+        assert {f.name: f.read_bytes() for f in (ck / name).rglob("*") if f.is_file()} == files, name
+
+
 def test_killed_save_leaves_the_previous_checkpoint_usable(dataset, tmp_path):
     """SIGKILL while the step-4 checkpoint is being written (its temporary folder exists, the
     published one does not): step 2 stays complete, and `resume=auto` continues from it."""

@@ -27,8 +27,9 @@ from loom.parallel.pipeline import sum_tied_grads, tied_copy
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.checkpoint import Checkpointer, TrainState
-from loom.train.checkpoint_files import resume_path
+from loom.train.checkpoint_files import checkpoint_name, resume_path
 from loom.train.schedule import lr_at
+from loom.train.signals import StoppedBySignal, StopRequests
 from loom.train.settings import DTYPES
 
 FLOPS_CONVENTION = "megatron"
@@ -136,6 +137,8 @@ class Trainer:
         self.tokens_per_step = t.global_batch * t.seq_len
 
         self.state = TrainState()
+        # Signals that stop the run after a step: installed by `loom train` around train().
+        self.stop_requests = StopRequests()
         self.checkpointer = None
         resume = self._agreed(resume_path(cfg.checkpoint))
         if cfg.checkpoint.dir or resume is not None:
@@ -391,6 +394,31 @@ class Trainer:
             )
         self.checkpointer.save(self.state)
 
+    def agreed_stop_signal(self) -> int:
+        """The stop signal any rank has received (0: none), the same on every rank, so that all
+        stop after the same step (one small all-reduce per step under a layout)."""
+        local = self.stop_requests.signum
+        if self.mesh is None:
+            return local
+        import torch.distributed as dist
+
+        flag = torch.tensor([local], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def stop_by_signal(self, signum: int, step: int, saved: bool) -> None:
+        """Write the checkpoint of `step` (unless this step just wrote it), publish it, and end
+        the run with StoppedBySignal."""
+        import signal
+
+        folder = None
+        if self.checkpointer is not None and self.cfg.checkpoint.dir:
+            if not saved:
+                self.save_checkpoint()
+            self.checkpointer.wait()
+            folder = os.path.join(self.cfg.checkpoint.dir, checkpoint_name(step))
+        raise StoppedBySignal(signal.Signals(signum).name, step, folder)
+
     def moe_stats(self) -> dict:
         """Routing of the last micro-batch over every MoE layer of every rank: the share of
         token-expert assignments each expert got (min, max, mean over experts; mean = 1/E) and
@@ -534,11 +562,19 @@ class Trainer:
                 if writer is not None:
                     writer.write(row)
                     bar.write(log_line(row, t.steps), file=sys.stdout)
+            saved = False
             if self.checkpointer is not None and cfg.checkpoint.dir:
                 self.checkpointer.poll()
                 every = cfg.checkpoint.every
                 if (every and step % every == 0) or step == last:
                     self.save_checkpoint()
+                    saved = True
+            signum = self.agreed_stop_signal()
+            if signum:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                self.stop_by_signal(signum, step, saved)
         bar.close()
         if self.checkpointer is not None:
             self.checkpointer.wait()
