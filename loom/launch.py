@@ -20,6 +20,8 @@ import sys
 
 from loom.train.signals import EXIT_STOPPED, STOP_SIGNALS
 
+EXIT_ERROR = 2  # a loom error: the rank that met it printed it in one line
+
 
 def launch_local(nproc: int, worker_args: list[str], max_restarts: int = 0, quiet: bool = False) -> int:
     cmd = [
@@ -30,6 +32,8 @@ def launch_local(nproc: int, worker_args: list[str], max_restarts: int = 0, quie
     # After a restart, workers sharing torchrun's rendezvous store can read the previous attempt's
     # addresses and fail to connect (pytorch/pytorch#135712); a store per attempt avoids that.
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # torchrun's own default for its workers, set here so that it prints no banner about it.
+    env.setdefault("OMP_NUM_THREADS", "1")
     torchrun = subprocess.Popen(cmd, env=env, start_new_session=True)
     received: list[int] = []
 
@@ -74,25 +78,33 @@ def _kill(pid: int) -> None:
         pass
 
 
-class _DropSignalNotices(logging.Filter):
-    """torchrun's warnings that it got a signal and passes it on: the workers say what happens."""
+class _DropNotices(logging.Filter):
+    """torchrun's notices that it got a signal and passes it on, or that workers ended with a
+    loom error (status 2): the workers say what happened, in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "closing signal" not in message and "death signal" not in message
+        return not any(s in message for s in ("closing signal", "death signal", f"(exitcode: {EXIT_ERROR})"))
 
 
 def run_torchrun(argv: list[str]) -> int:
-    """torchrun's main on argv; a signal that stopped it is its exit status EXIT_STOPPED, quietly."""
+    """torchrun's main on argv, quiet where loom's workers have said what happened: a signal that
+    stopped the job is exit status EXIT_STOPPED, workers that all ended with loom's one-line error
+    EXIT_ERROR. Other failures keep torchrun's report."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
-        logging.getLogger(name).addFilter(_DropSignalNotices())
+        logging.getLogger(name).addFilter(_DropNotices())
     try:
         main(argv)
     except SignalException:
         return EXIT_STOPPED
+    except ChildFailedError as e:
+        if {f.exitcode for f in e.failures.values()} == {EXIT_ERROR}:
+            return EXIT_ERROR
+        raise
     return 0
 
 

@@ -279,6 +279,20 @@ def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, 
         assert {f.name: f.read_bytes() for f in (ck / name).rglob("*") if f.is_file()} == files, name
 
 
+def test_a_workers_loom_error_is_one_line_with_status_2(dataset, tmp_path):
+    """A non-finite loss on the workers of `loom train --nproc 2`: loom's one line, exit status 2,
+    none of torchrun's failure report, no process left."""
+    args = common(dataset, tmp_path, steps=5)[2:] + [
+        "--parallel.dp_shard=2", "--parallel.pp=1", "--train.lr=1e9", "--train.warmup_steps=0", "--train.grad_clip=0",
+        f"--checkpoint.dir={tmp_path}/ck_nan"]
+    r = subprocess.run([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args], capture_output=True,
+                       text=True, env={k: v for k, v in _cli_env().items() if k != "OMP_NUM_THREADS"},
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("loom train: error: non-finite loss"), r.stderr[-3000:]
+    assert not _worker_pids(f"{tmp_path}/ck_nan")
+
+
 def test_killed_save_leaves_the_previous_checkpoint_usable(dataset, tmp_path):
     """SIGKILL while the step-4 checkpoint is being written (its temporary folder exists, the
     published one does not): step 2 stays complete, and `resume=auto` continues from it."""
