@@ -89,8 +89,8 @@ class _DropNotices(logging.Filter):
 
 def run_torchrun(argv: list[str]) -> int:
     """torchrun's main on argv, quiet where loom's workers have said what happened: a signal that
-    stopped the job is exit status EXIT_STOPPED, workers that all ended with loom's one-line error
-    EXIT_ERROR. Other failures keep torchrun's report."""
+    stopped the job is exit status EXIT_STOPPED, a job whose first failing worker ended with
+    loom's one-line error EXIT_ERROR. Other failures keep torchrun's report."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
@@ -102,7 +102,8 @@ def run_torchrun(argv: list[str]) -> int:
     except SignalException:
         return EXIT_STOPPED
     except ChildFailedError as e:
-        if {f.exitcode for f in e.failures.values()} == {EXIT_ERROR}:
+        # The first failure is the cause; ranks still running then are ended by torchrun.
+        if e.get_first_failure()[1].exitcode == EXIT_ERROR:
             return EXIT_ERROR
         raise
     return 0

@@ -229,11 +229,14 @@ class Trainer:
         return box[0]
 
     def close(self) -> None:
-        """Leave the process group (a torchrun worker must, before it exits)."""
+        """Leave the process group (a torchrun worker must, before it exits), all ranks together:
+        rank 0 reports a run's end (or the error every rank met) before this, and torchrun ends
+        the job's other ranks as soon as one exits with an error, which must not be before."""
         if self.mesh is not None:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()
                 dist.destroy_process_group()
 
     # -- one step -------------------------------------------------------------------------
