@@ -24,6 +24,7 @@ from loom.models.transformer import ModelConfig, check_model_config
 from loom.parallel.settings import check_parallel
 from loom.settings import SettingError, did_you_mean
 from loom.train.checkpoint_files import check_checkpoint_files, check_checkpoint_section
+from loom.train.outputs import check_output_paths
 from loom.train.report import check_metrics
 from loom.train.settings import check_train
 
@@ -290,9 +291,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate_files(cfg: Config, model: ModelConfig) -> None:
-    """The checks that read the disk: the dataset, the tokenizer, the checkpoint to resume."""
+    """The checks that read the disk: the dataset, the tokenizer, the checkpoint to resume, and
+    the outputs (writable, room for a checkpoint)."""
     check_data_files(cfg.data, cfg.train.seq_len, model, cfg.model.name)
     check_checkpoint_files(cfg, model)
+    check_output_paths(cfg, model)
 
 
 def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> ModelConfig:

@@ -155,3 +155,39 @@ def test_under_torchrun_a_bigger_world_is_refused(monkeypatch, capsys, tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "4")
     code, err = run_cli(["train", "--parallel.dp_shard=1"], capsys)
     assert code == 2 and "world size is 4" in err and len(err.splitlines()) == 1
+
+
+def test_unwritable_outputs_are_refused_before_any_worker_starts(tmp_path):
+    """An output path that cannot be written ends `loom train --nproc 4` in one line, status 2,
+    before torchrun starts (nothing on stdout, no torch.distributed in the message)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    for key, value in (("metrics.jsonl", f"{blocker}/m.jsonl"), ("metrics.plot", f"{blocker}/loss.png"),
+                       ("metrics.tensorboard", f"{blocker}/tb"), ("checkpoint.dir", f"{blocker}/sub/ck"),
+                       ("metrics.jsonl", str(tmp_path))):
+        r = subprocess.run([sys.executable, "-m", "loom", "train", "--nproc", "4", f"--{key}={value}"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", (key, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"loom train: error: {key}={value!r}"), r.stderr
+        assert "torch.distributed" not in r.stderr
+    assert blocker.read_text() == "in the way"
+
+
+def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch):
+    import collections
+
+    from loom.config import ConfigError
+    from loom.metrics.flops import param_counts
+    from loom.train import outputs
+
+    cfg = load_config(None, [f"--checkpoint.dir={tmp_path}/ck", f"--metrics.jsonl={tmp_path}/m.jsonl"])
+    params = param_counts(cfg.model_config()).total
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(2**40, 2**40 - 2**20, 2**20))
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir='{tmp_path}/ck' has 0.00 GiB free, but one checkpoint "
+                                          rf"of tiny \({params:,} parameters: fp32 weights and AdamW states, 12 bytes "
+                                          rf"each\) needs {12 * params / 2**30:.2f} GiB"):
+        validate(cfg)
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(2**40, 0, 12 * params))
+    validate(cfg)  # exactly one checkpoint's room
