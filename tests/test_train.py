@@ -135,3 +135,20 @@ def test_bert_trains_on_masked_lm_targets(dataset, tmp_path):
     assert torch.equal(again.labels.flip(0), batch.labels)
     summary = trainer.train()
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5, summary
+
+
+def test_a_run_faster_than_the_calibrated_peak_reports_no_mfu_and_discards_the_peak(dataset, tmp_path, monkeypatch):
+    """A stale calibration (here 1 FLOP/s): no row and no summary shows an MFU (never above
+    100%), the summary says the peak is stale, and the cached calibration is dropped."""
+    from loom.metrics.meter import Peak
+    from loom.train import trainer as trainer_module
+
+    forgotten = []
+    monkeypatch.setattr(trainer_module, "device_peak", lambda device, dtype: Peak(1.0, "cpu matmul calibration (test)"))
+    monkeypatch.setattr(trainer_module, "forget_cpu_peak", forgotten.append)
+    trainer = make_trainer(dataset, tmp_path, "--train.steps=3", "--train.eval_every=0", "--metrics.log_every=1",
+                           "--metrics.plot=")
+    summary = trainer.train()
+    assert summary["mfu"] is None and "stale" in summary["peak_source"]
+    assert forgotten == [torch.float32]
+    assert all(json.loads(line)["mfu"] is None for line in open(tmp_path / "m.jsonl"))

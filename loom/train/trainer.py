@@ -14,7 +14,7 @@ import torch
 from loom.config import Config
 from loom.data.dataset import Batch, BatchSchedule, open_splits
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
-from loom.metrics.meter import Peak, ThroughputMeter, device_peak, peak_memory_bytes
+from loom.metrics.meter import Peak, ThroughputMeter, device_peak, forget_cpu_peak, peak_memory_bytes
 from loom.models.attention import document_positions
 from loom.models.converters import convert_model
 from loom.models.loss import IGNORE_INDEX
@@ -588,6 +588,10 @@ class Trainer:
         # Throughput over the steady state: the first steps pay for allocation and warm-up.
         steady = step_times[min(3, len(step_times) - 1):] or [float("nan")]
         m = meter.step(sum(steady) / len(steady))
+        if meter.peak_exceeded and self.device.type == "cpu":
+            forget_cpu_peak(self.dtype)
+            peak = Peak(peak.flops, f"{peak.source}; stale: this run achieved more, so it is discarded and "
+                                    f"measured again next run")
         pc = param_counts(self.model_cfg)
         summary = {
             "model": cfg.model.name,
