@@ -252,12 +252,9 @@ def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, 
     import time
 
     ck = tmp_path / "ck"
-    # A model whose steps and saves (34M parameters) take long enough that the second signal,
-    # 0.2 s after the first, finds the graceful stop under way.
     args = common(dataset, tmp_path, steps=400)[2:] + [
         "--parallel.dp_shard=2", "--parallel.pp=1", "--metrics.log_every=1", f"--checkpoint.dir={ck}",
-        "--checkpoint.every=4", "--checkpoint.keep=100", f"--metrics.jsonl={tmp_path}/m.jsonl",
-        "--model.dim=512", "--model.n_layers=8", "--model.n_heads=8", "--model.n_kv_heads=8", "--model.ffn_dim=1536"]
+        "--checkpoint.every=4", "--checkpoint.keep=100", f"--metrics.jsonl={tmp_path}/m.jsonl"]
     proc = subprocess.Popen([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(), cwd=tmp_path)
     deadline = time.time() + 300
@@ -266,8 +263,12 @@ def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, 
         time.sleep(0.01)
     published = {p.name: {f.name: f.read_bytes() for f in p.rglob("*") if f.is_file()}
                  for p in ck.iterdir() if p.name.startswith("step-")}
+    # The workers are held (SIGSTOP) so that the graceful stop the first signal starts cannot end
+    # before the second arrives, 0.2 s later (two signals sent at once may arrive as one).
+    for pid in _worker_pids(str(ck)):
+        os.kill(pid, signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)  # two signals sent at once may arrive as one
+    time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]

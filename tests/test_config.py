@@ -172,6 +172,7 @@ def test_unwritable_outputs_are_refused_before_any_worker_starts(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"loom train: error: {key}={value!r}"), r.stderr
         assert "torch.distributed" not in r.stderr
     assert blocker.read_text() == "in the way"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created
 
 
 def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch):

@@ -70,11 +70,11 @@ def test_module_entry_point():
 
 
 def test_meter_figures():
-    meter = ThroughputMeter(tokens_per_step=8192, flops_per_token=1e9, world_size=4, peak=Peak(1e12, "test"))
+    meter = ThroughputMeter(tokens_per_step=8192, flops_per_token=1e9, world_size=4, peak=Peak(2e12, "test"))
     m = meter.step(2.0)
     assert m.tokens_per_s == 4096 and m.tokens_per_s_per_device == 1024
     assert m.tflops_per_device == pytest.approx(1024 * 1e9 / 1e12)
-    assert m.mfu == pytest.approx(1024 * 1e9 / 1e12)
+    assert m.mfu == pytest.approx(1024 * 1e9 / 2e12)
     assert ThroughputMeter(1, 1, 1, Peak(None, "?")).step(1.0).mfu is None
 
 

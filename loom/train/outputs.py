@@ -1,5 +1,6 @@
-"""What a run will write, checked before any worker starts: each output's folder is created and
-probed by writing a file into it, and the checkpoint folder's filesystem must have room for one
+"""What a run will write, checked before any worker starts, without writing anything: each
+output's folder must exist or be creatable (its nearest existing ancestor a folder this user can
+write, probed by a temporary file), and the checkpoint folder's filesystem must have room for one
 checkpoint. An unwritable path is then one line at launch, not a traceback per rank after the
 model is built."""
 from __future__ import annotations
@@ -30,21 +31,30 @@ def check_output_paths(cfg, model_cfg) -> None:
         check_checkpoint_room(c.dir, model_cfg, cfg.model.name)
 
 
+def _existing(folder: Path) -> Path:
+    """`folder`, or its nearest ancestor that exists."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def _check_writable(key: str, value: str, folder: Path) -> None:
+    allowed = "allowed: a path in a folder this user can create and write"
+    existing = _existing(folder)
+    if not existing.is_dir():
+        raise SettingError(f"{key}={value!r} cannot be written: {existing} is a file; {allowed}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".loom-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".loom-write-test-"):
             pass
     except OSError as e:
-        raise SettingError(f"{key}={value!r} cannot be written: {e.strerror or e} ({e.filename or folder}); "
-                           f"allowed: a path in a folder this user can create and write") from None
+        raise SettingError(f"{key}={value!r} cannot be written: {e.strerror or e} ({existing}); {allowed}") from None
 
 
 def check_checkpoint_room(folder: str, model_cfg, name: str) -> None:
     """Refuse a checkpoint folder whose filesystem has less free space than one checkpoint."""
     params = param_counts(model_cfg).total
     needed = CHECKPOINT_BYTES_PER_PARAM * params
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(_existing(Path(folder))).free
     if free < needed:
         raise SettingError(
             f"checkpoint.dir={folder!r} has {free / 2**30:,.2f} GiB free, but one checkpoint of {name} "
