@@ -124,6 +124,11 @@ def cmd_dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from loom.data.prepare import PrepareError, prepare
 
+    if args.verify:
+        return cmd_verify(args.verify)
+    missing = [f"--{k}" for k in ("input", "tokenizer", "output") if getattr(args, k) is None]
+    if missing:
+        return fail("loom prepare", f"{', '.join(missing)} needed (or --verify DATASET to check a prepared one)")
     try:
         meta = prepare(args.input, args.tokenizer, args.output, args.val_fraction, progress=not args.quiet)
     except PrepareError as e:
@@ -132,6 +137,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: train {sp['train']['tokens']:,} tokens in {sp['train']['documents']:,} "
           f"documents, validation {sp['val']['tokens']:,} tokens in {sp['val']['documents']:,} documents, "
           f"vocabulary {meta['vocab_size']:,}")
+    return 0
+
+
+def cmd_verify(folder: str) -> int:
+    """`loom prepare --verify DATASET`: sizes, checksums and largest token ids of a prepared dataset."""
+    from pathlib import Path
+
+    from loom.data.dataset import read_meta
+    from loom.data.integrity import IntegrityError, verify
+
+    path = Path(folder)
+    if not (path / "meta.json").is_file():
+        return fail("loom prepare", f"--verify={folder!r} is not a prepared dataset (no meta.json)")
+    meta = read_meta(path)
+    try:
+        largest = verify(path, meta)
+    except IntegrityError as e:
+        return fail("loom prepare", str(e))
+    files = meta.get("files", {})
+    print(f"verified {folder}: {len(files)} files, sizes and checksums as prepared" if files else
+          f"verified {folder}: sizes as prepared (a dataset from before checksums were recorded)")
+    print("largest token id: " + ", ".join(f"{split} {top:,}" for split, top in largest.items())
+          + f" (vocabulary {meta['vocab_size']:,})")
     return 0
 
 
@@ -308,9 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--world", type=int, help="with --dry-run: ranks of the job (default: the layout's size)")
 
     prep = sub.add_parser("prepare", help="tokenize a folder of .txt/.jsonl files into a token dataset")
-    prep.add_argument("--input", required=True, help="a folder (or file) of .txt and .jsonl documents")
-    prep.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer.json")
-    prep.add_argument("--output", required=True, help="the dataset folder to create")
+    prep.add_argument("--input", help="a folder (or file) of .txt and .jsonl documents")
+    prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json")
+    prep.add_argument("--output", help="the dataset folder to create")
+    prep.add_argument("--verify", metavar="DATASET",
+                      help="check a prepared dataset instead: file sizes, checksums, largest token ids")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
     prep.add_argument("--quiet", action="store_true")
 

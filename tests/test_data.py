@@ -94,3 +94,76 @@ def test_builtin_corpus_is_the_stdlib(tmp_path, monkeypatch):
     stamp = (path / "meta.json").stat().st_mtime_ns
     assert stdlib.builtin_dataset(progress=False) == path
     assert (path / "meta.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
+
+
+def _copy(dataset, tmp_path):
+    import shutil
+
+    out = tmp_path / "ds"
+    shutil.copytree(dataset, out)
+    return out
+
+
+def _validate(path, *extra):
+    from loom.config import load_config, validate
+
+    return validate(load_config(None, ["--model.name=tiny", "--model.vocab_size=300", "--parallel.dp_shard=1",
+                                       "--parallel.pp=1", "--train.seq_len=32", f"--data.path={path}", *extra]))
+
+
+def test_prepare_records_sizes_checksums_and_largest_tokens(dataset):
+    meta = read_meta(dataset)
+    assert set(meta["files"]) == {"train.bin", "val.bin", "train.docs.npy", "val.docs.npy"}
+    tokens = np.fromfile(dataset / "train.bin", dtype=meta["dtype"])
+    assert meta["splits"]["train"]["max_token"] == int(tokens.max())
+    assert meta["files"]["train.bin"]["bytes"] == tokens.nbytes
+
+
+def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path, monkeypatch, capsys):
+    """Truncated, changed in place, or holding ids beyond the model's vocabulary: one line naming
+    the file, before anything starts; the dataset is left as it was. Checksums are read on a
+    dataset's first use on this machine (here: a fresh cache), not again while it is unchanged."""
+    from loom.config import ConfigError
+    from loom.data import integrity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    good = _copy(dataset, tmp_path / "good")
+    verified = []
+    monkeypatch.setattr(integrity, "verify", lambda path, meta, _v=integrity.verify: verified.append(path) or _v(path, meta))
+    _validate(good)
+    _validate(good)
+    assert verified == [good]  # read once, then remembered
+
+    truncated = _copy(dataset, tmp_path / "truncated")
+    data = (truncated / "train.bin").read_bytes()
+    (truncated / "train.bin").write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(ConfigError, match=rf"train.bin is {len(data) * 6 // 10:,} bytes, but loom prepare wrote "
+                                          rf"{len(data):,} \(truncated or replaced\)"):
+        _validate(truncated)
+    with pytest.raises(Exception, match="truncated or replaced"):  # and at open, for the builtin path's users
+        TokenDataset(truncated, "train", 32)
+
+    changed = _copy(dataset, tmp_path / "changed")
+    tokens = np.fromfile(changed / "val.bin", dtype=read_meta(changed)["dtype"])
+    tokens[3] = (tokens[3] + 1) % 300
+    tokens.tofile(changed / "val.bin")
+    with pytest.raises(ConfigError, match="val.bin does not match the checksum loom prepare recorded"):
+        _validate(changed)
+    assert main(["prepare", "--verify", str(changed)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+    # Ids beyond the vocabulary in a file whose records agree (written by another tool).
+    beyond = _copy(dataset, tmp_path / "beyond")
+    meta = read_meta(beyond)
+    tokens = np.fromfile(beyond / "train.bin", dtype=meta["dtype"])
+    tokens[7] = 400
+    tokens.tofile(beyond / "train.bin")
+    meta["files"]["train.bin"] = integrity.file_record(beyond / "train.bin")
+    meta["splits"]["train"]["max_token"] = 400
+    (beyond / "meta.json").write_text(json.dumps(meta))
+    before = {f.name: f.read_bytes() for f in beyond.iterdir()}
+    with pytest.raises(ConfigError, match=r"train.bin holds token id 400, beyond model.vocab_size=300"):
+        _validate(beyond)
+    assert {f.name: f.read_bytes() for f in beyond.iterdir()} == before
+    assert main(["prepare", "--verify", str(good)]) == 0
+    assert "sizes and checksums as prepared" in capsys.readouterr().out

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 
-from loom.settings import need
+from loom.data.integrity import IntegrityError, check_sizes, split_files, verified_max_tokens
+from loom.settings import SettingError, need
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 
@@ -62,6 +63,10 @@ class TokenDataset:
             raise DataError(f"dataset {self.path} has no split {split!r}")
         self.meta = meta
         self.seq_len = seq_len
+        try:  # a truncated or replaced file, before it is read
+            check_sizes(self.path, meta)
+        except IntegrityError as e:
+            raise DataError(str(e)) from None
         self.tokens = np.memmap(self.path / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
         self.doc_starts = np.load(self.path / f"{split}.docs.npy")
         self.n_sequences = max(0, (len(self.tokens) - 1) // seq_len)
@@ -150,6 +155,20 @@ def data_vocab_size(data) -> int:
     return int(read_meta(data.path)["vocab_size"])
 
 
+def _check_integrity(path: Path, meta: dict, model) -> None:
+    """Sizes, and (on this machine's first use of the files) checksums and the largest token id
+    against the model's vocabulary (loom.data.integrity)."""
+    from loom.metrics.meter import cache_dir
+
+    try:
+        largest = verified_max_tokens(path, meta, cache_dir() / "datasets.json")
+    except IntegrityError as e:
+        raise SettingError(str(e)) from None
+    for split, top in largest.items():
+        need(top < model.vocab_size, f"data.path={str(path)!r}: {split_files(split)[0]} holds token id {top:,}, "
+                                     f"beyond model.vocab_size={model.vocab_size} (ids must be below it)")
+
+
 def check_data_files(d, seq_len: int, model, model_name: str) -> None:
     """The [data] section against the disk, before anything starts: a prepared dataset long
     enough for seq_len, a tokenizer file, a vocabulary the model covers, and a [MASK] token
@@ -158,10 +177,12 @@ def check_data_files(d, seq_len: int, model, model_name: str) -> None:
         need(Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
              f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
              f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`")
-        for split, info in read_meta(d.path)["splits"].items():
+        meta = read_meta(d.path)
+        for split, info in meta["splits"].items():
             need(info["tokens"] > seq_len,
                  f"train.seq_len={seq_len} is longer than the {split} split of data.path={d.path!r} "
                  f"({info['tokens']} tokens)")
+        _check_integrity(Path(d.path), meta, model)
     if d.tokenizer:
         need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
     vocab = data_vocab_size(d)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loom.data.integrity import file_record, split_files
+
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 
 
@@ -118,12 +120,14 @@ def write_dataset(
         outs = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}
         starts: dict[str, list[int]] = {"train": [], "val": []}
         sizes = {"train": 0, "val": 0}
+        largest = {"train": -1, "val": -1}
 
         def flush(batch: list[tuple[str, str]]) -> None:
             encoded = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False)
             for (doc_id, _), enc in zip(batch, encoded):
                 split = "val" if is_validation(doc_id, val_fraction) else "train"
                 ids = np.asarray(enc.ids + [eos], dtype=dtype)
+                largest[split] = max(largest[split], int(ids.max()))
                 starts[split].append(sizes[split])
                 sizes[split] += len(ids)
                 outs[split].write(ids.tobytes())
@@ -147,7 +151,10 @@ def write_dataset(
             "eos_id": eos,
             "val_fraction": val_fraction,
             "source": source,
-            "splits": {s: {"tokens": sizes[s], "documents": len(starts[s])} for s in ("train", "val")},
+            "splits": {s: {"tokens": sizes[s], "documents": len(starts[s]), "max_token": largest[s]}
+                       for s in ("train", "val")},
+            # What a run checks before using the files (loom.data.integrity).
+            "files": {name: file_record(tmp / name) for s in ("train", "val") for name in split_files(s)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, output)

@@ -1,0 +1,105 @@
+"""A prepared dataset's integrity: what `loom prepare` records of its files, and the checks made
+before a run uses them.
+
+    meta.json "files": {"train.bin": {"bytes", "crc32"}, ...}   every file prepare wrote
+    meta.json "splits": {split: {..., "max_token"}}             the largest token id of a split
+
+- Sizes are checked at every open (cheap): a truncated or replaced token file is refused. A
+  dataset from before these records has its token files' sizes checked against its token counts.
+- Checksums and the largest token id are checked on the first use of a dataset on a machine (the
+  result is cached with the files' sizes and times) and by `loom prepare --verify`: a file whose
+  bytes changed, or a token id the model's vocabulary does not cover, is refused before any
+  worker starts instead of failing inside one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_BYTES = 1 << 24
+
+
+class IntegrityError(ValueError):
+    """A dataset whose files are not what `loom prepare` wrote; the message is one line."""
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes", "crc32"} of a file, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            crc = zlib.crc32(block, crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def split_files(split: str) -> tuple[str, str]:
+    return f"{split}.bin", f"{split}.docs.npy"
+
+
+def check_sizes(path: Path, meta: dict) -> None:
+    """Every recorded file has its recorded size (older datasets: each token file holds its
+    split's token count)."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    expected = dict((name, rec["bytes"]) for name, rec in meta.get("files", {}).items()) or {
+        split_files(split)[0]: info["tokens"] * itemsize for split, info in meta["splits"].items()}
+    for name, size in expected.items():
+        f = path / name
+        if not f.is_file():
+            raise IntegrityError(f"data.path={str(path)!r}: {name} is missing; prepare the dataset again")
+        if f.stat().st_size != size:
+            raise IntegrityError(f"data.path={str(path)!r}: {name} is {f.stat().st_size:,} bytes, but loom prepare "
+                                 f"wrote {size:,} (truncated or replaced); prepare the dataset again")
+
+
+def max_token(path: Path, split: str, dtype: str) -> int:
+    """The largest token id in a split's token file, read in chunks."""
+    tokens = np.memmap(path / split_files(split)[0], dtype=np.dtype(dtype), mode="r")
+    step = CHUNK_BYTES // tokens.itemsize
+    return max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+
+
+def verify(path: Path, meta: dict) -> dict[str, int]:
+    """Checksums of every recorded file against meta.json, and each split's largest token id
+    (read from the file, checked against the recorded one). Returns {split: largest id}."""
+    check_sizes(path, meta)
+    for name, rec in meta.get("files", {}).items():
+        if file_record(path / name)["crc32"] != rec["crc32"]:
+            raise IntegrityError(f"data.path={str(path)!r}: {name} does not match the checksum loom prepare "
+                                 f"recorded (its bytes changed); prepare the dataset again")
+    largest = {split: max_token(path, split, meta["dtype"]) for split in meta["splits"]}
+    for split, info in meta["splits"].items():
+        if "max_token" in info and largest[split] != info["max_token"]:
+            raise IntegrityError(f"data.path={str(path)!r}: {split_files(split)[0]} holds token id "
+                                 f"{largest[split]:,}, but loom prepare recorded {info['max_token']:,} as its largest")
+    return largest
+
+
+def verified_max_tokens(path: Path, meta: dict, cache: Path) -> dict[str, int]:
+    """verify() once per machine and dataset state (its files' sizes and modification times),
+    remembered in `cache`; the sizes are checked every time."""
+    check_sizes(path, meta)
+    names = sorted({*meta.get("files", {}), *(split_files(s)[0] for s in meta["splits"])})
+    stamp = {n: [(path / n).stat().st_size, (path / n).stat().st_mtime_ns] for n in names}
+    key = str(path.resolve())
+    table = _read(cache)
+    if table.get(key, {}).get("stamp") == stamp:
+        return table[key]["max_token"]
+    largest = verify(path, meta)
+    table = _read(cache)
+    table[key] = {"stamp": stamp, "max_token": largest}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, cache)
+    return largest
+
+
+def _read(cache: Path) -> dict:
+    try:
+        return json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
