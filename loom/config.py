@@ -140,6 +140,7 @@ class CheckpointSection:
     keep: int = 2  # complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto (newest in dir, if any) | never | a checkpoint folder
     async_save: bool = False  # write in the background; training waits only for a host copy
+    on_error: str = "stop"  # a failed save (a full disk): "stop" the run, or "continue" training without it
 
 
 @dataclass(frozen=True)

@@ -637,3 +637,58 @@ def test_checkpoints_from_before_the_model_families_still_load():
     other = load_config(None, ["--model.name=tiny", "--model.norm=layernorm"])
     with pytest.raises(CheckpointError, match="model.norm='rmsnorm' there, 'layernorm' in this config"):
         check_compatible("old", manifest, other, validate(other, check_files=False))
+
+
+@pytest.mark.parametrize("on_error", ["stop", "continue"])
+def test_a_save_on_a_full_disk_is_one_line_and_keeps_the_published_checkpoints(dataset, tmp_path, on_error,
+                                                                                monkeypatch):
+    """The saves after step 2 fail as on a full disk (ENOSPC from DCP's file writes): one line
+    with the free space and the size needed, no partial folder, step 2 byte for byte unchanged;
+    the run stops at step 4, or with checkpoint.on_error='continue' says so at steps 4 and 6 and
+    trains on to its end."""
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    from ckpt_worker import run_job
+    from loom.train.checkpoint_files import CheckpointError
+
+    ck = tmp_path / "ck"
+    writes = filesystem._write_item
+
+    def full_from_step_4(*args, **kwargs):  # full once step 2 is published
+        if (ck / "step-00000002").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return writes(*args, **kwargs)
+
+    step2 = {}
+
+    def snapshot_after_step_2(*args, **kwargs):
+        if not step2 and (ck / "step-00000002").exists():
+            step2.update({f.name: f.read_bytes() for f in (ck / "step-00000002").rglob("*") if f.is_file()})
+        return full_from_step_4(*args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "_write_item", snapshot_after_step_2)
+    args = common(dataset, tmp_path, steps=6) + [f"--checkpoint.dir={ck}", "--checkpoint.every=2",
+                                                  "--checkpoint.keep=5", f"--checkpoint.on_error={on_error}"]
+    torch.set_num_threads(1)
+    if on_error == "stop":
+        with pytest.raises(CheckpointError) as failed:
+            run_job(args)
+        message = str(failed.value)
+        assert "\n" not in message
+    else:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            out, _ = run_job(args)
+        assert [s for s, _ in out["curve"]] == list(range(1, 7))  # trained on to the end
+        lines = err.getvalue().strip().splitlines()
+        assert len(lines) == 2 and all("training goes on (checkpoint.on_error='continue')" in x for x in lines)
+        message = lines[0]
+    assert f"saving checkpoint {ck}/step-00000004 failed (no space left on its filesystem:" in message
+    assert "GiB free, one checkpoint needs about" in message and "partial folder is removed" in message
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000002"]  # no partial folder
+    assert step2 and {f.name: f.read_bytes() for f in (ck / "step-00000002").rglob("*") if f.is_file()} == step2

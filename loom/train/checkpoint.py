@@ -22,7 +22,7 @@ from torch import nn
 
 from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SINGLE_PROCESS_WARNING, TMP_PREFIX,
                                          CheckpointError, check_compatible, check_files, checkpoint_name,
-                                         file_record, model_fields, one_line, publish_folder, published,
+                                         disk_full, file_record, model_fields, one_line, publish_folder, published,
                                          read_manifest, safe_planner, safe_reader)
 
 
@@ -217,16 +217,28 @@ class Checkpointer:
             self._publish()
             self.timings[-1]["blocking_s"] = time.perf_counter() - t0
 
-    @staticmethod
     @contextlib.contextmanager
-    def _failing_as(final: Path):
-        """A failed write (a full disk, a lost rank) as one line; published checkpoints are intact."""
+    def _failing_as(self, final: Path):
+        """A failed write (a full disk, a lost rank) as one line, with the free space and the size
+        needed when the disk is full; its partial folder is removed, published checkpoints are
+        intact."""
         try:
             yield
         except (KeyboardInterrupt, SystemExit, CheckpointError):
             raise
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"saving checkpoint {final} failed ({one_line(e, 'written')}); "
+            if self.rank == 0:
+                shutil.rmtree(final.with_name(f"{TMP_PREFIX}{final.name}"), ignore_errors=True)
+            if disk_full(e):
+                from loom.metrics.flops import param_counts
+                from loom.train.outputs import CHECKPOINT_BYTES_PER_PARAM
+
+                needed = CHECKPOINT_BYTES_PER_PARAM * param_counts(self.model_cfg).total
+                why = (f"no space left on its filesystem: {shutil.disk_usage(final.parent).free / 2**30:,.2f} GiB "
+                       f"free, one checkpoint needs about {needed / 2**30:,.2f} GiB")
+            else:
+                why = one_line(e, "written")
+            raise CheckpointError(f"saving checkpoint {final} failed ({why}); its partial folder is removed and "
                                   f"the checkpoints published before it are intact") from None
 
     def poll(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -152,6 +153,9 @@ def resume_path(c) -> Path | None:
     return Path(c.resume)
 
 
+ON_ERROR = ("stop", "continue")  # what a failed save does to the run
+
+
 def check_checkpoint_section(c) -> None:
     """The [checkpoint] section's own checks (no disk access)."""
     from loom.settings import need
@@ -160,6 +164,9 @@ def check_checkpoint_section(c) -> None:
     need(c.keep >= 1, f"checkpoint.keep={c.keep} must be a positive integer")
     need(c.every == 0 or bool(c.dir), f"checkpoint.every={c.every} needs checkpoint.dir (a folder to write checkpoints to)")
     need(bool(c.resume), "checkpoint.resume='' must be 'auto', 'never' or a checkpoint folder")
+    from loom.settings import one_of
+
+    one_of("checkpoint.on_error", c.on_error, ON_ERROR)
 
 
 def check_checkpoint_files(cfg, model_cfg) -> None:
@@ -399,9 +406,8 @@ def load_model_tensors(path: str | Path, names: list[str], shapes: dict[str, tup
     return state["model"]
 
 
-def one_line(error: BaseException, doing: str = "read") -> str:
-    """A one-line message for a load failure: our own CheckpointError where DCP wrapped one
-    (DCP gathers each rank's failure into a CheckpointException, sometimes only as text)."""
+def _chain(error: BaseException) -> list[BaseException]:
+    """The exceptions behind `error`: causes, contexts, and DCP's per-rank failures."""
     pending, seen = [error], []
     while pending:
         e = pending.pop()
@@ -410,19 +416,33 @@ def one_line(error: BaseException, doing: str = "read") -> str:
             continue
         if e is None or any(e is x for x in seen):
             continue
-        if isinstance(e, CheckpointError):
-            return str(e)
         seen.append(e)
         failures = getattr(e, "failures", None)  # CheckpointException: rank -> failure
         if isinstance(failures, dict):
             pending += list(failures.values())
         pending += [e.__cause__, e.__context__]
-    for e in seen:
+    return seen
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` comes from a filesystem without space (ENOSPC), also through DCP."""
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+               for e in _chain(error))
+
+
+def one_line(error: BaseException, doing: str = "read") -> str:
+    """A one-line message for a load failure: our own CheckpointError where DCP wrapped one
+    (DCP gathers each rank's failure into a CheckpointException, sometimes only as text)."""
+    chain = _chain(error)
+    ours = [e for e in chain if isinstance(e, CheckpointError)]
+    if ours:
+        return str(ours[0])
+    for e in chain:
         m = re.search(r"(checkpoint (?:file|entry) .*?)(?:;|$)", str(e), re.MULTILINE)
         if m:
             return m.group(1)
-    first = str(seen[-1]).strip().splitlines()
-    return f"checkpoint could not be {doing}: {type(seen[-1]).__name__}: {first[0] if first else ''}"
+    first = str(chain[-1]).strip().splitlines()
+    return f"checkpoint could not be {doing}: {type(chain[-1]).__name__}: {first[0] if first else ''}"
 
 
 def write_durably(path: Path, text: str) -> None:

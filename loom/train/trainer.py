@@ -27,7 +27,7 @@ from loom.parallel.pipeline import sum_tied_grads, tied_copy
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.checkpoint import Checkpointer, TrainState
-from loom.train.checkpoint_files import checkpoint_name, resume_path
+from loom.train.checkpoint_files import CheckpointError, checkpoint_name, resume_path
 from loom.train.schedule import lr_at
 from loom.train.signals import StoppedBySignal, StopRequests
 from loom.train.settings import DTYPES
@@ -395,7 +395,19 @@ class Trainer:
                 f"non-finite weights after step {self.state.step}; no checkpoint written "
                 f"(the last good one stays in {self.cfg.checkpoint.dir})"
             )
-        self.checkpointer.save(self.state)
+        self.guarded(self.checkpointer.save, self.state)
+
+    def guarded(self, checkpoint_op, *args) -> None:
+        """A checkpoint operation whose failure (a CheckpointError: a full disk, a lost file)
+        stops the run, or with checkpoint.on_error='continue' is said in one line and training
+        goes on."""
+        try:
+            checkpoint_op(*args)
+        except CheckpointError as e:
+            if self.cfg.checkpoint.on_error != "continue":
+                raise
+            if self.rank == 0:
+                print(f"loom train: {e}; training goes on (checkpoint.on_error='continue')", file=sys.stderr, flush=True)
 
     def agreed_stop_signal(self) -> int:
         """The stop signal any rank has received (0: none), the same on every rank, so that all
@@ -567,7 +579,7 @@ class Trainer:
                     bar.write(log_line(row, t.steps), file=sys.stdout)
             saved = False
             if self.checkpointer is not None and cfg.checkpoint.dir:
-                self.checkpointer.poll()
+                self.guarded(self.checkpointer.poll)
                 every = cfg.checkpoint.every
                 if (every and step % every == 0) or step == last:
                     self.save_checkpoint()
@@ -580,7 +592,7 @@ class Trainer:
                 self.stop_by_signal(signum, step, saved)
         bar.close()
         if self.checkpointer is not None:
-            self.checkpointer.wait()
+            self.guarded(self.checkpointer.wait)
         if writer is not None:
             writer.close()
         wall = time.perf_counter() - run_start
