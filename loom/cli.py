@@ -70,28 +70,48 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     def worker_fail(message: str) -> int:
         return fail(prog, message) if os.environ.get("RANK", "0") == "0" else 2
 
+    from loom.train.signals import EXIT_STOPPED, StoppedBySignal
+
     try:
         # A worker of a torchrun started by hand first opens the data here; every worker reads
         # its share of the checkpoint's checksums here.
         trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
     except (DataError, CheckpointError) as e:
         return worker_fail(str(e))
-    from loom.train.signals import EXIT_STOPPED, StoppedBySignal
-
+    except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback in a file
+        return crashed(prog, e, cfg, under_torchrun)
+    outcome = None
     try:
         with trainer.stop_requests:  # SIGTERM / SIGINT: stop after this step, with a checkpoint
             summary = trainer.train()
     except (FloatingPointError, CheckpointError) as e:
-        return worker_fail(str(e))
+        outcome = worker_fail(str(e))
     except StoppedBySignal as e:
         if trainer.rank == 0:
             print(f"{prog}: {e}", file=sys.stderr)
-        return EXIT_STOPPED
-    finally:
-        trainer.close()
+        outcome = EXIT_STOPPED
+    except Exception as e:  # noqa: BLE001 - unexpected, maybe on this rank alone: no barrier
+        trainer.close(together=False)
+        return crashed(prog, e, cfg, under_torchrun)
+    trainer.close()
+    if outcome is not None:
+        return outcome
     if trainer.rank == 0:
         print(format_summary(summary, cfg.metrics.jsonl, cfg.metrics.plot))
     return 0
+
+
+def crashed(prog: str, error: BaseException, cfg, under_torchrun: bool) -> int:
+    """An unexpected exception: its traceback to a file in the run's folder; one line, said by
+    this process alone, or under torchrun by whoever reports the job's first failure."""
+    from pathlib import Path
+
+    from loom.train.crash import EXIT_CRASH, record_crash
+
+    line = record_crash(error, Path(cfg.metrics.jsonl).parent, int(os.environ.get("RANK", "0")))
+    if not under_torchrun:
+        print(f"{prog}: {line}", file=sys.stderr)
+    return EXIT_CRASH
 
 
 def cmd_dry_run(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 
+from loom.train.crash import EXIT_CRASH
 from loom.train.signals import EXIT_STOPPED, STOP_SIGNALS
 
 EXIT_ERROR = 2  # a loom error: the rank that met it printed it in one line
@@ -79,23 +80,27 @@ def _kill(pid: int) -> None:
 
 
 class _DropNotices(logging.Filter):
-    """torchrun's notices that it got a signal and passes it on, or that workers ended with a
-    loom error (status 2): the workers say what happened, in one line."""
+    """torchrun's notices that it got a signal and passes it on, that workers ended with a loom
+    error (status 2) or a recorded crash (4), and about their error files: loom says what
+    happened, in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(s in message for s in ("closing signal", "death signal", f"(exitcode: {EXIT_ERROR})"))
+        return not any(s in message for s in ("closing signal", "death signal", f"(exitcode: {EXIT_ERROR})",
+                                              f"(exitcode: {EXIT_CRASH})", "error file"))
 
 
 def run_torchrun(argv: list[str]) -> int:
     """torchrun's main on argv, quiet where loom's workers have said what happened: a signal that
     stopped the job is exit status EXIT_STOPPED, a job whose first failing worker ended with
-    loom's one-line error EXIT_ERROR. Other failures keep torchrun's report."""
+    loom's one-line error EXIT_ERROR, and one whose first failing worker crashed (EXIT_CRASH)
+    that worker's line, printed here once. Other failures keep torchrun's report."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
-    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api",
+                 "torch.distributed.elastic.multiprocessing.errors.error_handler"):
         logging.getLogger(name).addFilter(_DropNotices())
     try:
         main(argv)
@@ -103,8 +108,13 @@ def run_torchrun(argv: list[str]) -> int:
         return EXIT_STOPPED
     except ChildFailedError as e:
         # The first failure is the cause; ranks still running then are ended by torchrun.
-        if e.get_first_failure()[1].exitcode == EXIT_ERROR:
+        first = e.get_first_failure()[1]
+        if first.exitcode == EXIT_ERROR:
             return EXIT_ERROR
+        if first.exitcode == EXIT_CRASH:  # the line loom.train.crash recorded
+            message = first.message.get("message") if isinstance(first.message, dict) else first.message
+            print(f"loom train: {message}", file=sys.stderr, flush=True)
+            return EXIT_CRASH
         raise
     return 0
 

@@ -294,6 +294,42 @@ def test_a_workers_loom_error_is_one_line_with_status_2(dataset, tmp_path):
     assert not _worker_pids(f"{tmp_path}/ck_nan")
 
 
+def test_an_unexpected_worker_error_is_one_line_with_its_traceback_in_a_file(dataset, tmp_path):
+    """A bug inside the workers (injected: ZeroDivisionError in step 3 on every rank, through a
+    sitecustomize module that only torchrun's workers load): one line naming the exception and
+    the file holding its traceback, exit status 4, no traceback on the terminal, no process left."""
+    import re
+
+    from loom.train.crash import EXIT_CRASH
+
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if 'LOCAL_RANK' in os.environ:\n"
+        "    import loom.train.trainer as t\n"
+        "    step = t.Trainer.train_step\n"
+        "    def broken(self, batches, lr):\n"
+        "        if self.state.step == 2:\n"
+        "            raise ZeroDivisionError('injected in step 3')\n"
+        "        return step(self, batches, lr)\n"
+        "    t.Trainer.train_step = broken\n")
+    run = tmp_path / "run"
+    args = common(dataset, tmp_path, steps=5)[2:] + ["--parallel.dp_shard=2", "--parallel.pp=1",
+                                                      f"--metrics.jsonl={run}/m.jsonl", f"--checkpoint.dir={run}/ck"]
+    env = {**_cli_env(), "PYTHONPATH": os.pathsep.join([str(inject), str(HERE.parent)])}
+    r = subprocess.run([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == EXIT_CRASH, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    m = re.fullmatch(r"loom train: rank (\d): unexpected ZeroDivisionError: injected in step 3 \(full traceback in "
+                     r"(.*traceback-rank-0000\d\.txt)\)", lines[0])
+    assert m, lines[0]
+    assert "ZeroDivisionError: injected in step 3" in Path(m.group(2)).read_text()
+    assert not _worker_pids(f"{run}/ck")
+
+
 def test_killed_save_leaves_the_previous_checkpoint_usable(dataset, tmp_path):
     """SIGKILL while the step-4 checkpoint is being written (its temporary folder exists, the
     published one does not): step 2 stays complete, and `resume=auto` continues from it."""

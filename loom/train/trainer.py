@@ -228,15 +228,17 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
-        """Leave the process group (a torchrun worker must, before it exits), all ranks together:
-        rank 0 reports a run's end (or the error every rank met) before this, and torchrun ends
-        the job's other ranks as soon as one exits with an error, which must not be before."""
+    def close(self, together: bool = True) -> None:
+        """Leave the process group (a torchrun worker must, before it exits). together: all ranks
+        at once, since rank 0 reports a run's end (or the error every rank met) before this and
+        torchrun ends the job's other ranks as soon as one exits with an error; not after an
+        error this rank may have met alone."""
         if self.mesh is not None:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                dist.barrier()
+                if together:
+                    dist.barrier()
                 dist.destroy_process_group()
 
     # -- one step -------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""An unexpected exception in a run, as one line: its full traceback goes to a file in the run's
+folder (beside the metrics JSONL), and under torchrun the line goes to torchrun's error file,
+from which `loom train --nproc` (loom.launch) prints the first failing rank's line once."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+
+EXIT_CRASH = 4  # an unexpected error; its traceback is in the file the line names
+
+
+def record_crash(error: BaseException, run_folder: Path, rank: int) -> str:
+    """Write `error`'s traceback to run_folder/traceback-rank-R.txt; returns the one line."""
+    path: Path | None = run_folder / f"traceback-rank-{rank:05d}.txt"
+    try:
+        run_folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        path = None
+    first = (str(error).strip().splitlines() or [""])[0]
+    line = f"rank {rank}: unexpected {type(error).__name__}: {first}" + (
+        f" (full traceback in {path})" if path else " (its traceback could not be written)")
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun reads it into the failure it reports (its own record's format)
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": "".join(traceback.format_exception(error)), "timestamp": str(int(time.time()))}}}, f)
+    return line
