@@ -102,7 +102,8 @@ def test_cpu_calibration_is_cached(tmp_path, monkeypatch):
 def test_a_calibration_under_load_is_provisional_until_the_machine_is_quiet(tmp_path, monkeypatch):
     """Busy processes started here (one per core) share the cores with the calibration: its
     record says so and the peak's label says provisional; while they run it is reused, not
-    measured again; once the machine is quiet the next run measures it again, faster."""
+    measured again; once the machine is quiet the next run measures it again and keeps that.
+    (The best of many timings hardly drops under load, so the figures are not compared.)"""
     import subprocess
     import time
 
@@ -126,9 +127,12 @@ def test_a_calibration_under_load_is_provisional_until_the_machine_is_quiet(tmp_
             p.kill()
             p.wait()
     monkeypatch.setattr(meter, "other_runnable_tasks", lambda: 0)  # quiet now
+    calls = []
+    monkeypatch.setattr(meter, "calibrate_cpu", lambda dtype, _c=meter.calibrate_cpu: calls.append(dtype) or _c(dtype))
     quiet = meter.cpu_peak_record(torch.float32, cache)
-    assert quiet["quiet"] and quiet["flops"] > busy["flops"]
+    assert calls == [torch.float32] and quiet["quiet"]  # measured again, now final
     assert json.loads(cache.read_text())[meter._cpu_peak_key(torch.float32)] == quiet
+    assert meter.cpu_peak_record(torch.float32, cache) == quiet and len(calls) == 1
 
 
 def test_an_mfu_above_100_percent_is_never_reported():
