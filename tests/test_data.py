@@ -125,6 +125,7 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
     dataset's first use on this machine (here: a fresh cache), not again while it is unchanged."""
     from loom.config import ConfigError
     from loom.data import integrity
+    from loom.files import file_record
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     good = _copy(dataset, tmp_path / "good")
@@ -158,7 +159,7 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
     tokens = np.fromfile(beyond / "train.bin", dtype=meta["dtype"])
     tokens[7] = 400
     tokens.tofile(beyond / "train.bin")
-    meta["files"]["train.bin"] = integrity.file_record(beyond / "train.bin")
+    meta["files"]["train.bin"] = file_record(beyond / "train.bin")
     meta["splits"]["train"]["max_token"] = 400
     (beyond / "meta.json").write_text(json.dumps(meta))
     before = {f.name: f.read_bytes() for f in beyond.iterdir()}

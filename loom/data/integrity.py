@@ -13,27 +13,15 @@ before a run uses them.
 """
 from __future__ import annotations
 
-import json
-import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-CHUNK_BYTES = 1 << 24
+from loom.files import CHUNK_BYTES, file_record, read_json_table, write_json_table
 
 
 class IntegrityError(ValueError):
     """A dataset whose files are not what `loom prepare` wrote; the message is one line."""
-
-
-def file_record(path: Path) -> dict:
-    """{"bytes", "crc32"} of a file, read in chunks."""
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            crc = zlib.crc32(block, crc)
-    return {"bytes": path.stat().st_size, "crc32": crc}
 
 
 def split_files(split: str) -> tuple[str, str]:
@@ -85,21 +73,9 @@ def verified_max_tokens(path: Path, meta: dict, cache: Path) -> dict[str, int]:
     names = sorted({*meta.get("files", {}), *(split_files(s)[0] for s in meta["splits"])})
     stamp = {n: [(path / n).stat().st_size, (path / n).stat().st_mtime_ns] for n in names}
     key = str(path.resolve())
-    table = _read(cache)
-    if table.get(key, {}).get("stamp") == stamp:
-        return table[key]["max_token"]
+    known = read_json_table(cache).get(key, {})
+    if known.get("stamp") == stamp:
+        return known["max_token"]
     largest = verify(path, meta)
-    table = _read(cache)
-    table[key] = {"stamp": stamp, "max_token": largest}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, cache)
+    write_json_table(cache, {**read_json_table(cache), key: {"stamp": stamp, "max_token": largest}})
     return largest
-
-
-def _read(cache: Path) -> dict:
-    try:
-        return json.loads(cache.read_text()) if cache.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loom.data.integrity import file_record, split_files
+from loom.data.integrity import split_files
+from loom.files import file_record
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 

@@ -1,7 +1,6 @@
 """Step timing, throughput, model TFLOP/s, MFU and memory; accelerator peaks; CPU calibration."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loom.files import read_json_table, write_json_table
 from loom.models.matmul import bf16_via_fp32, matmul
 
 # Dense peak FLOP/s per device by compute dtype, from the vendors' data sheets (no sparsity).
@@ -76,27 +76,12 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, w
     return 2 * n**3 / best
 
 
-def _read_table(cache: Path) -> dict:
-    try:
-        return json.loads(cache.read_text()) if cache.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_table(cache: Path, table: dict) -> None:
-    """Atomically: a reader sees the old table or the new one."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, cache)
-
-
 def cached_measurement(cache: Path, key: str, measure):
     """measure() once per key, kept in the JSON table `cache` (written atomically)."""
-    table = _read_table(cache)
+    table = read_json_table(cache)
     if key not in table:
         table[key] = measure()
-        _write_table(cache, table)
+        write_json_table(cache, table)
     return table[key]
 
 
@@ -141,13 +126,13 @@ def cpu_peak_record(dtype: torch.dtype, cache: Path | None = None) -> dict:
     number, kept whatever the load) are measured again."""
     cache = cache or cache_dir() / "cpu_peak.json"
     key = _cpu_peak_key(dtype)
-    old = _read_table(cache).get(key)
+    old = read_json_table(cache).get(key)
     if isinstance(old, dict) and (old.get("quiet") or other_runnable_tasks() > 0):
         return old
     record = calibrate_cpu(dtype)
     if isinstance(old, dict) and not record["quiet"] and old["flops"] > record["flops"]:
         return old  # both under load: the faster is the closer to the peak
-    _write_table(cache, {**_read_table(cache), key: record})
+    write_json_table(cache, {**read_json_table(cache), key: record})
     return record
 
 
@@ -159,9 +144,9 @@ def cpu_peak_flops(dtype: torch.dtype, cache: Path | None = None) -> float:
 def forget_cpu_peak(dtype: torch.dtype, cache: Path | None = None) -> None:
     """Drop the cached calibration for `dtype` (a run achieved more than it: it was stale)."""
     cache = cache or cache_dir() / "cpu_peak.json"
-    table = _read_table(cache)
+    table = read_json_table(cache)
     if table.pop(_cpu_peak_key(dtype), None) is not None:
-        _write_table(cache, table)
+        write_json_table(cache, table)
 
 
 @dataclass(frozen=True)

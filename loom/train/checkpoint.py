@@ -230,10 +230,9 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(final.with_name(f"{TMP_PREFIX}{final.name}"), ignore_errors=True)
             if disk_full(e):
-                from loom.metrics.flops import param_counts
-                from loom.train.outputs import CHECKPOINT_BYTES_PER_PARAM
+                from loom.train.outputs import checkpoint_bytes
 
-                needed = CHECKPOINT_BYTES_PER_PARAM * param_counts(self.model_cfg).total
+                needed = checkpoint_bytes(self.model_cfg)
                 why = (f"no space left on its filesystem: {shutil.disk_usage(final.parent).free / 2**30:,.2f} GiB "
                        f"free, one checkpoint needs about {needed / 2**30:,.2f} GiB")
             else:

@@ -26,11 +26,12 @@ import re
 import shutil
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from loom.files import file_crc32, file_record
 
 MANIFEST = "loom.json"
 FORMAT = "loom-checkpoint-1"
@@ -202,11 +203,6 @@ def check_resume(cfg, model_cfg) -> Path | None:
     return path
 
 
-def file_record(path: Path) -> dict:
-    """A file's manifest entry: its size and CRC-32."""
-    return {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
-
-
 def publish_folder(tmp: Path, final: Path, manifest: dict) -> None:
     """Write `manifest` (stamped with the time) into the complete folder `tmp` durably, then
     rename it to `final`. A folder already there (the same step saved again) is first renamed
@@ -219,14 +215,6 @@ def publish_folder(tmp: Path, final: Path, manifest: dict) -> None:
         final.rename(final.with_name(f"{DELETING_PREFIX}{final.name}"))
     os.rename(tmp, final)
     fsync_dir(final.parent)
-
-
-def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 class _MetadataUnpickler(pickle.Unpickler):

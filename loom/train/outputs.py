@@ -50,10 +50,15 @@ def _check_writable(key: str, value: str, folder: Path) -> None:
         raise SettingError(f"{key}={value!r} cannot be written: {e.strerror or e} ({existing}); {allowed}") from None
 
 
+def checkpoint_bytes(model_cfg) -> int:
+    """About the bytes of one checkpoint of `model_cfg`."""
+    return CHECKPOINT_BYTES_PER_PARAM * param_counts(model_cfg).total
+
+
 def check_checkpoint_room(folder: str, model_cfg, name: str) -> None:
     """Refuse a checkpoint folder whose filesystem has less free space than one checkpoint."""
     params = param_counts(model_cfg).total
-    needed = CHECKPOINT_BYTES_PER_PARAM * params
+    needed = checkpoint_bytes(model_cfg)
     free = shutil.disk_usage(_existing(Path(folder))).free
     if free < needed:
         raise SettingError(
