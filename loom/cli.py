@@ -63,23 +63,29 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             worker_args = (["--config", args.config] if args.config else []) + overrides
             return launch_local(nproc, worker_args, args.max_restarts, quiet=args.quiet)
 
+    return run_worker(prog, cfg, model_cfg, quiet=args.quiet, under_torchrun=under_torchrun)
+
+
+def run_worker(prog: str, cfg, model_cfg, quiet: bool, under_torchrun: bool) -> int:
+    """Train in this process (one process, or one torchrun worker); the exit status."""
+    from loom.data.dataset import DataError
     from loom.train.checkpoint_files import CheckpointError
+    from loom.train.hangs import Activity
+    from loom.train.signals import EXIT_STOPPED, StoppedBySignal
     from loom.train.trainer import Trainer, format_summary
 
     # Every rank meets the same error (the checks agree across ranks): rank 0 says it once.
     def worker_fail(message: str) -> int:
         return fail(prog, message) if os.environ.get("RANK", "0") == "0" else 2
 
-    from loom.train.signals import EXIT_STOPPED, StoppedBySignal
-
     try:
         # A worker of a torchrun started by hand first opens the data here; every worker reads
         # its share of the checkpoint's checksums here.
-        trainer = Trainer(cfg, model_cfg, progress=not args.quiet)
+        trainer = Trainer(cfg, model_cfg, progress=not quiet)
     except (DataError, CheckpointError) as e:
         return worker_fail(str(e))
     except Exception as e:  # noqa: BLE001 - unexpected: one line, the traceback in a file
-        return crashed(prog, e, cfg, under_torchrun)
+        return crashed(prog, e, cfg, under_torchrun, Activity())
     outcome = None
     try:
         with trainer.stop_requests:  # SIGTERM / SIGINT: stop after this step, with a checkpoint
@@ -92,7 +98,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         outcome = EXIT_STOPPED
     except Exception as e:  # noqa: BLE001 - unexpected, maybe on this rank alone: no barrier
         trainer.close(together=False)
-        return crashed(prog, e, cfg, under_torchrun)
+        return crashed(prog, e, cfg, under_torchrun, trainer.activity)
     trainer.close()
     if outcome is not None:
         return outcome
@@ -101,17 +107,25 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def crashed(prog: str, error: BaseException, cfg, under_torchrun: bool) -> int:
-    """An unexpected exception: its traceback to a file in the run's folder; one line, said by
-    this process alone, or under torchrun by whoever reports the job's first failure."""
+def crashed(prog: str, error: BaseException, cfg, under_torchrun: bool, activity) -> int:
+    """An unexpected exception: a collective that passed train.timeout_s (another rank stopped
+    answering), or a bug with its traceback written to a file in the run's folder. One line, said
+    by this process alone, or under torchrun by whoever reports the job's first failure."""
     from pathlib import Path
 
-    from loom.train.crash import EXIT_CRASH, record_crash
+    from loom.train.crash import EXIT_CRASH, record_crash, tell_torchrun
+    from loom.train.hangs import EXIT_TIMEOUT, collective_timeout, timeout_line
 
-    line = record_crash(error, Path(cfg.metrics.jsonl).parent, int(os.environ.get("RANK", "0")))
+    rank = int(os.environ.get("RANK", "0"))
+    backend_words = collective_timeout(error)
+    if backend_words is not None:
+        line, status = timeout_line(rank, cfg.train.timeout_s, activity, error, backend_words), EXIT_TIMEOUT
+        tell_torchrun(line, error)
+    else:
+        line, status = record_crash(error, Path(cfg.metrics.jsonl).parent, rank), EXIT_CRASH
     if not under_torchrun:
         print(f"{prog}: {line}", file=sys.stderr)
-    return EXIT_CRASH
+    return status
 
 
 def cmd_dry_run(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -122,6 +122,9 @@ class TrainSection:
     # Stop after this step with a checkpoint (0: run to train.steps), to fit a job into a
     # scheduler's time slot; the next launch resumes (Megatron's --exit-interval, once).
     stop_at: int = 0
+    # Seconds any collective may wait for the other ranks (torch's process-group timeout): a
+    # rank stopped, hung or gone then ends the job with one line instead of hanging it.
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 from loom.train.crash import EXIT_CRASH
+from loom.train.hangs import EXIT_TIMEOUT
 from loom.train.signals import EXIT_STOPPED, STOP_SIGNALS
 
 EXIT_ERROR = 2  # a loom error: the rank that met it printed it in one line
@@ -81,20 +82,51 @@ def _kill(pid: int) -> None:
 
 class _DropNotices(logging.Filter):
     """torchrun's notices that it got a signal and passes it on, that workers ended with a loom
-    error (status 2) or a recorded crash (4), and about their error files: loom says what
+    error (status 2), a recorded crash (4) or a timeout (5), and about their error files: loom says what
     happened, in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(s in message for s in ("closing signal", "death signal", f"(exitcode: {EXIT_ERROR})",
-                                              f"(exitcode: {EXIT_CRASH})", "error file"))
+        return not any(s in message for s in ("closing signal", "death signal", "error file", *(
+            f"(exitcode: {status})" for status in (EXIT_ERROR, EXIT_CRASH, EXIT_TIMEOUT))))
+
+
+def _kill_stopped_workers_at_once() -> None:
+    """torchrun ends a job's workers with a signal and waits up to 30 s for them before SIGKILL.
+    A stopped worker (SIGSTOP, a debugger's halt) cannot act on the signal until it is continued,
+    so waiting for it helps nothing: it is killed at once. In this process only, which is
+    torchrun's."""
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    handler = subprocess_handler.SubprocessHandler
+    close = handler.close
+
+    def close_or_kill(self, death_sig=None):
+        close(self, death_sig)
+        if _stopped(self.proc.pid):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    handler.close = close_or_kill
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (Linux /proc; elsewhere, never)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def run_torchrun(argv: list[str]) -> int:
     """torchrun's main on argv, quiet where loom's workers have said what happened: a signal that
     stopped the job is exit status EXIT_STOPPED, a job whose first failing worker ended with
-    loom's one-line error EXIT_ERROR, and one whose first failing worker crashed (EXIT_CRASH)
-    that worker's line, printed here once. Other failures keep torchrun's report."""
+    loom's one-line error EXIT_ERROR, and one whose first failing worker crashed (EXIT_CRASH) or
+    waited longer than train.timeout_s for another rank (EXIT_TIMEOUT) that status and that
+    worker's line, printed here once. Other failures keep torchrun's report."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
@@ -102,6 +134,7 @@ def run_torchrun(argv: list[str]) -> int:
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api",
                  "torch.distributed.elastic.multiprocessing.errors.error_handler"):
         logging.getLogger(name).addFilter(_DropNotices())
+    _kill_stopped_workers_at_once()
     try:
         main(argv)
     except SignalException:
@@ -111,10 +144,10 @@ def run_torchrun(argv: list[str]) -> int:
         first = e.get_first_failure()[1]
         if first.exitcode == EXIT_ERROR:
             return EXIT_ERROR
-        if first.exitcode == EXIT_CRASH:  # the line loom.train.crash recorded
+        if first.exitcode in (EXIT_CRASH, EXIT_TIMEOUT):  # the line the worker wrote to its error file
             message = first.message.get("message") if isinstance(first.message, dict) else first.message
             print(f"loom train: {message}", file=sys.stderr, flush=True)
-            return EXIT_CRASH
+            return first.exitcode
         raise
     return 0
 

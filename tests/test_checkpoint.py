@@ -26,30 +26,33 @@ def common(dataset, tmp, steps=20):
                             f"--metrics.jsonl={tmp}/m.jsonl", "--metrics.plot="]
 
 
+CONTINUATION_STEPS = 12
+
+
 def continuation_jobs(args: list[str], ck: Path, asynchronous: bool = False) -> dict[str, list[str]]:
-    """An uninterrupted 20-step run; the same run stopped after step 10 (checkpoints every 5 steps);
-    a new launch resuming it (auto); with async saves also a resume from step 5, whose checkpoint
-    was written in the background while steps 6-10 trained."""
+    """An uninterrupted 12-step run; the same run stopped after step 6 (checkpoints every 3 steps);
+    a new launch resuming it (auto); with async saves also a resume from step 3, whose checkpoint
+    was written in the background while steps 4-6 trained."""
     a = [f"--checkpoint.async_save={str(asynchronous).lower()}", "--checkpoint.keep=3"]
     jobs = {
         "uninterrupted": args,
-        "stopped": args + a + [f"--checkpoint.dir={ck}", "--checkpoint.every=5", "--train.stop_at=10"],
+        "stopped": args + a + [f"--checkpoint.dir={ck}", "--checkpoint.every=3", "--train.stop_at=6"],
     }
     if asynchronous:
-        jobs["from_step5"] = args + a + [f"--checkpoint.dir={ck}_5", f"--checkpoint.resume={ck}/step-00000005"]
-    jobs["resumed"] = args + a + [f"--checkpoint.dir={ck}", "--checkpoint.every=5"]
+        jobs["from_step3"] = args + a + [f"--checkpoint.dir={ck}_3", f"--checkpoint.resume={ck}/step-00000003"]
+    jobs["resumed"] = args + a + [f"--checkpoint.dir={ck}", "--checkpoint.every=3"]
     return jobs
 
 
 def assert_exact_continuation(results: dict, asynchronous: bool = False) -> None:
     full = results["uninterrupted"]["curve"]
-    assert [s for s, _ in full] == list(range(1, 21))
-    assert results["stopped"]["curve"] == full[:10]
-    assert results["resumed"]["curve"] == full  # steps 1-10 from the checkpoint, 11-20 trained again
+    assert [s for s, _ in full] == list(range(1, CONTINUATION_STEPS + 1))
+    assert results["stopped"]["curve"] == full[:6]
+    assert results["resumed"]["curve"] == full  # steps 1-6 from the checkpoint, 7-12 trained again
     for name, p in results["uninterrupted"]["params"].items():
         assert torch.equal(results["resumed"]["params"][name], p), name
     if asynchronous:
-        assert results["from_step5"]["curve"][5:] == full[5:]
+        assert results["from_step3"]["curve"][3:] == full[3:]
 
 
 def launch(world: int, out: Path, jobs: dict[str, list[str]], cwd: Path) -> dict:
@@ -71,20 +74,21 @@ def run_in_process(jobs: dict[str, list[str]]) -> dict:
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_single_process_continues_exactly(dataset, tmp_path, asynchronous):
-    results = run_in_process(continuation_jobs(common(dataset, tmp_path), tmp_path / "ck", asynchronous))
+    results = run_in_process(continuation_jobs(common(dataset, tmp_path, CONTINUATION_STEPS), tmp_path / "ck",
+                                               asynchronous))
     assert_exact_continuation(results, asynchronous)
     ck = tmp_path / "ck"
-    assert sorted(p.name for p in ck.iterdir()) == ["step-00000010", "step-00000015", "step-00000020"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000006", "step-00000009", "step-00000012"]
 
 
 RESHARD_STEPS = ["--train.steps=9", "--train.stop_at=0"]
 
 
 def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
-    """One 4-rank launch: dp_shard=2 x tp=2 stops after step 10 and resumes exactly; a checkpoint
+    """One 4-rank launch: dp_shard=2 x tp=2 stops after step 6 and resumes exactly; a checkpoint
     saved under tp=2 x pp=2 loads under dp_shard=4, and (in this process) into a single process:
     the same weights bit for bit, the same validation loss, and training goes on alike."""
-    args = common(dataset, tmp_path)
+    args = common(dataset, tmp_path, CONTINUATION_STEPS)
     jobs = {f"dp2tp2_{k}": v + ["--parallel.dp_shard=2", "--parallel.tp=2"]
             for k, v in continuation_jobs(args, tmp_path / "ck_dp2tp2").items()}
     saved = tmp_path / "ck_tp2pp2"
@@ -134,16 +138,16 @@ def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
 
 
 def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
-    """cp=2 with packed documents resumes exactly (async saves); its step-10 checkpoint also
+    """cp=2 with packed documents resumes exactly (async saves); its step-6 checkpoint also
     resumes under tp=2 and goes on like the cp=2 run (parity rule)."""
-    args = common(dataset, tmp_path) + ["--data.pack_documents=true"]
+    args = common(dataset, tmp_path, CONTINUATION_STEPS) + ["--data.pack_documents=true"]
     jobs = continuation_jobs(args + ["--parallel.cp=2"], tmp_path / "ck", asynchronous=True)
     jobs["tp2_from_cp2"] = args + ["--parallel.tp=2", f"--checkpoint.dir={tmp_path}/ck_tp2",
-                                   f"--checkpoint.resume={tmp_path}/ck/step-00000010"]
+                                   f"--checkpoint.resume={tmp_path}/ck/step-00000006"]
     results = launch(2, tmp_path / "out.pt", jobs, tmp_path)
     assert_exact_continuation(results, asynchronous=True)
     full = results["uninterrupted"]["curve"]
-    for (s1, a), (s2, b) in zip(results["tp2_from_cp2"]["curve"][10:], full[10:]):
+    for (s1, a), (s2, b) in zip(results["tp2_from_cp2"]["curve"][6:], full[6:]):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
 
@@ -168,14 +172,14 @@ def _cli_env() -> dict:
 
 
 def test_killed_worker_restarts_and_resumes(dataset, tmp_path):
-    """`loom train --nproc 4 --max-restarts 1`: a worker SIGKILLed after the step-20 checkpoint;
+    """`loom train --nproc 4 --max-restarts 1`: a worker SIGKILLed after the step-10 checkpoint;
     torchrun restarts the job, it resumes from the newest checkpoint, and ends with the
     uninterrupted run's final loss (same layout: bit for bit)."""
     import signal
     import time
 
-    args = common(dataset, tmp_path, steps=60)[2:] + [
-        "--parallel.dp_shard=2", "--parallel.pp=2", "--checkpoint.every=20", "--metrics.log_every=1"]
+    args = common(dataset, tmp_path, steps=30)[2:] + [
+        "--parallel.dp_shard=2", "--parallel.pp=2", "--checkpoint.every=10", "--metrics.log_every=1"]
     finals = {}
     for name in ("uninterrupted", "killed"):
         ck = tmp_path / f"ck_{name}"
@@ -185,20 +189,20 @@ def test_killed_worker_restarts_and_resumes(dataset, tmp_path):
                                 env=_cli_env(), cwd=tmp_path)
         if name == "killed":
             deadline = time.time() + 300
-            while not (ck / "step-00000020").exists():
-                assert proc.poll() is None and time.time() < deadline, "the run ended before its step-20 checkpoint"
+            while not (ck / "step-00000010").exists():
+                assert proc.poll() is None and time.time() < deadline, "the run ended before its step-10 checkpoint"
                 time.sleep(0.02)
             victims = _worker_pids(str(ck))
             assert len(victims) == 4
             os.kill(victims[1], signal.SIGKILL)
-            killed_before_end = not (ck / "step-00000060").exists()
+            killed_before_end = not (ck / "step-00000030").exists()
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-4000:]
         rows = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
-        assert [r["step"] for r in rows] == list(range(1, 61))  # the repeated steps' rows replaced
+        assert [r["step"] for r in rows] == list(range(1, 31))  # the repeated steps' rows replaced
         finals[name] = (rows[-1]["loss"], out)
     assert killed_before_end
-    assert "resumed from" in finals["killed"][1] and "step-00000020" in finals["killed"][1]
+    assert "resumed from" in finals["killed"][1] and "step-00000010" in finals["killed"][1]
     assert finals["killed"][0] == finals["uninterrupted"][0]
 
 
@@ -245,6 +249,26 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resumes_exactly(datase
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
 
 
+def _injected(tmp_path: Path, code: str) -> dict:
+    """The CLI's environment with `code` run at start-up by torchrun's workers only (a
+    sitecustomize module that acts where LOCAL_RANK is set)."""
+    inject = tmp_path / "inject"
+    inject.mkdir(exist_ok=True)
+    body = "".join(f"    {line}\n" for line in code.strip().splitlines())
+    (inject / "sitecustomize.py").write_text(f"import os\nif 'LOCAL_RANK' in os.environ:\n{body}")
+    return {**_cli_env(), "PYTHONPATH": os.pathsep.join([str(inject), str(HERE.parent)])}
+
+
+def _published(ck: Path) -> dict:
+    return {p.name: {f.name: f.read_bytes() for f in p.rglob("*") if f.is_file()}
+            for p in ck.iterdir() if p.name.startswith("step-")}
+
+
+def _assert_unchanged(ck: Path, published: dict) -> None:
+    for name, files in published.items():
+        assert {f.name: f.read_bytes() for f in (ck / name).rglob("*") if f.is_file()} == files, name
+
+
 def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, tmp_path):
     """Two SIGTERMs in a row: the launcher kills torchrun and its workers at once, says so in one
     line and exits with 128 + 15; the checkpoints published before are byte for byte unchanged."""
@@ -255,29 +279,73 @@ def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, 
     args = common(dataset, tmp_path, steps=400)[2:] + [
         "--parallel.dp_shard=2", "--parallel.pp=1", "--metrics.log_every=1", f"--checkpoint.dir={ck}",
         "--checkpoint.every=4", "--checkpoint.keep=100", f"--metrics.jsonl={tmp_path}/m.jsonl"]
+    # The graceful stop the first signal starts is made slow (its save waits 60 s), so that it
+    # cannot end before the second signal arrives (two signals sent at once may arrive as one).
+    env = _injected(tmp_path, """
+import time
+import loom.train.trainer as t
+stop = t.Trainer.stop_by_signal
+def slow_stop(self, *a):
+    time.sleep(60)
+    return stop(self, *a)
+t.Trainer.stop_by_signal = slow_stop""")
     proc = subprocess.Popen([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(), cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     deadline = time.time() + 300
     while not (ck / "step-00000004").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
         time.sleep(0.01)
-    published = {p.name: {f.name: f.read_bytes() for f in p.rglob("*") if f.is_file()}
-                 for p in ck.iterdir() if p.name.startswith("step-")}
-    # The workers are held (SIGSTOP) so that the graceful stop the first signal starts cannot end
-    # before the second arrives, 0.2 s later (two signals sent at once may arrive as one).
-    for pid in _worker_pids(str(ck)):
-        os.kill(pid, signal.SIGSTOP)
+    published = _published(ck)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("loom train")]
     assert lines == ["loom train: stopped at once by a second SIGTERM; the checkpoints published before it are "
                      "intact"], err[-3000:]
     assert not _worker_pids(str(ck))
-    for name, files in published.items():
-        assert {f.name: f.read_bytes() for f in (ck / name).rglob("*") if f.is_file()} == files, name
+    _assert_unchanged(ck, published)
+
+
+def test_a_stopped_rank_ends_the_job_within_the_timeout_with_one_line(dataset, tmp_path):
+    """A rank stopped (SIGSTOP) after step 3: the other's next collective waits train.timeout_s,
+    then the job ends with one line naming the step, what it was doing and the collective, exit
+    status 5, within the timeout (plus torchrun's teardown), no process left, and the checkpoints
+    published before are byte for byte unchanged."""
+    import re
+    import signal
+    import time
+
+    from loom.train.hangs import EXIT_TIMEOUT
+
+    ck, timeout_s = tmp_path / "ck", 6
+    args = common(dataset, tmp_path, steps=400)[2:] + [
+        "--parallel.dp_shard=2", "--parallel.pp=1", "--metrics.log_every=1", f"--checkpoint.dir={ck}",
+        "--checkpoint.every=2", "--checkpoint.keep=100", f"--train.timeout_s={timeout_s}"]
+    proc = subprocess.Popen([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(), cwd=tmp_path)
+    deadline = time.time() + 300
+    while len(_rows(tmp_path / "m.jsonl")) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 3"
+        time.sleep(0.01)
+    rank_1 = [pid for pid in _worker_pids(str(ck)) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    os.kill(rank_1[0], signal.SIGSTOP)
+    stopped_at = time.time()
+    published = _published(ck)
+    out, err = proc.communicate(timeout=120)
+    ended_after = time.time() - stopped_at
+    assert proc.returncode == EXIT_TIMEOUT, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    m = re.fullmatch(rf"loom train: rank 0: in step (\d+) \((.+)\), (.+) waited longer than train.timeout_s={timeout_s} "
+                     rf"\((.+)\); another rank is stopped, hung or gone\. The checkpoints published before it are "
+                     rf"intact; raise train.timeout_s if a step or a save of this run takes longer", lines[0])
+    assert m and int(m.group(1)) >= 4 and "Timed out" in m.group(4), lines[0]
+    assert timeout_s <= ended_after < timeout_s + 15, ended_after  # torchrun's teardown: not its 30 s wait
+    assert not _worker_pids(str(ck))
+    assert "step-00000002" in published
+    _assert_unchanged(ck, published)
 
 
 def test_a_workers_loom_error_is_one_line_with_status_2(dataset, tmp_path):
@@ -302,22 +370,17 @@ def test_an_unexpected_worker_error_is_one_line_with_its_traceback_in_a_file(dat
 
     from loom.train.crash import EXIT_CRASH
 
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "import os\n"
-        "if 'LOCAL_RANK' in os.environ:\n"
-        "    import loom.train.trainer as t\n"
-        "    step = t.Trainer.train_step\n"
-        "    def broken(self, batches, lr):\n"
-        "        if self.state.step == 2:\n"
-        "            raise ZeroDivisionError('injected in step 3')\n"
-        "        return step(self, batches, lr)\n"
-        "    t.Trainer.train_step = broken\n")
+    env = _injected(tmp_path, """
+import loom.train.trainer as t
+step = t.Trainer.train_step
+def broken(self, batches, lr):
+    if self.state.step == 2:
+        raise ZeroDivisionError('injected in step 3')
+    return step(self, batches, lr)
+t.Trainer.train_step = broken""")
     run = tmp_path / "run"
     args = common(dataset, tmp_path, steps=5)[2:] + ["--parallel.dp_shard=2", "--parallel.pp=1",
                                                       f"--metrics.jsonl={run}/m.jsonl", f"--checkpoint.dir={run}/ck"]
-    env = {**_cli_env(), "PYTHONPATH": os.pathsep.join([str(inject), str(HERE.parent)])}
     r = subprocess.run([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args], capture_output=True,
                        text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == EXIT_CRASH, r.stderr[-3000:]

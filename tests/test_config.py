@@ -58,6 +58,7 @@ BAD = [
     (["--checkpoint.keep=0"], ["checkpoint.keep=0", "positive"]),
     (["--checkpoint.async_save=soon"], ["checkpoint.async_save='soon'", "true or false"]),
     (["--train.stop_at=5"], ["train.stop_at=5", "needs checkpoint.dir"]),
+    (["--train.timeout_s=0"], ["train.timeout_s=0", "must be positive"]),
     (["--train.on_nonfinite=ignore"], ["train.on_nonfinite='ignore'", "stop, skip"]),
     (["--train.device=cuda"], ["train.device='cuda'", "no CUDA device"]),
     (["--train.seq_len=100000"], ["train.seq_len=100000", "longer than", "tokens"]),

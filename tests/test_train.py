@@ -152,3 +152,25 @@ def test_a_run_faster_than_the_calibrated_peak_reports_no_mfu_and_discards_the_p
     assert summary["mfu"] is None and "stale" in summary["peak_source"]
     assert forgotten == [torch.float32]
     assert all(json.loads(line)["mfu"] is None for line in open(tmp_path / "m.jsonl"))
+
+
+def test_a_collective_timeout_is_recognised_through_chained_errors():
+    """gloo's words for a collective past the process-group timeout are found also where another
+    error was raised from it (a pipeline schedule re-raises), and nothing else is taken for one."""
+    from loom.train.hangs import Activity, collective_timeout
+
+    try:
+        try:
+            raise RuntimeError("[/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms for recv "
+                               "operation to complete")
+        except RuntimeError as e:
+            raise ValueError("stage 1 failed") from e
+    except ValueError as e:
+        chained = e
+    assert collective_timeout(chained) == "Timed out waiting 6000ms for recv operation to complete"
+    assert collective_timeout(RuntimeError("Connection closed by peer")) is None
+    assert collective_timeout(ZeroDivisionError("Timed out")) is None
+    activity = Activity()
+    assert activity.where() == "before the first step (start-up)"
+    activity.now("validation", step=7)
+    assert activity.where() == "in step 7 (validation)"

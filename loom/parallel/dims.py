@@ -18,6 +18,7 @@ it adds no world size: dp_shard_cp is cut into (expert_fsdp, ep), ep innermost, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from loom.settings import SettingError
 
@@ -130,3 +131,13 @@ class LayoutMesh:
         if isinstance(name, str) and name in self._flat:
             return self._flat[name]
         return self.root[name]
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """Every process group of the layout waits at most `timeout` in a collective: the groups
+        a mesh makes take torch's default (30 min on gloo), not the world group's. Wraps torch's
+        private per-group setter here and nowhere else."""
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        groups = {id(g): g for mesh in (self.root, *self._flat.values()) for g in mesh.get_all_groups()}
+        for group in groups.values():
+            _set_pg_timeout(timeout, group)

@@ -15,6 +15,7 @@ import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -161,7 +162,7 @@ class Checkpointer:
         self.async_save = async_save
         self.async_group = None
         if async_save and self.distributed:
-            self.async_group = torch.distributed.new_group(backend="gloo")
+            self.async_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=cfg.train.timeout_s))
         if not self.distributed:  # DCP warns it assumes one process (we know), also from its writer thread
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         self.pending: _PendingSave | None = None

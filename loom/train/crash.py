@@ -23,9 +23,15 @@ def record_crash(error: BaseException, run_folder: Path, rank: int) -> str:
     first = (str(error).strip().splitlines() or [""])[0]
     line = f"rank {rank}: unexpected {type(error).__name__}: {first}" + (
         f" (full traceback in {path})" if path else " (its traceback could not be written)")
+    tell_torchrun(line, error)
+    return line
+
+
+def tell_torchrun(line: str, error: BaseException) -> None:
+    """Under torchrun, write `line` into its error file for this worker, which torchrun reads
+    into the failure it reports (its own record's format) and loom.launch prints."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:  # torchrun reads it into the failure it reports (its own record's format)
+    if error_file:
         with open(error_file, "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {
                 "py_callstack": "".join(traceback.format_exception(error)), "timestamp": str(int(time.time()))}}}, f)
-    return line

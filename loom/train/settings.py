@@ -25,6 +25,7 @@ def check_train(t, model: ModelConfig, checkpoint_dir: str) -> None:
     need(0 <= t.beta1 < 1, f"train.beta1={t.beta1} must be in [0, 1)")
     need(0 <= t.beta2 < 1, f"train.beta2={t.beta2} must be in [0, 1)")
     need(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be 0 (off) or positive")
+    need(t.timeout_s > 0, f"train.timeout_s={t.timeout_s} must be positive (seconds a collective may wait)")
     need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be 0 (end only) or positive")
     one_of("train.dtype", t.dtype, tuple(DTYPES))
     one_of("train.recompute", t.recompute, RECOMPUTE_MODES)

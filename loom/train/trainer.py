@@ -7,6 +7,8 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from loom.train.report import MetricsWriter, format_bytes, format_count, log_lin
 from loom.train.checkpoint import Checkpointer, TrainState
 from loom.train.checkpoint_files import CheckpointError, checkpoint_name, resume_path
 from loom.train.schedule import lr_at
+from loom.train.hangs import Activity
 from loom.train.signals import StoppedBySignal, StopRequests
 from loom.train.settings import DTYPES
 
@@ -118,6 +121,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, model_cfg: ModelConfig, progress: bool = True):
         self.cfg, self.model_cfg = cfg, model_cfg
+        self.activity = Activity()  # what this rank is doing, for the line a collective's timeout gives
         t = cfg.train
         self.device = resolve_device(t.device)
         self.dtype = DTYPES[t.dtype]
@@ -173,10 +177,12 @@ class Trainer:
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        timeout = timedelta(seconds=self.cfg.train.timeout_s)  # loom.train.hangs
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timeout)
         self.rank = dist.get_rank()
         self.mesh = self.dims.build_mesh(self.device.type)
+        self.mesh.set_timeout(timeout)
         self.dp_rank = self.mesh["dp"].get_local_rank()
         self.cp_rank = self.mesh["cp"].get_local_rank()
 
@@ -374,9 +380,13 @@ class Trainer:
         A non-finite loss or gradient norm (the same on every rank: both are global) is never
         applied to the weights: with train.on_nonfinite='skip' the step is dropped, otherwise the
         caller stops the run."""
-        loss = self.mean_over_data_ranks(self.forward_backward(micro_batches))
+        local_loss = self.forward_backward(micro_batches)
+        self.activity.now("the loss's mean over the data ranks")
+        loss = self.mean_over_data_ranks(local_loss)
+        self.activity.now("the gradient norm")
         grad_norm = self.clip_gradients()
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        self.activity.now("the optimizer step")
         self.apply_gradients(lr, skip=not finite)
         return loss, grad_norm
 
@@ -497,112 +507,134 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------
     def train(self) -> dict:
-        from tqdm import tqdm
-
+        """Train from self.state.step to train.steps (or train.stop_at); returns the summary."""
         cfg, t = self.cfg, self.cfg.train
-        fpt = flops_per_token(self.model_cfg, t.seq_len, FLOPS_CONVENTION)
-        hw_fpt = hardware_flops_per_token(self.model_cfg, t.seq_len, t.recompute, FLOPS_CONVENTION)
-        # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
-        peak = device_peak(self.device, self.dtype) if self.rank == 0 else Peak(None, "not rank 0")
-        meter = ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak)
-        start = self.state.step
-        writer = None
-        if self.rank == 0:
-            writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=start == 0, keep_until=start)
-        layout = {**self.dims.degrees(), "world_size": self.world_size}
-
-        # A resumed run carries on the curves of the steps before its checkpoint.
-        train_curve, val_curve = self.state.train_curve, self.state.val_curve
-        if start == 0:
-            val_curve.append((0, self.validation_loss()))
-        step_times: list[float] = []
-        window: list[float] = []
-        skipped = 0
-        bar = tqdm(total=t.steps, initial=start, desc="training", unit="step",
-                   disable=not self.progress or None, file=sys.stderr, dynamic_ncols=True)
-        run_start = time.perf_counter()
+        run = self._open_run()
         last = min(t.steps, t.stop_at) if t.stop_at else t.steps  # stop_at: a planned exit, resumed later
-        for step in range(start + 1, last + 1):
+        for step in range(run.start + 1, last + 1):
             lr = lr_at(step - 1, t.lr, t.min_lr, t.warmup_steps, t.steps)
+            self.activity.now("forward and backward", step)
             t0 = time.perf_counter()
-            batches = self.micro_batches(step - 1)
-            loss, grad_norm = self.train_step(batches, lr)
+            loss, grad_norm = self.train_step(self.micro_batches(step - 1), lr)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what = (f"loss {loss}" if not math.isfinite(loss)
-                        else f"gradient norm {grad_norm} (loss {loss:.4f})")
-                if t.on_nonfinite != "skip":
-                    bar.close()
-                    if self.checkpointer is not None:
-                        self.checkpointer.wait()
-                    raise FloatingPointError(
-                        f"non-finite {what} at step {step}; stopping (the weights were not updated and "
-                        f"no checkpoint of them is written; train.on_nonfinite='skip' drops such steps)"
-                    )
-                skipped += 1
-                if writer is not None:
-                    bar.write(f"step {step}: non-finite {what}; step skipped (train.on_nonfinite='skip')",
-                              file=sys.stdout)
+                self._nonfinite(run, step, loss, grad_norm)
             self.state.step = step
-            step_times.append(dt)
-            window.append(dt)
-            train_curve.append((step, loss))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            run.step_times.append(dt)
+            run.window.append(dt)
+            run.train_curve.append((step, loss))
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{loss:.3f}")
 
             val_loss = None
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                self.activity.now("validation")
                 val_loss = self.validation_loss()
-                val_curve.append((step, val_loss))
-            if step % cfg.metrics.log_every == 0 or step == last or val_loss is not None or step == start + 1:
-                m = meter.step(sum(window) / len(window))
-                window = []
-                row = {
-                    "step": step,
-                    "loss": loss if math.isfinite(loss) else None,  # JSON has no NaN
-                    "lr": lr,
-                    "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                    "tokens_per_s": m.tokens_per_s,
-                    "tokens_per_s_per_device": m.tokens_per_s_per_device,
-                    "tflops_per_device": m.tflops_per_device,
-                    "hw_tflops_per_device": m.tflops_per_device * hw_fpt / fpt,
-                    "mfu": m.mfu,
-                    "peak_memory_bytes": self.peak_memory(),
-                    "step_time_s": m.step_time_s,
-                    "val_loss": val_loss,
-                    **self.moe_stats(),
-                }
-                if step == 1:
-                    row = {**row, "layout": layout, "flops_convention": FLOPS_CONVENTION}
-                if writer is not None:
-                    writer.write(row)
-                    bar.write(log_line(row, t.steps), file=sys.stdout)
-            saved = False
-            if self.checkpointer is not None and cfg.checkpoint.dir:
-                self.guarded(self.checkpointer.poll)
-                every = cfg.checkpoint.every
-                if (every and step % every == 0) or step == last:
-                    self.save_checkpoint()
-                    saved = True
+                run.val_curve.append((step, val_loss))
+            if step % cfg.metrics.log_every == 0 or step == last or val_loss is not None or step == run.start + 1:
+                self._log(run, step, lr, loss, grad_norm, val_loss)
+            saved = self._save_on_schedule(step, last)
+            self.activity.now("the check for a stop signal")
             signum = self.agreed_stop_signal()
             if signum:
-                bar.close()
-                if writer is not None:
-                    writer.close()
+                run.close()
                 self.stop_by_signal(signum, step, saved)
-        bar.close()
+        run.bar.close()
         if self.checkpointer is not None:
+            self.activity.now("the last checkpoint save")
             self.guarded(self.checkpointer.wait)
-        if writer is not None:
-            writer.close()
-        wall = time.perf_counter() - run_start
+        run.close()
+        return self._summary(run, last)
 
-        # Throughput over the steady state: the first steps pay for allocation and warm-up.
-        steady = step_times[min(3, len(step_times) - 1):] or [float("nan")]
-        m = meter.step(sum(steady) / len(steady))
-        if meter.peak_exceeded and self.device.type == "cpu":
+    def _open_run(self) -> "_Run":
+        """The run's meter, metrics writer, progress bar and curves; validates step 0 of a fresh run."""
+        from tqdm import tqdm
+
+        cfg, t = self.cfg, self.cfg.train
+        fpt = flops_per_token(self.model_cfg, t.seq_len, FLOPS_CONVENTION)
+        # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
+        peak = device_peak(self.device, self.dtype) if self.rank == 0 else Peak(None, "not rank 0")
+        start = self.state.step
+        writer = None
+        if self.rank == 0:
+            writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=start == 0, keep_until=start)
+        # A resumed run carries on the curves of the steps before its checkpoint.
+        if start == 0:
+            self.activity.now("validation")
+            self.state.val_curve.append((0, self.validation_loss()))
+        bar = tqdm(total=t.steps, initial=start, desc="training", unit="step",
+                   disable=not self.progress or None, file=sys.stderr, dynamic_ncols=True)
+        hw_ratio = hardware_flops_per_token(self.model_cfg, t.seq_len, t.recompute, FLOPS_CONVENTION) / fpt
+        return _Run(start=start, hw_ratio=hw_ratio, peak=peak,
+                    meter=ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak),
+                    writer=writer, bar=bar, layout={**self.dims.degrees(), "world_size": self.world_size},
+                    train_curve=self.state.train_curve, val_curve=self.state.val_curve, started=time.perf_counter())
+
+    def _nonfinite(self, run: "_Run", step: int, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is not finite (its update was not applied): stop
+        the run, or with train.on_nonfinite='skip' count it and go on."""
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4f})"
+        if self.cfg.train.on_nonfinite != "skip":
+            run.bar.close()
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+            raise FloatingPointError(
+                f"non-finite {what} at step {step}; stopping (the weights were not updated and "
+                f"no checkpoint of them is written; train.on_nonfinite='skip' drops such steps)"
+            )
+        run.skipped += 1
+        if run.writer is not None:
+            run.bar.write(f"step {step}: non-finite {what}; step skipped (train.on_nonfinite='skip')", file=sys.stdout)
+
+    def _log(self, run: "_Run", step: int, lr: float, loss: float, grad_norm: float, val_loss: float | None) -> None:
+        """One metrics row over the steps since the last: every rank takes part in its figures'
+        collectives, rank 0 writes it and prints its line."""
+        self.activity.now("the metrics of the step")
+        m = run.meter.step(sum(run.window) / len(run.window))
+        run.window = []
+        row = {
+            "step": step,
+            "loss": loss if math.isfinite(loss) else None,  # JSON has no NaN
+            "lr": lr,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "tokens_per_s": m.tokens_per_s,
+            "tokens_per_s_per_device": m.tokens_per_s_per_device,
+            "tflops_per_device": m.tflops_per_device,
+            "hw_tflops_per_device": m.tflops_per_device * run.hw_ratio,
+            "mfu": m.mfu,
+            "peak_memory_bytes": self.peak_memory(),
+            "step_time_s": m.step_time_s,
+            "val_loss": val_loss,
+            **self.moe_stats(),
+        }
+        if step == 1:
+            row = {**row, "layout": run.layout, "flops_convention": FLOPS_CONVENTION}
+        if run.writer is not None:
+            run.writer.write(row)
+            run.bar.write(log_line(row, self.cfg.train.steps), file=sys.stdout)
+
+    def _save_on_schedule(self, step: int, last: int) -> bool:
+        """Poll a save in flight, and save when checkpoint.every says so or at the last step;
+        whether this step saved."""
+        ck = self.cfg.checkpoint
+        if self.checkpointer is None or not ck.dir:
+            return False
+        self.activity.now("a checkpoint save")
+        self.guarded(self.checkpointer.poll)
+        if (ck.every and step % ck.every == 0) or step == last:
+            self.save_checkpoint()
+            return True
+        return False
+
+    def _summary(self, run: "_Run", last: int) -> dict:
+        """The run's figures over its steady state (the first steps pay for allocation and warm-up)."""
+        cfg, t = self.cfg, self.cfg.train
+        steady = run.step_times[min(3, len(run.step_times) - 1):] or [float("nan")]
+        m = run.meter.step(sum(steady) / len(steady))
+        peak = run.peak
+        if run.meter.peak_exceeded and self.device.type == "cpu":
             forget_cpu_peak(self.dtype)
             peak = Peak(peak.flops, f"{peak.source}; stale: this run achieved more, so it is discarded and "
                                     f"measured again next run")
@@ -610,10 +642,10 @@ class Trainer:
         summary = {
             "model": cfg.model.name,
             "params": pc.total,
-            "layout": layout,
+            "layout": run.layout,
             "steps": last,
             "tokens": last * self.tokens_per_step,
-            "wall_time_s": wall,
+            "wall_time_s": time.perf_counter() - run.started,
             "step_time_s": m.step_time_s,
             "tokens_per_s": m.tokens_per_s,
             "tokens_per_s_per_device": m.tokens_per_s_per_device,
@@ -623,12 +655,12 @@ class Trainer:
             "peak_source": peak.source,
             "flops_convention": FLOPS_CONVENTION,
             "peak_memory_bytes": self.peak_memory(),
-            "first_loss": train_curve[0][1],
-            "final_loss": train_curve[-1][1],
-            "initial_val_loss": val_curve[0][1],
-            "final_val_loss": val_curve[-1][1],
+            "first_loss": run.train_curve[0][1],
+            "final_loss": run.train_curve[-1][1],
+            "initial_val_loss": run.val_curve[0][1],
+            "final_val_loss": run.val_curve[-1][1],
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "skipped_steps": skipped,
+            "skipped_steps": run.skipped,
             "checkpoint_saves": list(self.checkpointer.timings) if self.checkpointer else [],
             "dtype": t.dtype,
             "recompute": t.recompute,
@@ -636,9 +668,33 @@ class Trainer:
             "kernels": self.kernels,
         }
         if cfg.metrics.plot and self.rank == 0:
-            plot_losses(cfg.metrics.plot, train_curve, val_curve,
+            plot_losses(cfg.metrics.plot, run.train_curve, run.val_curve,
                         f"loom: {cfg.model.name} ({format_count(pc.total)} params), {t.dtype}")
         return summary
+
+
+@dataclass
+class _Run:
+    """What one call of Trainer.train keeps between steps."""
+
+    start: int  # the step the run starts after (0, or a resumed checkpoint's)
+    hw_ratio: float  # hardware FLOPs (with recomputation) per model FLOP
+    peak: Peak
+    meter: ThroughputMeter
+    writer: MetricsWriter | None  # rank 0's
+    bar: object  # tqdm
+    layout: dict
+    train_curve: list
+    val_curve: list
+    started: float  # perf_counter after the start's validation
+    step_times: list = field(default_factory=list)
+    window: list = field(default_factory=list)  # step times since the last metrics row
+    skipped: int = 0
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def format_summary(s: dict, jsonl: str, plot: str) -> str:
