@@ -151,8 +151,9 @@ def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
 
-def _worker_pids(marker: str) -> list[int]:
-    """Pids of torchrun workers (they have LOCAL_RANK) whose command line contains marker."""
+def _worker_pids(marker: str, workers_only: bool = True) -> list[int]:
+    """Pids of torchrun workers (they have LOCAL_RANK) whose command line contains marker; with
+    workers_only=False of every process whose command line does (torchrun's too)."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -162,9 +163,14 @@ def _worker_pids(marker: str) -> list[int]:
             env = (d / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in cmd and any(e.startswith(b"LOCAL_RANK=") for e in env):
+        if marker in cmd and (not workers_only or any(e.startswith(b"LOCAL_RANK=") for e in env)):
             pids.append(int(d.name))
     return pids
+
+
+def _left_running(marker: str) -> list[int]:
+    """loom, torchrun and worker processes of a finished command that are still there."""
+    return _worker_pids(marker, workers_only=False)
 
 
 def _cli_env() -> dict:
@@ -246,7 +252,7 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resumes_exactly(datase
     assert 5 <= step <= 7  # the step in flight when the workers got the signal (or the next)
     assert f"checkpoint {ck}/step-{step:08d} written" in lines[0]
     assert sorted(p.name for p in ck.iterdir()) == [f"step-{step:08d}"]
-    assert not _worker_pids(str(ck))
+    assert not _left_running(str(ck))
     for name, extra in (("resumed", runs["stopped"]), ("uninterrupted", runs["uninterrupted"])):
         r = subprocess.run(cmd + extra, capture_output=True, text=True, env=_cli_env(), cwd=tmp_path, timeout=300)
         assert r.returncode == 0, (name, r.stderr[-3000:])
@@ -310,7 +316,7 @@ t.Trainer.stop_by_signal = slow_stop""")
     lines = [line for line in err.splitlines() if line.startswith("loom train")]
     assert lines == ["loom train: stopped at once by a second SIGTERM; the checkpoints published before it are "
                      "intact"], err[-3000:]
-    assert not _worker_pids(str(ck))
+    assert not _left_running(str(ck))
     _assert_unchanged(ck, published)
 
 
@@ -349,7 +355,7 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_with_one_line(dataset, t
                      rf"intact; raise train.timeout_s if a step or a save of this run takes longer", lines[0])
     assert m and int(m.group(1)) >= 4 and "Timed out" in m.group(4), lines[0]
     assert timeout_s <= ended_after < timeout_s + 15, ended_after  # torchrun's teardown: not its 30 s wait
-    assert not _worker_pids(str(ck))
+    assert not _left_running(str(ck))
     assert "step-00000002" in published
     _assert_unchanged(ck, published)
 
@@ -365,7 +371,7 @@ def test_a_workers_loom_error_is_one_line_with_status_2(dataset, tmp_path):
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("loom train: error: non-finite loss"), r.stderr[-3000:]
-    assert not _worker_pids(f"{tmp_path}/ck_nan")
+    assert not _left_running(f"{tmp_path}/ck_nan")
 
 
 def test_an_unexpected_worker_error_is_one_line_with_its_traceback_in_a_file(dataset, tmp_path):
@@ -396,7 +402,7 @@ t.Trainer.train_step = broken""")
                      r"(.*traceback-rank-0000\d\.txt)\)", lines[0])
     assert m, lines[0]
     assert "ZeroDivisionError: injected in step 3" in Path(m.group(2)).read_text()
-    assert not _worker_pids(f"{run}/ck")
+    assert not _left_running(f"{run}/ck")
 
 
 def test_killed_save_leaves_the_previous_checkpoint_usable(dataset, tmp_path):
