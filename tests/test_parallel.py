@@ -16,8 +16,12 @@ from conftest import assert_rel_close
 from parity import case_steps
 
 HERE = Path(__file__).parent
-MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", "--model.n_layers=4", "--model.n_heads=8", "--model.n_kv_heads=4",
-         "--model.ffn_dim=128", "--model.vocab_size=300"]
+# Two blocks: every layout's collectives run per block, so the suite's time goes with the depth.
+# Layouts of 4 pipeline stages (2 ranks x 2 virtual stages) take 4 blocks (FOUR_BLOCKS).
+LAYERS = 2
+MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", f"--model.n_layers={LAYERS}", "--model.n_heads=8",
+         "--model.n_kv_heads=4", "--model.ffn_dim=128", "--model.vocab_size=300"]
+FOUR_BLOCKS = "--model.n_layers=4"
 TRAIN = ["--train.seq_len=32", "--train.global_batch=8", "--train.micro_batch=2", "--train.lr=1e-3",
          "--train.warmup_steps=0"]
 
@@ -44,9 +48,9 @@ LAYOUTS = {  # world size -> {case: layout overrides}
                                       "--train.dtype=bfloat16", "--data.pack_documents=true"],
         "pp2_gpipe": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=gpipe"],
         "pp2_1f1b": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=1f1b"],
-        "pp2_interleaved": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2",
+        "pp2_interleaved": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2", FOUR_BLOCKS,
                             "--parallel.pp_schedule=interleaved-1f1b"],
-        "pp2_zero_bubble": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2",
+        "pp2_zero_bubble": ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_virtual_stages=2", FOUR_BLOCKS,
                             "--parallel.pp_schedule=zero-bubble"],
     },
     4: {
@@ -65,7 +69,7 @@ LAYOUTS = {  # world size -> {case: layout overrides}
                                           "--train.dtype=bfloat16", "--train.recompute=selective",
                                           "--data.pack_documents=true"],
         "cp2_pp2_interleaved_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.pp=2",
-                                       "--parallel.pp_virtual_stages=2", "--parallel.pp_schedule=interleaved-1f1b",
+                                       "--parallel.pp_virtual_stages=2", FOUR_BLOCKS, "--parallel.pp_schedule=interleaved-1f1b",
                                        "--data.pack_documents=true"],
         "cp2_pp2_full_recompute_packed": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.pp=2",
                                           "--train.recompute=full", "--data.pack_documents=true"],
@@ -114,7 +118,7 @@ LAYOUTS[2].update({
     "gpt3_tp2_no_sp": ["--model.name=tiny-gpt3", "--parallel.tp=2", "--parallel.dp_shard=1",
                        "--parallel.sequence_parallel=false"],
     "gpt3_pp2_zero_bubble": ["--model.name=tiny-gpt3", "--parallel.pp=2", "--parallel.dp_shard=1",
-                             "--parallel.pp_virtual_stages=2", "--parallel.pp_schedule=zero-bubble"],
+                             "--parallel.pp_virtual_stages=2", FOUR_BLOCKS, "--parallel.pp_schedule=zero-bubble"],
     "bert_cp2_a2a": ["--model.name=tiny-bert", "--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.cp_comm=a2a"],
     "bert_dp_shard2_bf16": ["--model.name=tiny-bert", "--parallel.dp_shard=2", "--train.dtype=bfloat16"],
 })
@@ -245,20 +249,20 @@ def check_moe_bf16(name: str, grads: dict, ref: dict, results: dict) -> None:
 
 def check_zero_collectives(results: dict) -> None:
     """parallel.zero's communication pattern, counted on rank 0 over one step of 2 micro-batches
-    with 6 FSDP units (embedding, 4 blocks, norm + output): zero=3 gathers every unit for each
+    with LAYERS + 2 FSDP units (embedding, the blocks, norm + output): zero=3 gathers every unit for each
     forward and (all but the last unit) again for its backward, and reduce-scatters every unit
     after every micro-batch; zero=1 gathers and reduce-scatters each unit once per step."""
-    units, micro = 6, 2
+    units, micro = LAYERS + 2, 2
     zero3 = {"all_gather_single": micro * (2 * units - 1), "reduce_scatter_single": micro * units}
     zero1 = {"all_gather_single": units, "reduce_scatter_single": units}
     for zero3_case in ("dp_shard2", "cp2_dp_shard2"):
         if zero3_case in results:
             assert results[zero3_case]["collectives"] == zero3, (zero3_case, results[zero3_case]["collectives"])
             assert results[f"{zero3_case}_zero1"]["collectives"] == zero1, results[f"{zero3_case}_zero1"]["collectives"]
-    # A pipeline stage (rank 0: embedding + 2 blocks) keeps its units gathered through the step in
+    # A pipeline stage (rank 0: embedding + half the blocks) keeps its units gathered through the step in
     # both modes; zero=3 still reduce-scatters after each micro-batch, zero=1 once.
     if "dp_shard2_pp2_zero1" in results:
-        stage_units = 3
+        stage_units = LAYERS // 2 + 1
         assert results["dp_shard2_pp2_full_recompute"]["collectives"] == {
             "all_gather_single": stage_units, "reduce_scatter_single": micro * stage_units}
         assert results["dp_shard2_pp2_zero1"]["collectives"] == {
