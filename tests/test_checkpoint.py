@@ -15,7 +15,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", "--model.n_layers=4",
+MODEL = ["--parallel.dp_shard=1", "--parallel.pp=1", "--model.dim=64", "--model.n_layers=2",
          "--model.n_heads=8", "--model.n_kv_heads=4", "--model.ffn_dim=128", "--model.vocab_size=300"]
 TRAIN = ["--train.seq_len=32", "--train.global_batch=8", "--train.micro_batch=2", "--train.lr=3e-3",
          "--train.warmup_steps=2", "--train.eval_every=0", "--train.eval_batches=2"]
