@@ -158,20 +158,32 @@ def test_under_torchrun_a_bigger_world_is_refused(monkeypatch, capsys, tmp_path)
     assert code == 2 and "world size is 4" in err and len(err.splitlines()) == 1
 
 
-def test_unwritable_outputs_are_refused_before_any_worker_starts(tmp_path):
+def test_unwritable_outputs_are_refused_before_any_worker_starts(tmp_path, capsys, monkeypatch):
     """An output path that cannot be written ends `loom train --nproc 4` in one line, status 2,
-    before torchrun starts (nothing on stdout, no torch.distributed in the message)."""
+    before torchrun starts (nothing on stdout, no torch.distributed in the message). The first
+    case runs as a real process; the others in this one, where starting torchrun would fail."""
+    from loom import launch
+
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")
-    for key, value in (("metrics.jsonl", f"{blocker}/m.jsonl"), ("metrics.plot", f"{blocker}/loss.png"),
-                       ("metrics.tensorboard", f"{blocker}/tb"), ("checkpoint.dir", f"{blocker}/sub/ck"),
-                       ("metrics.jsonl", str(tmp_path))):
-        r = subprocess.run([sys.executable, "-m", "loom", "train", "--nproc", "4", f"--{key}={value}"],
-                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert r.returncode == 2 and r.stdout == "", (key, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"loom train: error: {key}={value!r}"), r.stderr
-        assert "torch.distributed" not in r.stderr
+    cases = [("metrics.jsonl", f"{blocker}/m.jsonl"), ("metrics.plot", f"{blocker}/loss.png"),
+             ("metrics.tensorboard", f"{blocker}/tb"), ("checkpoint.dir", f"{blocker}/sub/ck"),
+             ("metrics.jsonl", str(tmp_path))]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch, "launch_local", lambda *a, **k: pytest.fail("torchrun started"))
+    for i, (key, value) in enumerate(cases):
+        args = ["train", "--nproc", "4", f"--{key}={value}"]
+        if i == 0:
+            r = subprocess.run([sys.executable, "-m", "loom", *args], capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+            status, out, err = r.returncode, r.stdout, r.stderr
+        else:
+            status = main(args)
+            out, err = capsys.readouterr()
+        assert status == 2 and out == "", (key, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"loom train: error: {key}={value!r}"), err
+        assert "torch.distributed" not in err
     assert blocker.read_text() == "in the way"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created
 
