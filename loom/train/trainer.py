@@ -524,7 +524,7 @@ class Trainer:
             self.state.step = step
             run.step_times.append(dt)
             run.window.append(dt)
-            run.train_curve.append((step, loss))
+            self.state.train_curve.append((step, loss))
             run.bar.update(1)
             run.bar.set_postfix(loss=f"{loss:.3f}")
 
@@ -532,7 +532,7 @@ class Trainer:
             if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                 self.activity.now("validation")
                 val_loss = self.validation_loss()
-                run.val_curve.append((step, val_loss))
+                self.state.val_curve.append((step, val_loss))
             if step % cfg.metrics.log_every == 0 or step == last or val_loss is not None or step == run.start + 1:
                 self._log(run, step, lr, loss, grad_norm, val_loss)
             saved = self._save_on_schedule(step, last)
@@ -549,7 +549,8 @@ class Trainer:
         return self._summary(run, last)
 
     def _open_run(self) -> "_Run":
-        """The run's meter, metrics writer, progress bar and curves; validates step 0 of a fresh run."""
+        """The run's meter, metrics writer and progress bar; validates step 0 of a fresh run (a
+        resumed run carries on the curves in self.state of the steps before its checkpoint)."""
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
@@ -560,17 +561,15 @@ class Trainer:
         writer = None
         if self.rank == 0:
             writer = MetricsWriter(cfg.metrics.jsonl, cfg.metrics.tensorboard, fresh=start == 0, keep_until=start)
-        # A resumed run carries on the curves of the steps before its checkpoint.
         if start == 0:
             self.activity.now("validation")
             self.state.val_curve.append((0, self.validation_loss()))
         bar = tqdm(total=t.steps, initial=start, desc="training", unit="step",
                    disable=not self.progress or None, file=sys.stderr, dynamic_ncols=True)
         hw_ratio = hardware_flops_per_token(self.model_cfg, t.seq_len, t.recompute, FLOPS_CONVENTION) / fpt
-        return _Run(start=start, hw_ratio=hw_ratio, peak=peak,
-                    meter=ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak),
+        return _Run(start=start, hw_ratio=hw_ratio, meter=ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak),
                     writer=writer, bar=bar, layout={**self.dims.degrees(), "world_size": self.world_size},
-                    train_curve=self.state.train_curve, val_curve=self.state.val_curve, started=time.perf_counter())
+                    started=time.perf_counter())
 
     def _nonfinite(self, run: "_Run", step: int, loss: float, grad_norm: float) -> None:
         """A step whose loss or gradient norm is not finite (its update was not applied): stop
@@ -633,12 +632,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         steady = run.step_times[min(3, len(run.step_times) - 1):] or [float("nan")]
         m = run.meter.step(sum(steady) / len(steady))
-        peak = run.peak
+        peak = run.meter.peak
         if run.meter.peak_exceeded and self.device.type == "cpu":
             forget_cpu_peak(self.dtype)
             peak = Peak(peak.flops, f"{peak.source}; stale: this run achieved more, so it is discarded and "
                                     f"measured again next run")
         pc = param_counts(self.model_cfg)
+        train_curve, val_curve = self.state.train_curve, self.state.val_curve
         summary = {
             "model": cfg.model.name,
             "params": pc.total,
@@ -655,10 +655,10 @@ class Trainer:
             "peak_source": peak.source,
             "flops_convention": FLOPS_CONVENTION,
             "peak_memory_bytes": self.peak_memory(),
-            "first_loss": run.train_curve[0][1],
-            "final_loss": run.train_curve[-1][1],
-            "initial_val_loss": run.val_curve[0][1],
-            "final_val_loss": run.val_curve[-1][1],
+            "first_loss": train_curve[0][1],
+            "final_loss": train_curve[-1][1],
+            "initial_val_loss": val_curve[0][1],
+            "final_val_loss": val_curve[-1][1],
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "skipped_steps": run.skipped,
             "checkpoint_saves": list(self.checkpointer.timings) if self.checkpointer else [],
@@ -668,7 +668,7 @@ class Trainer:
             "kernels": self.kernels,
         }
         if cfg.metrics.plot and self.rank == 0:
-            plot_losses(cfg.metrics.plot, run.train_curve, run.val_curve,
+            plot_losses(cfg.metrics.plot, train_curve, val_curve,
                         f"loom: {cfg.model.name} ({format_count(pc.total)} params), {t.dtype}")
         return summary
 
@@ -679,13 +679,10 @@ class _Run:
 
     start: int  # the step the run starts after (0, or a resumed checkpoint's)
     hw_ratio: float  # hardware FLOPs (with recomputation) per model FLOP
-    peak: Peak
-    meter: ThroughputMeter
+    meter: ThroughputMeter  # with the peak its MFU is against
     writer: MetricsWriter | None  # rank 0's
     bar: object  # tqdm
     layout: dict
-    train_curve: list
-    val_curve: list
     started: float  # perf_counter after the start's validation
     step_times: list = field(default_factory=list)
     window: list = field(default_factory=list)  # step times since the last metrics row
