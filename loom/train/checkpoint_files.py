@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from loom.files import file_crc32, file_record
+from loom.train.crash import error_chain
 
 MANIFEST = "loom.json"
 FORMAT = "loom-checkpoint-1"
@@ -394,34 +395,16 @@ def load_model_tensors(path: str | Path, names: list[str], shapes: dict[str, tup
     return state["model"]
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    """The exceptions behind `error`: causes, contexts, and DCP's per-rank failures."""
-    pending, seen = [error], []
-    while pending:
-        e = pending.pop()
-        if isinstance(e, tuple):  # DCP's (exception, traceback) pairs
-            pending += [x for x in e if isinstance(x, BaseException)]
-            continue
-        if e is None or any(e is x for x in seen):
-            continue
-        seen.append(e)
-        failures = getattr(e, "failures", None)  # CheckpointException: rank -> failure
-        if isinstance(failures, dict):
-            pending += list(failures.values())
-        pending += [e.__cause__, e.__context__]
-    return seen
-
-
 def disk_full(error: BaseException) -> bool:
     """Whether `error` comes from a filesystem without space (ENOSPC), also through DCP."""
     return any((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
-               for e in _chain(error))
+               for e in error_chain(error))
 
 
 def one_line(error: BaseException, doing: str = "read") -> str:
     """A one-line message for a load failure: our own CheckpointError where DCP wrapped one
     (DCP gathers each rank's failure into a CheckpointException, sometimes only as text)."""
-    chain = _chain(error)
+    chain = error_chain(error)
     ours = [e for e in chain if isinstance(e, CheckpointError)]
     if ours:
         return str(ours[0])

@@ -35,3 +35,22 @@ def tell_torchrun(line: str, error: BaseException) -> None:
         with open(error_file, "w") as f:
             json.dump({"message": {"message": line, "extraInfo": {
                 "py_callstack": "".join(traceback.format_exception(error)), "timestamp": str(int(time.time()))}}}, f)
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions behind it: causes, contexts, and DCP's per-rank failures
+    (a CheckpointException's `failures`: rank -> (exception, traceback))."""
+    pending, seen = [error], []
+    while pending:
+        e = pending.pop()
+        if isinstance(e, tuple):  # DCP's (exception, traceback) pairs
+            pending += [x for x in e if isinstance(x, BaseException)]
+            continue
+        if e is None or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        failures = getattr(e, "failures", None)  # CheckpointException: rank -> failure
+        if isinstance(failures, dict):
+            pending += list(failures.values())
+        pending += [e.__cause__, e.__context__]
+    return seen

@@ -11,6 +11,8 @@ import os
 import traceback
 from dataclasses import dataclass
 
+from loom.train.crash import error_chain
+
 EXIT_TIMEOUT = 5  # a collective waited longer than train.timeout_s
 
 # How the backends word a collective that passed the process-group timeout: gloo's recv/send
@@ -40,14 +42,11 @@ class Activity:
 def collective_timeout(error: BaseException) -> str | None:
     """The backend's words if `error` (or an error it was raised from) is a collective that
     passed the process-group timeout, else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        text = str(error)
+    for e in error_chain(error):
+        text = str(e)
         if any(word in text for word in _TIMEOUT_WORDS):
             # gloo prefixes the C++ source location: "[.../unbound_buffer.cc:78] Timed out ..."
             return text.strip().splitlines()[0].split("] ", 1)[-1]
-        error = error.__cause__ or error.__context__
     return None
 
 
