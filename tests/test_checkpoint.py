@@ -353,7 +353,9 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout_with_one_line(dataset, t
     m = re.fullmatch(rf"loom train: rank 0: in step (\d+) \((.+)\), (.+) waited longer than train.timeout_s={timeout_s} "
                      rf"\((.+)\); another rank is stopped, hung or gone\. The checkpoints published before it are "
                      rf"intact; raise train.timeout_s if a step or a save of this run takes longer", lines[0])
-    assert m and int(m.group(1)) >= 4 and "Timed out" in m.group(4), lines[0]
+    # Step 3's row is written before its stop check, so rank 1 may be stopped before it joins that
+    # check: the wait can begin in step 3 as well as in a later one.
+    assert m and int(m.group(1)) >= 3 and "Timed out" in m.group(4), lines[0]
     assert timeout_s <= ended_after < timeout_s + 15, ended_after  # torchrun's teardown: not its 30 s wait
     assert not _left_running(str(ck))
     assert "step-00000002" in published
