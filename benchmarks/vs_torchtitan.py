@@ -1,22 +1,31 @@
 """loom vs torchtitan 0.3.0: training tokens/s on the same shape and layouts, on this machine.
 
 The shape of issue 20 (and of ../shared/peers/torchtitan): Llama, 4 layers, dim 256, 8 heads,
-8 KV heads, FFN 1024, vocabulary 32000, seq 1024, fp32, AdamW at a constant lr 3e-4, no clipping,
+8 KV heads, FFN 1024, vocabulary 32000, seq 1024, AdamW at a constant lr 3e-4, no clipping,
 micro-batch 1, global batch 4 sequences. A single process runs 2 threads; each rank of a layout 1.
 torchtitan runs through the shared runner in its own environment (set up as its README says);
 without it this script says so and measures loom alone.
+
+Precision (--dtype): torchtitan 0.3.0 always applies FSDP (of degree 1 where there is no data
+parallelism), and its FSDP casts parameters to `training.mixed_precision_param`, bfloat16 by
+default, whatever `training.dtype` says: the shared runner's "fp32" config computes in bf16. So
+each side's precision is set explicitly: fp32 = loom `train.dtype=float32` against torchtitan
+`mixed_precision_param=float32`; bf16 = loom `train.dtype=bfloat16` (autocast, bf16 FSDP
+gathers, fp32 master weights) against torchtitan `mixed_precision_param=bfloat16` (bf16 FSDP
+gathers, fp32 master weights).
 
 Runs alternate (torchtitan, loom, next layout, ...) and repeat for --rounds, because this
 machine's speed drifts. Tokens/s = 4096 tokens / the mean step time of steps 3..N: loom's from
 its metrics JSONL (`step_time_s`), torchtitan's from its per-rank `tps` log field (its tokens/s
 per device: global = tps x world size, so a step took 4096 / (tps x world)).
 
-    python benchmarks/vs_torchtitan.py [--rounds 2] [--steps 20] [--layouts 1,dp2,tp2,pp2,dp2tp2pp2]
-        [--vocab-128k] [--titan-python /tmp/titan/bin/python] [--assets /tmp/titan-assets]
-        [--write benchmarks/results/vs_torchtitan.md]
+    python benchmarks/vs_torchtitan.py [--rounds 2] [--steps 20] [--dtype fp32|bf16|both]
+        [--layouts 1,dp2,tp2,pp2,dp2tp2pp2] [--vocab-128k] [--titan-python /tmp/titan/bin/python]
+        [--assets /tmp/titan-assets] [--write benchmarks/results/vs_torchtitan.md]
 
---vocab-128k adds a 1-process row at the Llama 3 vocabulary (128256) for loom alone: the shared
-runner's torchtitan model config fixes its vocabulary at 32000.
+--vocab-128k adds a 1-process row at the Llama 3 vocabulary (128256). The shared runner's config
+fixes torchtitan's vocabulary at 32000, so torchtitan runs through benchmarks/titan_vocab, the
+same config at the vocabulary of the asset folder.
 """
 from __future__ import annotations
 
@@ -44,6 +53,8 @@ LAYOUTS = {
     "dp2tp2pp2": (8, ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2", "--parallel.pp_schedule=1f1b"],
                   (2, 2, 2)),
 }
+# loom's train.dtype and torchtitan's training.mixed_precision_param for each --dtype
+PRECISIONS = {"fp32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16")}
 LABELS = {"1": "1 process", "dp2": "dp_shard=2", "tp2": "tp=2", "pp2": "pp=2 (1F1B, 4 micro-batches)",
           "dp2tp2pp2": "dp_shard=2 x tp=2 x pp=2"}
 
@@ -86,7 +97,7 @@ def loom_dataset(assets: Path, work: Path) -> Path:
     return out
 
 
-def run_loom(layout: str, data: Path, vocab: int, steps: int, work: Path) -> float:
+def run_loom(layout: str, data: Path, vocab: int, steps: int, work: Path, dtype: str) -> float:
     world, parallel, _ = LAYOUTS[layout]
     jsonl = work / f"loom_{layout}.jsonl"
     args = [sys.executable, "-m", "loom", "train", "--quiet", *(["--nproc", str(world)] if world > 1 else []),
@@ -96,7 +107,8 @@ def run_loom(layout: str, data: Path, vocab: int, steps: int, work: Path) -> flo
             f"--train.seq_len={SHAPE['SEQ']}", "--train.global_batch=4", "--train.micro_batch=1",
             f"--train.steps={steps}", "--train.lr=3e-4", "--train.min_lr=3e-4", "--train.warmup_steps=0",
             "--train.grad_clip=0", "--train.eval_every=0", "--train.eval_batches=1", "--metrics.log_every=1",
-            f"--metrics.jsonl={jsonl}", "--metrics.plot=", "--parallel.dp_shard=1", "--parallel.pp=1", *parallel]
+            f"--metrics.jsonl={jsonl}", "--metrics.plot=", f"--train.dtype={PRECISIONS[dtype][0]}",
+            "--parallel.dp_shard=1", "--parallel.pp=1", *parallel]
     r = subprocess.run(args, capture_output=True, text=True, cwd=work)
     if r.returncode:
         raise RuntimeError(f"loom {layout} failed: {r.stderr[-2000:]}")
@@ -104,14 +116,15 @@ def run_loom(layout: str, data: Path, vocab: int, steps: int, work: Path) -> flo
     return GLOBAL_TOKENS / statistics.mean(times[2:])
 
 
-def run_titan(python: str, layout: str, assets: Path, steps: int, work: Path) -> float:
+def run_titan(python: str, layout: str, assets: Path, steps: int, work: Path, dtype: str) -> float:
     world, _, (dp, tp, pp) = LAYOUTS[layout]
     local_batch = GLOBAL_TOKENS // SHAPE["SEQ"] // dp if pp > 1 else 1
     torchrun = str(Path(python).parent / "torchrun")
-    env = {**os.environ, "PEERS_ASSET": str(assets), "PYTHONPATH": str(PEERS), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PEERS_ASSET": str(assets), "PYTHONPATH": f"{PEERS}{os.pathsep}{HERE}", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2" if world == 1 else "1"}
     args = [torchrun, "--nproc_per_node", str(world), "--master_addr", "127.0.0.1", "--master_port", "29555",
-            str(PEERS / "titan_cpu_train.py"), "--module", "peers_titan", "--config", "llama3_peers",
+            str(PEERS / "titan_cpu_train.py"), "--module", "titan_vocab", "--config", "llama3_peers_vocab",
+            "--training.mixed_precision_param", PRECISIONS[dtype][1],
             "--training.steps", str(steps), "--training.local_batch_size", str(local_batch),
             "--training.global_batch_size", "4", "--parallelism.data_parallel_shard_degree", str(dp),
             "--parallelism.tensor_parallel_degree", str(tp), "--parallelism.pipeline_parallel_degree", str(pp),
@@ -144,11 +157,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dtype", choices=[*PRECISIONS, "both"], default="fp32")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--vocab-128k", action="store_true", help="also a 1-process row at vocabulary 128256")
     ap.add_argument("--titan-python", default="/tmp/titan/bin/python")
     ap.add_argument("--assets", default="/tmp/titan-assets")
-    ap.add_argument("--write", default="", help="also write the table (markdown) here")
+    ap.add_argument("--write", default="", help="also write the tables (markdown) here, above its '## ' sections")
     a = ap.parse_args()
     missing = titan_ready(a.titan_python)
     if missing:
@@ -165,26 +179,39 @@ def main() -> None:
         if not assets.exists():
             sys.exit(f"{assets} does not exist: it is made with torchtitan's environment ({PEERS / 'README.md'})")
         data[vocab] = loom_dataset(assets, work)
+    dtypes = list(PRECISIONS) if a.dtype == "both" else [a.dtype]
+    tables = [f"### {dtype}\n\n" + table(measure(a, missing, runs, data, work, dtype), a.rounds) for dtype in dtypes]
+    print("\n\n".join(tables))
+    if a.write:
+        write_tables(Path(a.write), a, tables)
+
+
+def measure(a, missing: str | None, runs: list, data: dict, work: Path, dtype: str) -> list:
+    """(row label, loom's tokens/s per round, torchtitan's per round) for each run, alternating."""
     results = {(name, vocab): ([], []) for name, vocab, _ in runs}
     for _ in range(a.rounds):
         for name, vocab, assets in runs:
-            # The shared runner's model config fixes the vocabulary at 32000: other rows are loom's alone.
-            titan = 0.0 if missing or vocab != 32000 else run_titan(a.titan_python, name, assets, a.steps, work)
-            loom = run_loom(name, data[vocab], vocab, a.steps, work)
+            titan = 0.0 if missing else run_titan(a.titan_python, name, assets, a.steps, work, dtype)
+            loom = run_loom(name, data[vocab], vocab, a.steps, work, dtype)
             results[(name, vocab)][0].append(loom)
             results[(name, vocab)][1].append(titan)
-            print(f"{LABELS[name]}, vocab {vocab}: loom {loom:,.0f}, torchtitan " + (f"{titan:,.0f}" if titan else "-")
-                  + " tokens/s", flush=True)
-    rows = [(LABELS[name] + ("" if vocab == 32000 else f", vocabulary {vocab}"), *results[(name, vocab)])
+            print(f"{dtype}, {LABELS[name]}, vocab {vocab}: loom {loom:,.0f}, torchtitan "
+                  + (f"{titan:,.0f}" if titan else "-") + " tokens/s", flush=True)
+    return [(LABELS[name] + ("" if vocab == 32000 else f", vocabulary {vocab}"), *results[(name, vocab)])
             for name, vocab, _ in runs]
-    out = table(rows, a.rounds)
-    print(out)
-    if a.write:
-        Path(a.write).write_text(
-            "# loom vs torchtitan 0.3.0 on this CPU (tokens/s, global)\n\n"
-            f"`python benchmarks/vs_torchtitan.py --rounds {a.rounds} --steps {a.steps}"
-            f"{' --vocab-128k' if a.vocab_128k else ''}`; runs alternate, each round runs every layout "
-            "once for each. See the script's docstring for the shape and how tokens/s is taken.\n\n" + out + "\n")
+
+
+def write_tables(path: Path, a, tables: list[str]) -> None:
+    """The tables at the top of `path`; its own '## ' sections (findings written by hand) are kept."""
+    kept = ""
+    if path.exists() and "\n## " in path.read_text():
+        kept = path.read_text()[path.read_text().index("\n## "):]
+    path.write_text(
+        "# loom vs torchtitan 0.3.0 on this CPU (tokens/s, global)\n\n"
+        f"`python benchmarks/vs_torchtitan.py --rounds {a.rounds} --steps {a.steps} --dtype {a.dtype}"
+        f"{' --vocab-128k' if a.vocab_128k else ''}`; runs alternate, each round runs every layout "
+        "once for each. See the script's docstring for the shape, the precisions and how tokens/s is "
+        "taken.\n\n" + "\n\n".join(tables) + "\n" + kept)
 
 
 if __name__ == "__main__":
