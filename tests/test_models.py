@@ -9,7 +9,7 @@ from conftest import assert_rel_close
 from loom.metrics.flops import param_counts
 from loom.models.attention import CoreAttention, attention_backward, attention_forward
 from loom.kernels.modules import LoomRotary
-from loom.models.converters import install_cpu_kernels
+from loom.models.converters import convert_model, install_cpu_kernels
 from loom.models.transformer import ModelConfig, RopeScaling, apply_rope, build_model, rope_cos_sin, rope_inv_freq
 from loom.models.hf import hf_param_name
 from loom.models.registry import MODELS, PUBLISHED_PARAMS
@@ -471,10 +471,9 @@ def test_attention_interface_uses_loom_kernel_and_falls_back(monkeypatch):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
-    """One fp32 CPU forward + backward of the model calls each of loom's CPU kernels (where the
-    library is available; none where it is not). Value tests alone would pass on PyTorch's ops."""
-    from loom.kernels import cpu_attention, cpu_kernels, library
+def _spy_on_kernels(monkeypatch) -> set:
+    """The set that collects the names of loom's kernel entry points called from now on."""
+    from loom.kernels import cpu_attention, cpu_kernels
 
     called = set()
 
@@ -489,6 +488,15 @@ def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
     for module in (cpu_attention, cpu_kernels):
         real = module._lib
         monkeypatch.setattr(module, "_lib", lambda real=real: Spy(real()))
+    return called
+
+
+def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
+    """One fp32 CPU forward + backward of the model calls each of loom's CPU kernels (where the
+    library is available; none where it is not). Value tests alone would pass on PyTorch's ops."""
+    from loom.kernels import library
+
+    called = _spy_on_kernels(monkeypatch)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=256)
     model = init_model(cfg, torch.device("cpu"), seed=0)
     tokens = torch.randint(0, 256, (2, 65))
@@ -500,6 +508,41 @@ def test_fp32_cpu_training_step_runs_every_loom_kernel(monkeypatch):
                "loom_rms_norm_backward", "loom_swiglu_forward", "loom_swiglu_backward", "loom_rope",
                "loom_softmax_cross_entropy"}
     assert called == (kernels if library.available() else set())
+
+
+@pytest.mark.parametrize("head_dim, attention_widens", [(16, True), (64, False)])
+def test_bf16_cpu_training_step_widens_onto_loom_kernels(monkeypatch, head_dim, attention_widens):
+    """Under bf16 autocast, RoPE and SwiGLU run loom's fp32 kernels on widened inputs, and
+    attention does at head_dim <= WIDEN_MAX_HEAD_DIM (at any head_dim on a CPU without bf16
+    arithmetic); the step is as close to the fp32 step as PyTorch's bf16 ops bring it."""
+    from loom.kernels import library
+    from loom.models.matmul import cpu_lacks_bf16_arithmetic
+
+    cfg = ModelConfig(dim=4 * head_dim, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=256)
+    tokens = torch.randint(0, 256, (2, 65))
+    results = {}
+    for mode in ("float32", "torch", "loom"):
+        model = init_model(cfg, torch.device("cpu"), seed=0)
+        if mode == "loom":
+            line = convert_model(model, "auto", torch.device("cpu"), torch.bfloat16)
+            called = _spy_on_kernels(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float32"):
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+        loss.backward()
+        results[mode] = [loss.detach()] + [p.grad for p in model.parameters()]
+    widened = {"loom_swiglu_forward", "loom_swiglu_backward", "loom_rope"}
+    if attention_widens or cpu_lacks_bf16_arithmetic():
+        widened |= {"loom_attention_forward", "loom_attention_backward"}
+    if library.available():
+        assert widened <= called and not ({"loom_attention_forward"} - widened) & called
+        # The summary's kernel line says what ran widened.
+        assert ("attention by PyTorch's bf16 op" in line) == ("loom_attention_forward" not in widened), line
+
+    def errors(mode):
+        return [((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+                for a, b in zip(results[mode], results["float32"])]
+
+    assert max(errors("loom")) <= 1.2 * max(errors("torch")) < 0.06
 
 
 def test_vocab_parallel_loss_equals_the_fused_loss():
@@ -534,7 +577,6 @@ def test_training_step_with_and_without_loom_kernels(name):
     """train.kernels: the CPU fp32 step of every family with loom's kernels installed by the
     converter equals the step on PyTorch's ops (loss and every gradient, fp32 parity rule)."""
     from loom.kernels import library
-    from loom.models.converters import convert_model
     from conftest import assert_rel_close
 
     if not library.available():

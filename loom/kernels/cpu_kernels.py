@@ -65,6 +65,20 @@ def _plain_fp32(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and library.available())
 
 
+def widenable(*tensors: torch.Tensor) -> bool:
+    """Plain bf16 CPU tensors (any layout) that an fp32 kernel takes once widened: a bf16 value
+    is exact in fp32, so the kernel computes from the same inputs, in fp32, and its result is
+    rounded to bf16 once (PyTorch's bf16 elementwise ops round after each op)."""
+    return (all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.dtype == torch.bfloat16
+                for t in tensors)
+            and not torch.compiler.is_compiling() and library.available())
+
+
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 copy of t, in one pass."""
+    return t.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _plain_fp32(x, weight) and x.shape[-1] == weight.shape[0]
 

@@ -11,10 +11,11 @@ attention); out [B, Hq, Lq, D]; lse [B, Hq, Lq] in fp32.
 Kernels: an `AttentionKernel` does the work; `TORCH_ATTENTION` (PyTorch's ops: on CPU the flash op
 `_scaled_dot_product_flash_attention_for_cpu`, which handles GQA natively; on CUDA the flash SDPA
 op for half types and the memory-efficient op for fp32) unless a converter installs another
-(loom's AVX-512 CPU kernel: loom.kernels.modules). bf16 inputs on CPUs without bf16 arithmetic go
-to the fp32 kernel widened (see loom.models.matmul; there the op's bf16 backward runs ~3x slower
-than its fp32 one, and the fp32 op on widened inputs keeps the probabilities in fp32, so it is
-also a little more accurate).
+(loom's AVX-512 CPU kernel: loom.kernels.modules). bf16 inputs go to the fp32 kernel widened
+where the kernel says so (`AttentionKernel.widens`): on CPUs without bf16 arithmetic (see
+loom.models.matmul; there the op's bf16 backward runs ~3x slower than its fp32 one), and with
+loom's CPU kernel at small head dims (loom.kernels.modules.WIDENING). The fp32 op on widened
+inputs keeps the probabilities in fp32, so it is also a little more accurate.
 
 Masks are never materialized. What a query may see is described by tiles: rectangles of the
 attention matrix that are either fully visible or causal on identical positions (where the
@@ -59,6 +60,11 @@ class AttentionKernel:
     CPU kernel) override them and fall back here for what they do not take."""
 
     name = "torch"
+
+    def widens(self, q: torch.Tensor) -> bool:
+        """Whether bf16 q, k, v run as fp32 (widened; results rounded back to bf16): where the
+        CPU has no bf16 arithmetic (loom.models.matmul)."""
+        return q.dtype == torch.bfloat16 and bf16_via_fp32(q.device)
 
     def takes_strided_grad(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether backward takes a dout that is not contiguous (saves a copy)."""
@@ -118,7 +124,7 @@ def attention_forward(
     """Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32). out has q's dtype, except with
     partial=True (a partial result that will be merged in fp32) where a kernel that computed in
     fp32 returns its fp32 result unrounded."""
-    if q.dtype == torch.bfloat16 and bf16_via_fp32(q.device):
+    if kernel.widens(q):
         out, lse = kernel.forward(q.float(), k.float(), v.float(), causal, scale)
         return (out if partial else out.to(torch.bfloat16)), lse
     return kernel.forward(q, k, v, causal, scale)
@@ -131,7 +137,7 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) with the shapes and dtypes of q, k, v; with partial=True (gradients
     that will be summed in fp32) a kernel that computed in fp32 returns them unrounded."""
-    if q.dtype == torch.bfloat16 and bf16_via_fp32(q.device):
+    if kernel.widens(q):
         grads = kernel.backward(dout.float(), q.float(), k.float(), v.float(), out.float(), lse, causal, scale)
         return grads if partial else tuple(g.to(torch.bfloat16) for g in grads)
     return kernel.backward(dout, q, k, v, out, lse, causal, scale)

@@ -66,10 +66,16 @@ def install_cpu_kernels(model: nn.Module) -> list[str]:
     return sorted(installed, key=order.index)
 
 
-def convert_model(model: nn.Module, kernels: str, device: torch.device) -> str:
+def convert_model(model: nn.Module, kernels: str, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> str:
     """Apply the converters the config asks for, in loom's fixed order; returns the kernel line
-    for the run's summary."""
+    for the run's summary (dtype: the run's compute dtype, for what runs widened in bf16)."""
     use_loom, line = resolve_kernels(kernels, device)
     if use_loom:
-        line = f"loom AVX-512 CPU kernels ({', '.join(install_cpu_kernels(model))})"
+        from loom.kernels.modules import bf16_widening
+
+        installed = install_cpu_kernels(model)
+        line = f"loom AVX-512 CPU kernels ({', '.join(installed)})"
+        if dtype == torch.bfloat16:
+            line += f"; {bf16_widening(installed, model.cfg.head_dim)}"
     return line

@@ -196,7 +196,7 @@ class Trainer:
         # Converters (loom's CPU kernels) between construction and parallelization; the kernels
         # are built (first run on this machine) or loaded here, before any step is timed, and the
         # summary says which run and, where loom's cannot, why.
-        self.kernels = convert_model(self.model, t.kernels, self.device)
+        self.kernels = convert_model(self.model, t.kernels, self.device, self.dtype)
         self.pp = self.mesh is not None and self.dims.pp > 1
         n_micro = t.global_batch // self.dims.dp // t.micro_batch
         self.cp = self.dims.cp if self.mesh is not None else 1
