@@ -250,10 +250,11 @@ def check_moe_bf16(name: str, grads: dict, ref: dict, results: dict) -> None:
 def check_zero_collectives(results: dict) -> None:
     """parallel.zero's communication pattern, counted on rank 0 over one step of 2 micro-batches
     with LAYERS + 2 FSDP units (embedding, the blocks, norm + output): zero=3 gathers every unit for each
-    forward and (all but the last unit) again for its backward, and reduce-scatters every unit
-    after every micro-batch; zero=1 gathers and reduce-scatters each unit once per step."""
+    forward and again for its backward, except the last unit (kept gathered) and the embedding
+    (whose backward reads no weight), and reduce-scatters every unit after every micro-batch;
+    zero=1 gathers and reduce-scatters each unit once per step."""
     units, micro = LAYERS + 2, 2
-    zero3 = {"all_gather_single": micro * (2 * units - 1), "reduce_scatter_single": micro * units}
+    zero3 = {"all_gather_single": micro * (2 * units - 2), "reduce_scatter_single": micro * units}
     zero1 = {"all_gather_single": units, "reduce_scatter_single": units}
     for zero3_case in ("dp_shard2", "cp2_dp_shard2"):
         if zero3_case in results:

@@ -9,8 +9,8 @@ Units, each gathered and freed on its own: the embedding, every block, and the f
 the output layer; the root holds no parameter of its own. Under expert parallelism each block's
 experts are a unit of their own, on their own mesh (see _shard_experts). Two sharding modes (parallel.zero):
 - 3 (ZeRO-3, the default): parameters are freed after each unit's forward and gathered again
-  for its backward; gradients are reduce-scattered after every micro-batch, so no unsharded
-  gradient outlives a unit's backward.
+  for its backward (except lookup tables, whose backward reads no weight); gradients are
+  reduce-scattered after every micro-batch, so no unsharded gradient outlives a unit's backward.
 - 1 (Megatron's distributed optimizer): parameters stay gathered, and gradients unsharded
   (accumulated in fp32), through all micro-batches of a step; one reduce-scatter of the
   gradients after the last one. More memory, one gather and one reduce-scatter per step.
@@ -85,10 +85,19 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, param_dty
         # The last unit's parameters are the first needed in backward: never freed in between.
         fully_shard(unit, mesh=fsdp_mesh, mp_policy=_policy_of(unit, model, policy),
                     reshard_after_forward=reshard and i < len(units) - 1)
+        if reshard and _embeddings_only(unit):
+            # An embedding's backward reads no weight: its table is not gathered again for it.
+            unit[0].set_unshard_in_backward(False)
     # A root that holds a tied embedding (see fsdp_units) gathers it in fp32, like the embedding unit.
     root_policy = _policy_of([model.tok_embeddings], model, policy) if holds_tied_ends(model) else policy
     fully_shard(model, mesh=fsdp_mesh, mp_policy=root_policy, reshard_after_forward=reshard)
     return model
+
+
+def _embeddings_only(unit) -> bool:
+    """Whether an FSDP unit holds lookup tables only (no embedding norm, whose backward reads
+    its weight)."""
+    return isinstance(unit, list) and all(isinstance(m, nn.Embedding) for m in unit)
 
 
 def _shard_experts(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh, policy: MixedPrecisionPolicy,
