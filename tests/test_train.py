@@ -154,7 +154,7 @@ def test_a_run_faster_than_the_calibrated_peak_reports_no_mfu_and_discards_the_p
     assert all(json.loads(line)["mfu"] is None for line in open(tmp_path / "m.jsonl"))
 
 
-def test_a_collective_timeout_is_recognised_through_chained_errors():
+def test_a_collective_timeout_is_recognised_through_chained_errors(tmp_path):
     """gloo's words for a collective past the process-group timeout are found also where another
     error was raised from it (a pipeline schedule re-raises), and nothing else is taken for one."""
     from loom.train.hangs import Activity, collective_timeout
@@ -170,6 +170,23 @@ def test_a_collective_timeout_is_recognised_through_chained_errors():
     assert collective_timeout(chained) == "Timed out waiting 6000ms for recv operation to complete"
     assert collective_timeout(RuntimeError("Connection closed by peer")) is None
     assert collective_timeout(ZeroDivisionError("Timed out")) is None
+    # A save that meets one is not a failed write (a CheckpointError, which on_error='continue'
+    # would let training go on from): the timeout itself goes on, its partial folder removed.
+    from types import SimpleNamespace
+
+    from loom.train.checkpoint import CheckpointError, Checkpointer
+    from loom.train.checkpoint_files import TMP_PREFIX
+
+    final = tmp_path / "step-00000004"
+    partial = tmp_path / f"{TMP_PREFIX}step-00000004"
+    for error, passes_through in ((chained, True), (OSError("disk on fire"), False)):
+        partial.mkdir()
+        with pytest.raises(BaseException) as raised:
+            with Checkpointer._failing_as(SimpleNamespace(rank=0), final):
+                raise error
+        assert (raised.value is error) == passes_through
+        assert isinstance(raised.value, CheckpointError) != passes_through
+        assert not partial.exists()
     activity = Activity()
     assert activity.where() == "before the first step (start-up)"
     activity.now("validation", step=7)

@@ -25,6 +25,7 @@ from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SIN
                                          CheckpointError, check_compatible, check_files, checkpoint_name,
                                          disk_full, file_record, model_fields, one_line, publish_folder, published,
                                          read_manifest, safe_planner, safe_reader)
+from loom.train.hangs import collective_timeout
 
 
 # -- state dicts -------------------------------------------------------------------------------
@@ -222,7 +223,9 @@ class Checkpointer:
     def _failing_as(self, final: Path):
         """A failed write (a full disk, a lost rank) as one line, with the free space and the size
         needed when the disk is full; its partial folder is removed, published checkpoints are
-        intact."""
+        intact. A collective that passed train.timeout_s (another rank stopped or gone) is not a
+        failed write: it goes on as it came, to end the run as every other timeout does (with
+        checkpoint.on_error='continue' the next collective would only wait again)."""
         try:
             yield
         except (KeyboardInterrupt, SystemExit, CheckpointError):
@@ -230,6 +233,8 @@ class Checkpointer:
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             if self.rank == 0:
                 shutil.rmtree(final.with_name(f"{TMP_PREFIX}{final.name}"), ignore_errors=True)
+            if collective_timeout(e) is not None:
+                raise
             if disk_full(e):
                 from loom.train.outputs import checkpoint_bytes
 
