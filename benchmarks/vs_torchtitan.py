@@ -203,9 +203,8 @@ def measure(a, missing: str | None, runs: list, data: dict, work: Path, dtype: s
 
 def write_tables(path: Path, a, tables: list[str]) -> None:
     """The tables at the top of `path`; its own '## ' sections (findings written by hand) are kept."""
-    kept = ""
-    if path.exists() and "\n## " in path.read_text():
-        kept = path.read_text()[path.read_text().index("\n## "):]
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index("\n## "):] if "\n## " in old else ""
     path.write_text(
         "# loom vs torchtitan 0.3.0 on this CPU (tokens/s, global)\n\n"
         f"`python benchmarks/vs_torchtitan.py --rounds {a.rounds} --steps {a.steps} --dtype {a.dtype}"

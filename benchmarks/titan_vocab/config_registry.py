@@ -8,12 +8,13 @@ with PYTHONPATH holding both this folder's parent and the shared runner's folder
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 from peers_titan.config_registry import llama3_peers
 
 
 def llama3_peers_vocab():
-    vocab = json.loads(open(os.path.join(os.environ["PEERS_ASSET"], "stamp.json")).read())["V"]
+    vocab = json.loads(Path(os.environ["PEERS_ASSET"], "stamp.json").read_text())["V"]
     cfg = llama3_peers()
     model = cfg.model_spec.model
     model = dataclasses.replace(

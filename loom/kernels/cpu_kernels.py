@@ -57,21 +57,23 @@ def softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, ignore_in
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_fp32(*tensors: torch.Tensor) -> bool:
+def _plain(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, contiguous: bool) -> bool:
     # A plain tensor or parameter: a DTensor (tensor parallelism; FSDP's sharded parameters)
     # keeps PyTorch's ops.
-    return (all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.dtype == torch.float32
-                and t.is_contiguous() for t in tensors)
+    return (all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.dtype == dtype
+                and (t.is_contiguous() or not contiguous) for t in tensors)
             and not torch.compiler.is_compiling() and library.available())
+
+
+def _plain_fp32(*tensors: torch.Tensor) -> bool:
+    return _plain(tensors, torch.float32, contiguous=True)
 
 
 def widenable(*tensors: torch.Tensor) -> bool:
     """Plain bf16 CPU tensors (any layout) that an fp32 kernel takes once widened: a bf16 value
     is exact in fp32, so the kernel computes from the same inputs, in fp32, and its result is
     rounded to bf16 once (PyTorch's bf16 elementwise ops round after each op)."""
-    return (all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.dtype == torch.bfloat16
-                for t in tensors)
-            and not torch.compiler.is_compiling() and library.available())
+    return _plain(tensors, torch.bfloat16, contiguous=False)
 
 
 def widened(t: torch.Tensor) -> torch.Tensor:

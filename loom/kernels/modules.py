@@ -27,6 +27,12 @@ bf16 arithmetic, loom.models.matmul)."""
 WIDEN_MAX_HEAD_DIM = 32
 
 
+def attention_widens_at(head_dim: int) -> bool:
+    """Whether bf16 attention of this head_dim runs loom's fp32 kernel widened on a CPU with
+    bf16 arithmetic (see WIDENING)."""
+    return head_dim <= WIDEN_MAX_HEAD_DIM and head_dim in cpu_attention.HEAD_DIMS
+
+
 def bf16_widening(installed: list[str], head_dim: int) -> str:
     """What a bf16 run of a model with these kernels installed runs widened to fp32, for the
     summary's kernel line."""
@@ -35,7 +41,7 @@ def bf16_widening(installed: list[str], head_dim: int) -> str:
     widened = [name for name in installed if name in ("RoPE", "SwiGLU")]
     line = "bf16 matmuls native"
     if "attention" in installed:
-        if head_dim <= WIDEN_MAX_HEAD_DIM and head_dim in cpu_attention.HEAD_DIMS:
+        if attention_widens_at(head_dim):
             widened.insert(0, "attention")
         else:
             line += f"; attention by PyTorch's bf16 op (head_dim {head_dim} > {WIDEN_MAX_HEAD_DIM})"
@@ -52,9 +58,7 @@ class LoomCpuAttention(AttentionKernel):
     name = "loom-cpu"
 
     def widens(self, q: torch.Tensor) -> bool:
-        return super().widens(q) or (
-            cpu_kernels.widenable(q) and q.shape[-1] <= WIDEN_MAX_HEAD_DIM
-            and q.shape[-1] in cpu_attention.HEAD_DIMS)
+        return super().widens(q) or (cpu_kernels.widenable(q) and attention_widens_at(q.shape[-1]))
 
     def takes_strided_grad(self, q, k, v) -> bool:
         return cpu_attention.supports(q, k, v)
