@@ -63,7 +63,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             worker_args = (["--config", args.config] if args.config else []) + overrides
             return launch_local(nproc, worker_args, args.max_restarts, quiet=args.quiet)
 
-    return run_worker(prog, cfg, model_cfg, quiet=args.quiet, under_torchrun=under_torchrun)
+    status = run_worker(prog, cfg, model_cfg, quiet=args.quiet, under_torchrun=under_torchrun)
+    if under_torchrun:  # done and written: no interpreter teardown (loom.train.worker_exit)
+        from loom.train.worker_exit import leave
+
+        leave(status)
+    return status
 
 
 def run_worker(prog: str, cfg, model_cfg, quiet: bool, under_torchrun: bool) -> int:
@@ -123,16 +128,9 @@ def crashed(prog: str, error: BaseException, cfg, under_torchrun: bool, activity
         tell_torchrun(line, error)
     else:
         line, status = record_crash(error, Path(cfg.metrics.jsonl).parent, rank), EXIT_CRASH
-    if not under_torchrun:
+    if not under_torchrun:  # else the line is in torchrun's error file
         print(f"{prog}: {line}", file=sys.stderr)
-        return status
-    # The line is in torchrun's error file and nothing is left to do: leave without the
-    # interpreter's teardown, whose destructors of process groups can abort (SIGABRT) while the
-    # other ranks fail too, and torchrun would then report that signal, not this status (seen in
-    # the suite's injected-bug test, about 1 run in 20).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    return status
 
 
 def cmd_dry_run(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -57,3 +57,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from loom.train.worker_exit import leave
+
+    leave(0)  # as loom's workers end: no interpreter teardown (see loom.train.worker_exit)
