@@ -116,6 +116,11 @@ class TrainSection:
     # CPU kernels: 'loom' (loom's AVX-512 kernels, an error where they cannot run), 'torch'
     # (PyTorch's ops), 'auto' (loom's where they run). See loom/models/converters.py.
     kernels: str = "auto"
+    # FP8 linears through torchao (on top of dtype="bfloat16"): 'none', 'tensorwise', 'rowwise'.
+    # See loom/models/fp8.py.
+    fp8: str = "none"
+    # Under FP8: the first and last N blocks keep their linears in bf16 (NeMo's option).
+    fp8_bf16_blocks: int = 0
     # A non-finite loss or gradient norm: 'stop' the run (naming the step), or 'skip' the step
     # (the weights are left as they were). Either way such values never reach the weights.
     on_nonfinite: str = "stop"

@@ -31,7 +31,8 @@ def read_csv(path: Path) -> list[BenchResult]:
 
             out.append(BenchResult(lay, row["status"], row["message"], num("tokens_per_s_per_device"),
                                    num("step_time_s"), num("peak_memory_bytes", int), num("global_batch", int),
-                                   num("wall_s")))
+                                   num("wall_s"), num("mfu") if row.get("mfu") is not None else None,
+                                   row.get("peak_source") or ""))
     return out
 
 
@@ -48,6 +49,10 @@ def markdown_tables(results: list[BenchResult], title: str) -> str:
     device (peak memory per device), or why the layout did not run."""
     out = [f"# {title}", "", "Cells: tokens/s per device (peak memory per device); OOM, failed, invalid or "
            "timeout where the layout did not run; empty where it is not in the grid.", ""]
+    peaks = sorted({r.peak_source for r in results if r.peak_source})
+    if peaks:
+        best = max((r for r in results if r.mfu is not None), key=lambda r: r.mfu, default=None)
+        out += [f"MFU against: {'; '.join(peaks)}" + (f" (best layout: {100 * best.mfu:.1f}%)" if best else ""), ""]
     for seq in sorted({r.layout.seq_len for r in results}):
         sub = [r for r in results if r.layout.seq_len == seq]
         worlds = sorted({r.layout.world for r in sub})

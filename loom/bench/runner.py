@@ -27,11 +27,14 @@ class BenchResult:
     peak_memory_bytes: int | None = None
     global_batch: int | None = None
     wall_s: float | None = None
+    mfu: float | None = None  # model FLOP/s per device over the peak that peak_source names
+    peak_source: str = ""
 
     def as_row(self) -> dict:
         return {**asdict(self.layout), "dp": self.layout.dp, "status": self.status, "message": self.message,
                 "tokens_per_s_per_device": self.tokens_per_s_per_device, "step_time_s": self.step_time_s,
-                "peak_memory_bytes": self.peak_memory_bytes, "global_batch": self.global_batch, "wall_s": self.wall_s}
+                "peak_memory_bytes": self.peak_memory_bytes, "global_batch": self.global_batch, "wall_s": self.wall_s,
+                "mfu": self.mfu, "peak_source": self.peak_source}
 
 
 def _env() -> dict:
@@ -71,8 +74,10 @@ def run_layout(grid: Grid, layout: BenchLayout, work: Path, timeout_s: float, ta
     times = [row["step_time_s"] for row in rows if row["step"] > WARMUP_STEPS] or [rows[-1]["step_time_s"]]
     step = statistics.median(times)
     tokens = cfg.train.global_batch * cfg.train.seq_len / layout.world
+    mfus = [row["mfu"] for row in rows if row["step"] > WARMUP_STEPS and row.get("mfu") is not None]
     return BenchResult(layout, "ok", "", tokens / step, step, max(row["peak_memory_bytes"] for row in rows),
-                       cfg.train.global_batch, wall)
+                       cfg.train.global_batch, wall, statistics.median(mfus) if mfus else None,
+                       rows[0].get("peak_source", ""))
 
 
 def run_grid(grid: Grid, out: Path, timeout_s: float, progress: bool = True, repeats: int = 1) -> list[BenchResult]:

@@ -155,13 +155,19 @@ class Peak:
     source: str  # e.g. "h100-sxm bfloat16 data sheet", "cpu calibration (2 threads, bfloat16)"
 
 
-def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
+def device_peak(device: torch.device, dtype: torch.dtype, fp8: bool = False) -> Peak:
+    """The peak MFU is measured against. fp8: the run's linears compute in FP8 (train.fp8), on
+    CUDA against the data sheet's dense FP8 rate; on CPU FP8 is emulated (operands rounded to
+    float8, products in `dtype`), so the peak stays that of `dtype`'s matmuls, and says so."""
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         key = accelerator_name(name)
         if key is None:
             return Peak(None, f"unknown accelerator {name!r}")
+        if fp8:
+            flops = ACCELERATOR_PEAKS[key].get("fp8")
+            return Peak(flops, f"{key} fp8 dense data sheet" if flops else f"{key} has no FP8 peak (no FP8 units)")
         if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
             dtype_name = "tf32"
         flops = ACCELERATOR_PEAKS[key].get(dtype_name)
@@ -170,6 +176,8 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
         record = cpu_peak_record(dtype)
         if dtype == torch.bfloat16 and bf16_via_fp32(device):
             dtype_name += " products widened to fp32"
+        if fp8:
+            dtype_name += "; FP8 emulated in these matmuls"
         when = (f"measured {record['measured_at']}, quiet" if record["quiet"] else
                 f"measured now with {record['other_tasks']:g} other tasks runnable: provisional")
         return Peak(record["flops"], f"cpu matmul calibration ({torch.get_num_threads()} threads, {dtype_name}; {when})")

@@ -67,9 +67,12 @@ def install_cpu_kernels(model: nn.Module) -> list[str]:
 
 
 def convert_model(model: nn.Module, kernels: str, device: torch.device,
-                  dtype: torch.dtype = torch.float32) -> str:
-    """Apply the converters the config asks for, in loom's fixed order; returns the kernel line
-    for the run's summary (dtype: the run's compute dtype, for what runs widened in bf16)."""
+                  dtype: torch.dtype = torch.float32, fp8: str = "none", float8_gather: bool = False,
+                  fp8_skip_blocks: int = 0) -> str:
+    """Apply the converters the config asks for, in loom's fixed order (kernels, then FP8);
+    returns the kernel line for the run's summary. dtype: the run's compute dtype, for what runs
+    widened in bf16; fp8: train.fp8; float8_gather: the model will be FSDP-sharded (FP8 weights
+    are then gathered as float8); fp8_skip_blocks: train.fp8_skip_blocks."""
     use_loom, line = resolve_kernels(kernels, device)
     if use_loom:
         from loom.kernels.modules import bf16_widening
@@ -78,4 +81,11 @@ def convert_model(model: nn.Module, kernels: str, device: torch.device,
         line = f"loom AVX-512 CPU kernels ({', '.join(installed)})"
         if dtype == torch.bfloat16:
             line += f"; {bf16_widening(installed, model.cfg.head_dim)}"
+    if fp8 != "none":
+        from loom.models.fp8 import apply_fp8
+
+        emulate = device.type != "cuda"
+        converted = apply_fp8(model, fp8, emulate, float8_gather, fp8_skip_blocks)
+        line += (f"; FP8 {fp8} (torchao{', emulated' if emulate else ''}) in {len(converted)} linears, "
+                 f"the output layer in bf16")
     return line

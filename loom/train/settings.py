@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from loom.models.converters import KERNEL_CHOICES, loom_kernels_unavailable
+from loom.models.fp8 import FP8_INSTALL, FP8_RECIPES, torchao_missing
 from loom.models.transformer import ModelConfig
 from loom.settings import need, one_of
 from loom.train.recompute import RECOMPUTE_MODES
@@ -38,6 +39,20 @@ def check_train(t, model: ModelConfig, checkpoint_dir: str) -> None:
              f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model.max_seq_len}, the size of the "
              f"learned position table")
     _check_device(t)
+    _check_fp8(t, model)
+
+
+def _check_fp8(t, model: ModelConfig) -> None:
+    one_of("train.fp8", t.fp8, FP8_RECIPES)
+    need(0 <= 2 * t.fp8_bf16_blocks <= model.n_layers,
+         f"train.fp8_bf16_blocks={t.fp8_bf16_blocks} must be between 0 and half of model.n_layers={model.n_layers} "
+         f"(the first and the last that many blocks stay in bf16)")
+    if t.fp8 == "none":
+        return
+    need(t.dtype == "bfloat16", f"train.fp8={t.fp8!r} needs train.dtype='bfloat16' (FP8 matmuls under bf16 "
+                                f"autocast), not {t.dtype!r}; allowed with float32: 'none'")
+    why = torchao_missing()
+    need(why is None, f"train.fp8={t.fp8!r} needs torchao, which does not import here ({why}); install it: {FP8_INSTALL}")
 
 
 def _check_device(t) -> None:

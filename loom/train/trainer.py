@@ -152,6 +152,7 @@ class Trainer:
         self.resumed_from = resume
         if resume is not None:
             self.state = self.checkpointer.load(resume)
+        self.refresh_fp8_scales()
 
     def _masking(self):
         """Masked-LM targets for a bidirectional model (BERT), else None (next-token targets)."""
@@ -196,13 +197,15 @@ class Trainer:
         # Converters (loom's CPU kernels) between construction and parallelization; the kernels
         # are built (first run on this machine) or loaded here, before any step is timed, and the
         # summary says which run and, where loom's cannot, why.
-        self.kernels = convert_model(self.model, t.kernels, self.device, self.dtype)
+        self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
+        self.kernels = convert_model(self.model, t.kernels, self.device, self.dtype, t.fp8,
+                                     float8_gather=self.fsdp, fp8_skip_blocks=t.fp8_bf16_blocks)
         self.pp = self.mesh is not None and self.dims.pp > 1
         n_micro = t.global_batch // self.dims.dp // t.micro_batch
         self.cp = self.dims.cp if self.mesh is not None else 1
-        self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
         self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
+        self.float8_gathered = self.fsdp and t.fp8 == "tensorwise"
         if self.pp:
             from loom.parallel.pipeline import build_schedule
 
@@ -353,6 +356,16 @@ class Trainer:
                     group["lr"] = lr
                 opt.step()
             opt.zero_grad(set_to_none=True)
+        if not skip:
+            self.refresh_fp8_scales()
+
+    def refresh_fp8_scales(self) -> None:
+        """FSDP gathers FP8 weights as float8 with a scale from the whole parameter's amax: set
+        once the weights change (initialized, loaded, stepped), before the next forward."""
+        if self.float8_gathered:
+            from loom.models.fp8 import refresh_weight_scales
+
+            refresh_weight_scales(self.parts)
 
     def optimizer_step(self, lr: float) -> float:
         """Clip, step, zero the gradients; returns the global gradient norm before clipping."""
@@ -556,7 +569,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         fpt = flops_per_token(self.model_cfg, t.seq_len, FLOPS_CONVENTION)
         # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
-        peak = device_peak(self.device, self.dtype) if self.rank == 0 else Peak(None, "not rank 0")
+        peak = device_peak(self.device, self.dtype, t.fp8 != "none") if self.rank == 0 else Peak(None, "not rank 0")
         start = self.state.step
         writer = None
         if self.rank == 0:
@@ -609,7 +622,7 @@ class Trainer:
             **self.moe_stats(),
         }
         if step == 1:
-            row = {**row, "layout": run.layout, "flops_convention": FLOPS_CONVENTION}
+            row = {**row, "layout": run.layout, "flops_convention": FLOPS_CONVENTION, "peak_source": run.meter.peak.source}
         if run.writer is not None:
             run.writer.write(row)
             run.bar.write(log_line(row, self.cfg.train.steps), file=sys.stdout)
@@ -662,7 +675,7 @@ class Trainer:
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "skipped_steps": run.skipped,
             "checkpoint_saves": list(self.checkpointer.timings) if self.checkpointer else [],
-            "dtype": t.dtype,
+            "dtype": t.dtype if t.fp8 == "none" else f"{t.dtype} + fp8 {t.fp8}",
             "recompute": t.recompute,
             "device": str(self.device),
             "kernels": self.kernels,
