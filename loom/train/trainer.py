@@ -514,9 +514,24 @@ class Trainer:
             else:
                 losses.append(self.forward_loss(batch).item())
             counts.append(len(batch.inputs))
+        self._free_gathered_units()
         local = torch.tensor(np.average(losses, weights=counts), dtype=torch.float64, device=self.device)
         # Under context parallelism each rank holds a part of every sequence's tokens.
         return self._mean_over(local, "cp", self.cp)
+
+    def _free_gathered_units(self) -> None:
+        """A forward without backward leaves the FSDP units that stay gathered after forward (the
+        last one; all of them under zero=1 or PP) gathered, in train.dtype: free them, so that
+        parameters read between steps (a save, an export, a test) are the fp32 shards, not bf16
+        copies, and their memory is not held until the next step."""
+        if not self.fsdp:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for part in self.parts:
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     # -- the run --------------------------------------------------------------------------
     def train(self) -> dict:
