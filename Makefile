@@ -5,12 +5,14 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that our development machines carry locally; on other machines
 # install the torch you want first (the package itself accepts a range).
 TORCH_PIN ?= torch==2.13.0
+# The torchao release checked against that torch (FP8 training, an optional extra).
+TORCHAO_PIN ?= torchao==0.18.0
 
 .PHONY: setup train test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TORCHAO_PIN)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -85,12 +85,16 @@ RESHARD_STEPS = ["--train.steps=9", "--train.stop_at=0"]
 
 
 def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
-    """One 4-rank launch: dp_shard=2 x tp=2 stops after step 6 and resumes exactly; a checkpoint
+    """One 4-rank launch: dp_shard=2 x tp=2 stops after step 6 and resumes exactly, in fp32 and
+    with FP8 (tensorwise, whose weight scales are set again from the loaded weights); a checkpoint
     saved under tp=2 x pp=2 loads under dp_shard=4, and (in this process) into a single process:
     the same weights bit for bit, the same validation loss, and training goes on alike."""
     args = common(dataset, tmp_path, CONTINUATION_STEPS)
     jobs = {f"dp2tp2_{k}": v + ["--parallel.dp_shard=2", "--parallel.tp=2"]
             for k, v in continuation_jobs(args, tmp_path / "ck_dp2tp2").items()}
+    jobs.update({f"fp8_{k}": v + ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.dtype=bfloat16",
+                                  "--train.fp8=tensorwise"]
+                 for k, v in continuation_jobs(args, tmp_path / "ck_fp8").items()})
     saved = tmp_path / "ck_tp2pp2"
     jobs["tp2pp2_save"] = common(dataset, tmp_path, steps=9) + [
         "--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={saved}", "--train.stop_at=6"]
@@ -106,7 +110,8 @@ def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
         "--parallel.dp_shard=4", f"--checkpoint.dir={tmp_path}/ck_gpt3_dp4",
         f"--checkpoint.resume={tmp_path}/ck_gpt3/step-00000006"]
     results = launch(4, tmp_path / "out.pt", jobs, tmp_path)
-    assert_exact_continuation({k.removeprefix("dp2tp2_"): v for k, v in results.items() if k.startswith("dp2tp2_")})
+    for layout in ("dp2tp2_", "fp8_"):
+        assert_exact_continuation({k.removeprefix(layout): v for k, v in results.items() if k.startswith(layout)})
     gpt3_single = run_in_process({"single": common(dataset, tmp_path, steps=9) + gpt3 + [
         f"--checkpoint.dir={tmp_path}/ck_gpt3_single", f"--checkpoint.resume={tmp_path}/ck_gpt3/step-00000006"]})
     for loaded in (results["gpt3_dp4_load"], gpt3_single["single"]):

@@ -62,6 +62,10 @@ BAD = [
     (["--train.on_nonfinite=ignore"], ["train.on_nonfinite='ignore'", "stop, skip"]),
     (["--train.device=cuda"], ["train.device='cuda'", "no CUDA device"]),
     (["--train.seq_len=100000"], ["train.seq_len=100000", "longer than", "tokens"]),
+    (["--train.fp8=tensorwise"], ["train.fp8='tensorwise'", "needs train.dtype='bfloat16'", "'float32'"]),
+    (["--train.fp8=mxfp8", "--train.dtype=bfloat16"], ["train.fp8='mxfp8'", "none, tensorwise, rowwise"]),
+    (["--train.fp8=rowwise", "--train.dtype=bfloat16", "--train.fp8_bf16_blocks=3"],
+     ["train.fp8_bf16_blocks=3", "model.n_layers=4"]),
 ]
 
 

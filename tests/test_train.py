@@ -144,7 +144,7 @@ def test_a_run_faster_than_the_calibrated_peak_reports_no_mfu_and_discards_the_p
     from loom.train import trainer as trainer_module
 
     forgotten = []
-    monkeypatch.setattr(trainer_module, "device_peak", lambda device, dtype: Peak(1.0, "cpu matmul calibration (test)"))
+    monkeypatch.setattr(trainer_module, "device_peak", lambda device, dtype, fp8=False: Peak(1.0, "cpu matmul calibration (test)"))
     monkeypatch.setattr(trainer_module, "forget_cpu_peak", forgotten.append)
     trainer = make_trainer(dataset, tmp_path, "--train.steps=3", "--train.eval_every=0", "--metrics.log_every=1",
                            "--metrics.plot=")
