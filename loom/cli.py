@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the fastest that fits, per layout")
     pl.add_argument("--zero", type=int, choices=[3, 1],
                     help="FSDP sharding mode (parallel.zero); default: the faster that fits, per layout")
-    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "fp8", "float32"],
+                    help="fp8: FP8 block GEMMs (train.fp8) at the FP8 peak, attention and the output layer in bf16")
     pl.add_argument("--top", type=int, default=20, help="rows shown when searching")
     pl.add_argument("--json", action="store_true")
     pl.add_argument("--explain", action="store_true", help="memory and time breakdown of each row shown")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -302,3 +303,44 @@ def test_plan_searches_expert_parallelism(capsys):
                            (["--model", "llama3-8b", "--ep", "2"], "--ep=2 needs a mixture-of-experts model")):
         code, _, err = _cli(args + extra, capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_fp8_plans_gemms_at_the_fp8_peak_and_attention_at_bf16s():
+    """--dtype fp8: the blocks' GEMMs at the FP8 peak, attention and the output layer at bf16's,
+    the casts' traffic, FSDP gathering float8 block matrices; MFU against the FP8 peak."""
+    from loom.plan.search import resolve_model
+    from loom.plan.timing import fp8_cast_bytes_per_token, step_time, throughput
+
+    cfg, spec = resolve_model("llama2-7b"), get_spec("h100-sxm")
+    short = Layout(tp=1, cp=1, pp=1, dp=4, micro_batch=1, seq_len=4096, global_batch=8, dtype="bfloat16")
+    bf16, fp8 = (step_time(cfg, dataclasses.replace(short, dtype=d), spec) for d in ("bfloat16", "fp8"))
+    eff = spec.efficiency
+    output_s = 2 * 6 * 4096 * cfg.vocab_size * cfg.dim / (989.4e12 * eff.matmul)  # 2 micro-batches, in bf16
+    blocks_ratio = eff.matmul * 989.4 / (eff.fp8_matmul * 1978.9)
+    assert fp8.matmul == pytest.approx((bf16.matmul - output_s) * blocks_ratio + output_s)
+    assert fp8.attention == pytest.approx(bf16.attention)  # bf16 flash attention in both
+    assert fp8.overhead > bf16.overhead and fp8_cast_bytes_per_token(cfg, dataclasses.replace(short, dtype="fp8")) > 0
+    assert fp8.dp_comm <= bf16.dp_comm
+    # zero=1 keeps every unit gathered: 32 blocks of float8 matrices instead of bf16
+    mem_bf16, mem_fp8 = (memory_breakdown(cfg, dataclasses.replace(short, dtype=d, zero=1), spec)
+                         for d in ("bfloat16", "fp8"))
+    assert mem_fp8.fsdp_buffers < mem_bf16.fsdp_buffers and mem_fp8.activations == mem_bf16.activations
+    perf = throughput(cfg, dataclasses.replace(short, dtype="fp8"), spec, fp8)
+    assert perf.mfu == pytest.approx(perf.tflops_per_device / 1978.9)
+    with pytest.raises(Exception, match="--dtype='fp8' has no peak for a100-80gb"):
+        step_time(cfg, dataclasses.replace(short, dtype="fp8"), get_spec("a100"))
+
+
+def test_fp8_plan_reproduces_nemos_long_sequence_curve_with_cp():
+    """benchmarks/long_sequence_cp.py (in-sample: two constants fitted to the 4K and 1M rows):
+    with CP within 6% of the published TFLOP/s per GPU at every length from 4K to 1M, no CP
+    layout chosen up to 16K, and CP helping more as sequences grow."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from long_sequence_cp import predictions
+
+    rows = predictions(get_spec("h100-sxm"), None)
+    for r in rows:
+        assert r["cp"] == pytest.approx(r["pub_cp"], rel=0.06), r
+    assert all("CP1," in r["cp_layout"] for r in rows if r["seq_k"] <= 16)
+    gains = [r["cp"] / r["no_cp"] if r["no_cp"] else float("inf") for r in rows]
+    assert gains[0] == 1.0 and gains[-1] == float("inf") and gains[4] > gains[3] > 1.0

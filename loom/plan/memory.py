@@ -46,7 +46,12 @@ from loom.parallel.pipeline import stage_layers
 from loom.plan.hardware import GIB, HardwareSpec
 
 ALLOCATOR_MARGIN = 0.08  # fragmentation and caching-allocator slack, as a share of the counted bytes
-DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+# Bytes of the compute dtype: activations, gathered parameters, communication. An FP8 run
+# ("fp8": train.fp8 on top of bf16) computes around its GEMMs in bf16 and keeps what backward
+# needs in bf16 (torchao saves the high-precision inputs); only the FSDP gather of the block
+# matrices moves float8 (WEIGHT_GATHER_BYTES).
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "fp8": 2}
+WEIGHT_GATHER_BYTES = {"fp8": 1}
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class Layout:
         degrees `dims` (a ParallelDims; dp_replicate counts as more data-parallel ranks)."""
         p, t = cfg.parallel, cfg.train
         return cls(tp=dims.tp, cp=dims.cp, pp=dims.pp, dp=dims.dp, micro_batch=t.micro_batch, seq_len=t.seq_len,
-                   global_batch=t.global_batch, recompute=t.recompute, dtype=t.dtype, pp_schedule=p.pp_schedule,
+                   global_batch=t.global_batch, recompute=t.recompute,
+                   dtype="fp8" if t.fp8 != "none" else t.dtype, pp_schedule=p.pp_schedule,
                    pp_virtual_stages=p.pp_virtual_stages, sequence_parallel=p.sequence_parallel, zero=p.zero,
                    ep=dims.ep)
 
@@ -238,13 +244,15 @@ def rank_memory(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int) ->
     if shard > 1 and accumulates_unsharded_grads(layout.zero, layout.pp, layout.pp_schedule):
         gradients += 4 * stage
     fsdp = 0.0
+    w = WEIGHT_GATHER_BYTES.get(layout.dtype, e)  # a gathered block's bytes per parameter
     if shard > 1 and keeps_units_gathered(layout.zero, layout.pp):
-        fsdp = e * (stage - embedding - n_layers * not_gathered) + 4 * embedding
+        ends = stage - n_layers * block - embedding  # final norm and output layer
+        fsdp = w * n_layers * (block - not_gathered) + e * ends + 4 * embedding
     elif shard > 1:
         block -= not_gathered
-        last_unit = _end_params_per_device(cfg, layout.tp, False, True) if holds_last else block
+        last_unit = e * _end_params_per_device(cfg, layout.tp, False, True) if holds_last else w * block
         others = [block] * (n_layers - (0 if holds_last else 1))
-        fsdp = e * last_unit + 2 * max([e * x for x in others] + [4 * embedding]) + 4 * block
+        fsdp = last_unit + 2 * max([w * x for x in others] + [4 * embedding]) + 4 * block
 
     # Stage r of 1F1B keeps pp - r micro-batches in flight.
     in_flight = in_flight_micro_batches(layout) if layout.pp == 1 else max(

@@ -39,7 +39,8 @@ from loom.metrics.flops import flops_per_token
 from loom.models.transformer import ModelConfig
 from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
 from loom.plan.hardware import HardwareSpec
-from loom.plan.memory import DTYPE_BYTES, Layout, active_block_matrices, device_layers, expert_params, stage_params
+from loom.plan.memory import (DTYPE_BYTES, WEIGHT_GATHER_BYTES, Layout, active_block_matrices, device_layers,
+                              expert_params, stage_params)
 
 OPTIMIZER_BYTES_PER_PARAM = 40  # fused AdamW reads param, grad, m, v and writes param, m, v; clipping reads grads
 
@@ -105,10 +106,42 @@ def elementwise_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
     return total
 
 
+def fp8_cast_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
+    """Memory traffic of one layer's FP8 casts per local token (torchao, dynamic scales): each
+    linear casts its own input forward (q, k, v and gate, up each cast the same normed input) and
+    its output's gradient backward, reading the bf16 tensor and writing float8, and the weight
+    gradient's GEMM reads both again transposed (a float8 read and write). Amax reductions are
+    counted as one more read of each tensor; full recompute casts the inputs again. The weights'
+    own casts (once per gather) are not per token and are left out."""
+    if layout.dtype != "fp8":
+        return 0.0
+    e = DTYPE_BYTES[layout.dtype]
+    h, f, hk = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * cfg.head_dim
+    gates = 2 if cfg.gated else 1
+    inputs = 3 * h + h + gates * h + f  # q k v, out, gate (up), down
+    grads = (h + 2 * hk) + h + gates * f + h
+    total = (2 * e + 1 + 2) * (inputs + grads)
+    if layout.recompute == "full":
+        total += (2 * e + 1) * inputs
+    return total / layout.tp
+
+
+def _rates(layout: Layout, spec: HardwareSpec) -> tuple[float, float, float]:
+    """FLOP/s of (the blocks' GEMMs, the output layer's GEMMs, attention). Under FP8 the blocks'
+    GEMMs run at the FP8 peak and its own efficiency; the output layer (kept in bf16) and
+    attention (bf16 flash attention, as in NeMo's and torchtitan's FP8 recipes) at bf16's."""
+    eff = spec.efficiency
+    if layout.dtype == "fp8":
+        bf16 = spec.peak_flops("bfloat16")
+        return spec.peak_flops("fp8") * eff.fp8_matmul, bf16 * eff.matmul, bf16 * eff.attention
+    peak = spec.peak_flops(layout.dtype)
+    return peak * eff.matmul, peak * eff.matmul, peak * eff.attention
+
+
 def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreakdown:
     eff = spec.efficiency
     e = DTYPE_BYTES[layout.dtype]
-    peak = spec.peak_flops(layout.dtype)
+    block_rate, output_rate, attention_rate = _rates(layout, spec)
     share = 1.0 if spec.cores is None else min(1.0, spec.cores / layout.world)  # CPU cores per rank
     t = layout.local_tokens
     tp, cp, pp = layout.tp, layout.cp, layout.pp
@@ -122,16 +155,16 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
     per_stage = []  # (matmul, attention, overhead, tp, cp) seconds per micro-batch on each pp rank
     for r in range(pp):
         n = len(layers[r])
-        mm_flops = n * 2 * t * ((matrices - routed) / tp + routed / layout.sp) * passes
+        mm_s = n * 2 * t * ((matrices - routed) / tp + routed / layout.sp) * passes / (block_rate * share)
         if r == (n_stages - 1) % pp:  # holds the last stage: the output layer
-            mm_flops += 6 * t * cfg.vocab_size * cfg.dim / tp
+            mm_s += 6 * t * cfg.vocab_size * cfg.dim / tp / (output_rate * share)
         # Causal flash attention does half of QK^T and AV; bidirectional (BERT) all of it.
         attn_fwd = (2 if cfg.causal else 4) * t * layout.seq_len * cfg.n_heads * cfg.head_dim / tp
         attn_flops = n * attn_fwd * (3.5 + (1.0 if layout.recompute == "full" else 0.0))
-        mm_s = mm_flops / (peak * eff.matmul * share)
-        attn_s = attn_flops / (peak * eff.attention * share)
+        attn_s = attn_flops / (attention_rate * share)
         over_s = n * (passes - 1) * eff.layer_overhead_s / share  # forward, backward (, recompute)
-        over_s += n * t * elementwise_bytes_per_token(cfg, layout) / (spec.memory_gbps * 1e9 * eff.memory * share)
+        traffic = elementwise_bytes_per_token(cfg, layout) + fp8_cast_bytes_per_token(cfg, layout)
+        over_s += n * t * traffic / (spec.memory_gbps * 1e9 * eff.memory * share)
         tp_s = 0.0
         if tp > 1:
             nbytes = 8 * (tp - 1) / tp * t * cfg.dim * e
@@ -173,7 +206,7 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
         # Experts travel over their own FSDP group: E / ep of them, over shard / ep ranks.
         experts = len(layers[slowest]) * expert_params(cfg)
         moved = (params - experts) * (shard - 1) / shard + experts / layout.ep * (1 - layout.ep / shard)
-        gather = gathers * moved * e
+        gather = gathers * moved * WEIGHT_GATHER_BYTES.get(layout.dtype, e)  # FP8: block matrices as float8
         reduce = reduces * moved * 4
         ops = (gathers + reduces) * (len(layers[slowest]) + 2)  # per unit: blocks, embedding, norm + output
         comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp, count=ops * (shard - 1))
