@@ -1,22 +1,46 @@
 #!/usr/bin/env bash
-# GPU checks on one CUDA device, each bounded in time and run even if an earlier one failed:
+# GPU checks on one CUDA device, each bounded in time and run even if an earlier one failed
+# (about 6 minutes on one H100/H200):
 #   1. the device and torch;
-#   2. the MoE experts' grouped GEMMs against a loop, at Mixtral 8x7B's expert shape, bf16;
-#   3. single-GPU bf16 training runs of loom on the embedded corpus (Llama 3 8B's shape cut to 8
-#      layers, seq 8192; Mixtral 8x7B's cut to 2 layers, seq 4096): median tokens/s per device,
-#      model TFLOP/s and MFU of steps 3 onward, and peak memory, from the metrics JSONL.
-# Usage: scripts/gpu_check.sh [OUTPUT_DIR]   (python3 must have torch with CUDA; loom runs from
-# this checkout, nothing is installed). Exit status: the number of checks that failed.
+#   2. loom's attention kernel interface against an fp64 CPU reference: output, log-sum-exp and
+#      the three gradients, causal, bidirectional and packed documents, bf16 and fp32;
+#   3. the MoE experts' grouped GEMMs against a loop, at Mixtral 8x7B's expert shape, bf16;
+#   4. one short training run in every dtype (fp32, bf16, FP8 tensorwise and rowwise) of Llama 3
+#      8B's shape cut to 2 layers, seq 8192;
+#   5. bf16 and FP8 (tensorwise) throughput of Llama 3 8B's shape cut to 8 layers at seq 8192:
+#      median tokens/s, model TFLOP/s and MFU of steps 3 onward, peak memory, and the planner's
+#      predicted memory for the same layout beside it; Mixtral 8x7B cut to 2 layers in bf16;
+#   6. a table of every check.
+# Usage: scripts/gpu_check.sh [--cpu] [OUTPUT_DIR]   (python3 must have torch, with CUDA unless
+# --cpu, and torchao for the FP8 runs; loom runs from this checkout, nothing is installed).
+# --cpu: the same checks on the CPU at toy sizes (a smoke test of this script, run by the suite).
+# Exit status: the number of checks that failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+DEVICE=cuda
+if [ "${1:-}" = "--cpu" ]; then
+  DEVICE=cpu
+  shift
+fi
 OUT_DIR=${1:-${OUT:-/tmp/loom-gpu-check}}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 failed=0
+: >"$OUT_DIR/table.txt"
 
-check() {  # check NAME SECONDS COMMAND...
-  local name=$1 limit=$2
+if [ "$DEVICE" = cuda ]; then  # sizes: the checks' real ones, or toy ones on the CPU
+  SEQ=8192 ATTN_ARGS="--length 2048 --head-dim 128" SHORT=(--model.name=llama3-8b --model.n_layers=2)
+  LLAMA=(--model.name=llama3-8b --model.n_layers=8) MIXTRAL=(--model.name=mixtral-8x7b --model.n_layers=2)
+  GEMM_ARGS="--dim 4096 --ffn 14336 --tokens 16384" STEPS=12 SCALE=1
+else
+  SEQ=128 ATTN_ARGS="--length 128 --head-dim 32" SHORT=(--model.dim=64 --model.n_layers=2 --model.n_heads=4
+    --model.n_kv_heads=2 --model.ffn_dim=128) LLAMA=("${SHORT[@]}")
+  MIXTRAL=(--model.name=tiny-moe --model.n_layers=2) GEMM_ARGS="--dim 64 --ffn 128 --tokens 256" STEPS=4 SCALE=3
+fi
+
+check() {  # check NAME SECONDS COMMAND...: its log's tail, and a row of the table
+  local name=$1 limit=$(($2 * SCALE))
   shift 2
   echo "=== $name"
   local start=$SECONDS
@@ -25,45 +49,53 @@ check() {  # check NAME SECONDS COMMAND...
   if [ "$status" -eq 0 ]; then
     tail -n 12 "$OUT_DIR/$name.log"
     echo "--- $name: ok in $((SECONDS - start)) s"
+    printf '%-24s ok      %4d s\n' "$name" $((SECONDS - start)) >>"$OUT_DIR/table.txt"
   else
     tail -n 25 "$OUT_DIR/$name.log"
     echo "--- $name: FAILED (status $status) after $((SECONDS - start)) s"
+    printf '%-24s FAILED  %4d s  (status %d, log %s)\n' "$name" $((SECONDS - start)) "$status" \
+      "$OUT_DIR/$name.log" >>"$OUT_DIR/table.txt"
     failed=$((failed + 1))
   fi
   return "$status"
 }
 
-summary() {  # summary JSONL: the figures of steps 3 onward
-  $PY - "$1" <<'PYEOF'
-import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-late = [r for r in rows if r["step"] >= 3] or rows
-med = lambda k: statistics.median(r[k] for r in late if r.get(k) is not None)
-print(f"steps {rows[0]['step']}-{rows[-1]['step']}, {rows[0].get('flops_convention')}: tokens/s per device "
-      f"{med('tokens_per_s_per_device'):,.0f}, model TFLOP/s per device {med('tflops_per_device'):.1f}, "
-      f"MFU {100 * med('mfu'):.1f}%, peak memory {max(r['peak_memory_bytes'] for r in rows) / 2**30:.1f} GiB, "
-      f"final loss {rows[-1]['loss']:.3f}")
-PYEOF
-}
-
-train_check() {  # train_check NAME SECONDS ARGS...: a single-GPU bf16 run, then its figures
+train_check() {  # train_check NAME SECONDS ARGS...: a one-device run; its figures join the table
   local name=$1 limit=$2
   shift 2
-  check "$name" "$limit" $PY -m loom train --quiet --train.device=cuda --train.dtype=bfloat16 \
-    --parallel.dp_shard=1 --parallel.pp=1 --train.eval_every=0 --metrics.log_every=1 --metrics.plot= \
-    --metrics.jsonl="$OUT_DIR/$name.jsonl" "$@" && summary "$OUT_DIR/$name.jsonl"
+  local args=(--train.device="$DEVICE" --parallel.dp_shard=1 --parallel.pp=1 --train.eval_every=0
+    --metrics.log_every=1 --metrics.plot= --metrics.jsonl="$OUT_DIR/$name.jsonl" --train.seq_len="$SEQ"
+    --train.micro_batch=1 "$@")
+  check "$name" "$limit" $PY -m loom train --quiet "${args[@]}" &&
+    $PY scripts/gpu_check_figures.py "$OUT_DIR/$name.jsonl" "${args[@]}" | tee -a "$OUT_DIR/table.txt"
 }
 
-check device 30 $PY -c "
+if [ "$DEVICE" = cuda ]; then
+  check device 30 $PY -c "
 import torch
 print('torch', torch.__version__, 'cuda', torch.version.cuda)
 print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0),
       f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
-check grouped_gemm 90 $PY benchmarks/grouped_gemm.py --device cuda --dtype bfloat16 --experts 8 --dim 4096 \
-  --ffn 14336 --tokens 16384
-train_check llama3_8b_8_layers 200 --model.name=llama3-8b --model.n_layers=8 --train.seq_len=8192 \
-  --train.micro_batch=1 --train.global_batch=4 --train.steps=12 --train.recompute=selective
-train_check mixtral_8x7b_2_layers 160 --model.name=mixtral-8x7b --model.n_layers=2 --train.seq_len=4096 \
-  --train.micro_batch=1 --train.global_batch=4 --train.steps=10
+else
+  check device 30 $PY -c "import os, torch; print('torch', torch.__version__, 'CPU,', os.cpu_count(), 'cores')"
+fi
+check attention 60 $PY benchmarks/attention_check.py --device "$DEVICE" $ATTN_ARGS
+check grouped_gemm 90 $PY benchmarks/grouped_gemm.py --device "$DEVICE" --dtype bfloat16 --experts 8 $GEMM_ARGS
+for dtype in float32 bfloat16 fp8_tensorwise fp8_rowwise; do
+  case $dtype in
+    fp8_*) args=(--train.dtype=bfloat16 --train.fp8="${dtype#fp8_}") ;;
+    *) args=(--train.dtype="$dtype") ;;
+  esac
+  train_check "step_$dtype" 90 "${SHORT[@]}" "${args[@]}" --train.global_batch=1 --train.steps=2 \
+    --train.recompute=full
+done
+train_check llama3_8b_8_layers_bf16 200 "${LLAMA[@]}" --train.dtype=bfloat16 --train.global_batch=4 \
+  --train.steps="$STEPS" --train.recompute=selective
+train_check llama3_8b_8_layers_fp8 200 "${LLAMA[@]}" --train.dtype=bfloat16 --train.fp8=tensorwise \
+  --train.global_batch=4 --train.steps="$STEPS" --train.recompute=selective
+train_check mixtral_8x7b_2_layers 160 "${MIXTRAL[@]}" --train.dtype=bfloat16 --train.global_batch=4 \
+  --train.steps="$STEPS"
+echo "=== summary ($DEVICE)"
+cat "$OUT_DIR/table.txt"
 echo "=== $failed check(s) failed; logs in $OUT_DIR"
 exit "$failed"
