@@ -82,6 +82,33 @@ def init_checksums(trainer) -> dict:
             "block_bytes": 4 * BLOCK_ELEMENTS}
 
 
+@contextlib.contextmanager
+def recording_fp8_input_scales(trainer, scales: dict):
+    """The float8 scale of each FP8 linear's first input while the block runs: the scale it was
+    cast with where it arrives cast (context parallelism casts it before the linear), else the
+    scale torchao will compute from it (its own function)."""
+    handles = []
+    for part in trainer.parts:
+        for name, module in part.named_modules():
+            if type(module).__name__ != "Float8Linear":
+                continue
+
+            def record(mod, args, name=name):
+                from torchao.float8.float8_utils import tensor_to_scale
+
+                x = args[0]
+                if name not in scales:
+                    scale = x._scale if hasattr(x, "_scale") else tensor_to_scale(
+                        x, mod.config.cast_config_input.target_dtype)
+                    scales[name] = float(scale)
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        yield scales
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_case(overrides: list[str], steps: int) -> dict:
     cfg = load_config(None, overrides)
     world = os.environ.get("WORLD_SIZE")
@@ -90,7 +117,9 @@ def run_case(overrides: list[str], steps: int) -> dict:
     trainer = Trainer(cfg, model_cfg, progress=False)
     rss_growth = peak_resident_bytes() - rss_before
     init = {**init_checksums(trainer), "rss_growth_bytes": rss_growth}
-    loss = trainer.forward_backward(trainer.micro_batches(0))
+    fp8_scales: dict[str, float] = {}
+    with recording_fp8_input_scales(trainer, fp8_scales):
+        loss = trainer.forward_backward(trainer.micro_batches(0))
     grads = {}
     for name, p in trainer.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
@@ -113,7 +142,8 @@ def run_case(overrides: list[str], steps: int) -> dict:
         # The second step's collectives, per rank: the first runs pipeline schedules' shape inference.
         with counting_fsdp_collectives(collectives) if step == 1 else contextlib.nullcontext():
             losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
-    return {"losses": losses, "grads": grads, "collectives": collectives, "init": init, "trainer": trainer}
+    return {"losses": losses, "grads": grads, "collectives": collectives, "init": init, "fp8_scales": fp8_scales,
+            "trainer": trainer}
 
 
 def warm_up() -> None:

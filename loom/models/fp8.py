@@ -8,7 +8,7 @@ device, before parallelization; loom.models.converters runs it after the kernels
 
 Which linears: the blocks' projections whose in and out features are multiples of 16 (what FP8
 GEMMs need; torchao's own auto filter keeps smaller or odd ones in bf16), minus the first and
-last `fp8_skip_blocks` blocks (NeMo's option of keeping them in bf16). The output layer is
+last `train.fp8_bf16_blocks` blocks (NeMo's option of keeping them in bf16). The output layer is
 loom's fused loss, not an nn.Linear: it stays in bf16, as NeMo and torchtitan keep it.
 
 Scales are global, so a layout computes what one process computes:
@@ -20,8 +20,11 @@ Scales are global, so a layout computes what one process computes:
   a DTensor reduction. Rowwise weights are gathered in bf16, and every layout then casts the
   whole weight.
 - an activation's or gradient's amax under tensor parallelism is a DTensor reduction too.
-  Under context parallelism each rank holds part of the sequence: the per-tensor amax then
-  covers its shard only (per-row scales, rowwise, do not depend on it for the input GEMM).
+  Under context parallelism each rank holds part of the sequence: a tensorwise linear's input
+  and output gradient are cast with the amax reduced over the cp ranks (`share_scales_over`),
+  except where tensor parallelism hands the linear a DTensor (cp x tp: global over tp, this
+  rank's share over cp). Rowwise scales are per token for the input GEMMs; the weight
+  gradient's GEMM scales along the tokens, over this rank's share under cp.
 torchao is optional (`pip install 'loom-train[fp8]'`); its absence is a one-line error before
 anything starts.
 """
@@ -119,3 +122,83 @@ def refresh_weight_scales(modules: list[nn.Module]) -> None:
     forward gathers them. A collective: every rank of the modules' meshes calls it."""
     for module in modules:
         torchao_float8().precompute_float8_dynamic_scale_for_fsdp(module)
+
+
+def share_scales_over(model: nn.Module, mesh) -> int:
+    """Context parallelism: the tensorwise FP8 scales of the linears' inputs and of their
+    outputs' gradients from the amax over the whole sequence (this rank's shard, reduced over
+    `mesh`, the cp axis), as one process computes them. Installed on the model's tensorwise,
+    bias-free Float8Linear modules; a linear whose input arrives as a DTensor (tensor
+    parallelism) is left to torchao, whose scales are then global over tp but not over cp.
+    Returns the number of linears it applies to."""
+    float8 = torchao_float8()
+    from torchao.float8.config import ScalingGranularity
+
+    linears = [m for m in model.modules() if isinstance(m, float8.float8_linear.Float8Linear) and m.bias is None
+               and m.config.cast_config_input.scaling_granularity is ScalingGranularity.TENSORWISE]
+    for linear in linears:
+        linear.register_forward_pre_hook(_CastInputOver(mesh))
+        linear.register_forward_hook(_CastGradientOver(mesh))
+    return len(linears)
+
+
+def _plain(x) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(x, DTensor)
+
+
+class _CastInputOver:
+    """Forward pre-hook: the input cast to float8 with its amax reduced over the mesh (torchao's
+    Float8Linear uses an input already cast, and keeps it for the weight gradient's GEMM)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __call__(self, module: nn.Module, args: tuple):
+        from torchao.float8.distributed_utils import tensor_already_casted_to_fp8
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+
+        x = args[0]
+        if not _plain(x) or tensor_already_casted_to_fp8(x):
+            return None
+        c = module.config
+        cast = hp_tensor_to_float8_dynamic(x, c.cast_config_input.target_dtype, module.linear_mm_config,
+                                           reduce_amax=True, gemm_input_role=GemmInputRole.INPUT,
+                                           device_mesh=self.mesh, round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+        return (cast, *args[1:])
+
+
+class _CastGradientOver:
+    """Forward hook: the output passes through _GradientToFloat8, whose backward casts the
+    output's gradient with its amax reduced over the mesh before torchao's backward GEMMs."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        if not _plain(output):
+            return None
+        return _GradientToFloat8.apply(output, module, self.mesh)
+
+
+class _GradientToFloat8(torch.autograd.Function):
+    """Identity forward; backward: the gradient [.., out] cast to float8 (e5m2) with the amax of
+    the whole sequence's gradient (this rank's, reduced over the mesh)."""
+
+    @staticmethod
+    def forward(ctx, output, module, mesh):
+        ctx.module, ctx.mesh = module, mesh
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+
+        c = ctx.module.config
+        cast = hp_tensor_to_float8_dynamic(grad, c.cast_config_grad_output.target_dtype, ctx.module.linear_mm_config,
+                                           reduce_amax=True, gemm_input_role=GemmInputRole.GRAD_OUTPUT,
+                                           device_mesh=ctx.mesh, round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+        return cast, None, None

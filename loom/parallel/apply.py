@@ -23,11 +23,11 @@ from loom.train.recompute import apply_recompute
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, parallel,
-                recompute: str, param_dtype: torch.dtype) -> tuple[list[nn.Module], list[int]]:
+                recompute: str, param_dtype: torch.dtype, fp8: str = "none") -> tuple[list[nn.Module], list[int]]:
     """Returns (modules, stage ids): the pipeline stages this rank holds, or ([model], [0]).
 
     `model` should be on the meta device; `parallel` is the config's [parallel] section; mesh is
-    None for a single process.
+    None for a single process; fp8: train.fp8 (its scales under context parallelism).
     """
     if mesh is not None and dims.pp > 1:
         n_stages = dims.pp * parallel.pp_virtual_stages
@@ -38,6 +38,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
     for module in modules:
         if mesh is not None and dims.cp > 1:
             apply_context_parallel(module, mesh["cp"], parallel.cp_comm, parallel.cp_load_balance)
+            if fp8 == "tensorwise":  # FP8 scales over the whole sequence, not this rank's share
+                from loom.models.fp8 import share_scales_over
+
+                share_scales_over(module, mesh["cp"])
         if mesh is not None and dims.tp > 1:
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
         if mesh is not None:

@@ -203,7 +203,7 @@ class Trainer:
         self.pp = self.mesh is not None and self.dims.pp > 1
         n_micro = t.global_batch // self.dims.dp // t.micro_batch
         self.cp = self.dims.cp if self.mesh is not None else 1
-        modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype)
+        modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype, t.fp8)
         self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
         self.float8_gathered = self.fsdp and t.fp8 == "tensorwise"
         if self.pp:
