@@ -96,11 +96,11 @@ def recording_fp8_input_scales(trainer, scales: dict):
             def record(mod, args, name=name):
                 from torchao.float8.float8_utils import tensor_to_scale
 
-                x = args[0]
+                x = args[0].to_local() if hasattr(args[0], "to_local") else args[0]  # a DTensor's shard
                 if name not in scales:
                     scale = x._scale if hasattr(x, "_scale") else tensor_to_scale(
                         x, mod.config.cast_config_input.target_dtype)
-                    scales[name] = float(scale)
+                    scales[name] = float(scale.to_local() if hasattr(scale, "to_local") else scale)
             handles.append(module.register_forward_pre_hook(record))
     try:
         yield scales

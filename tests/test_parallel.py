@@ -95,6 +95,7 @@ LAYOUTS = {  # world size -> {case: layout overrides}
         "tp2_pp2_bf16_selective": ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2",
                                    "--train.dtype=bfloat16", "--train.recompute=selective"],
         "dp_shard2_tp2_fp8_full_recompute": ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.recompute=full", *FP8],
+        "cp2_tp2_fp8": ["--parallel.dp_shard=1", "--parallel.cp=2", "--parallel.tp=2", *FP8],
     },
     8: {
         "dp_shard2_tp2_pp2": ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2"],
@@ -238,7 +239,7 @@ def test_parallel_layouts_match_single_process(world, dataset, reference, tmp_pa
             continue
         if fp8:
             check_fp8(name, got["grads"], ref["grads"])
-            if name == "cp2_fp8":
+            if name.startswith("cp2"):
                 check_whole_sequence_scales(got["fp8_scales"], ref["fp8_scales"])
             continue
         floor = 1e-4 * max(g.abs().max().item() for g in ref["grads"].values())
@@ -288,10 +289,11 @@ def check_fp8(name: str, grads: dict, ref: dict) -> None:
 
 
 def check_whole_sequence_scales(scales: dict, ref: dict) -> None:
-    """Under cp each rank holds half of a sequence, yet each FP8 linear's input is cast with the
-    scale of the whole sequence's amax, as in one process: the first block's q, k, v input is
-    the same tensor in both (the same bits), later inputs differ by bf16 rounding (measured: at
-    most 0.7% apart; with each rank's own amax instead, the first block's scale was 12% off)."""
+    """Under cp each rank holds half of a sequence (and under tp a hidden shard of some inputs),
+    yet each FP8 linear's input is cast with the scale of the whole tensor's amax, as in one
+    process: the first block's q, k, v input is the same tensor in both (the same bits), later
+    inputs differ by bf16 rounding (measured: at most 0.7% apart; with each rank's own amax
+    instead, the first block's scale was 12% off)."""
     assert scales.keys() == ref.keys() and len(scales) == 7 * LAYERS, scales
     for proj in ("wq", "wk", "wv"):
         assert scales[f"layers.0.attention.{proj}"] == ref[f"layers.0.attention.{proj}"]

@@ -21,9 +21,8 @@ Scales are global, so a layout computes what one process computes:
   whole weight.
 - an activation's or gradient's amax under tensor parallelism is a DTensor reduction too.
   Under context parallelism each rank holds part of the sequence: a tensorwise linear's input
-  and output gradient are cast with the amax reduced over the cp ranks (`share_scales_over`),
-  except where tensor parallelism hands the linear a DTensor (cp x tp: global over tp, this
-  rank's share over cp). Rowwise scales are per token for the input GEMMs; the weight
+  and output gradient are cast with the amax reduced over the cp ranks, and the tp ranks
+  under cp x tp (`share_scales_over`). Rowwise scales are per token for the input GEMMs; the weight
   gradient's GEMM scales along the tokens, over this rank's share under cp.
 torchao is optional (`pip install 'loom-train[fp8]'`); its absence is a one-line error before
 anything starts.
@@ -124,81 +123,84 @@ def refresh_weight_scales(modules: list[nn.Module]) -> None:
         torchao_float8().precompute_float8_dynamic_scale_for_fsdp(module)
 
 
-def share_scales_over(model: nn.Module, mesh) -> int:
+def share_scales_over(model: nn.Module, groups: list) -> int:
     """Context parallelism: the tensorwise FP8 scales of the linears' inputs and of their
-    outputs' gradients from the amax over the whole sequence (this rank's shard, reduced over
-    `mesh`, the cp axis), as one process computes them. Installed on the model's tensorwise,
-    bias-free Float8Linear modules; a linear whose input arrives as a DTensor (tensor
-    parallelism) is left to torchao, whose scales are then global over tp but not over cp.
-    Returns the number of linears it applies to."""
+    outputs' gradients from the amax over the whole tensor, as one process computes them: this
+    rank's share reduced over `groups` (the cp axis's process group, and the tp axis's under
+    tensor parallelism, where a row-parallel linear's input and a column-parallel one's output
+    gradient are hidden-dimension shards). Installed on the model's tensorwise, bias-free
+    Float8Linear modules, before tensor parallelism's hooks (so they see what arrives: a plain
+    shard or a DTensor). Returns the number of linears it applies to."""
     float8 = torchao_float8()
     from torchao.float8.config import ScalingGranularity
 
     linears = [m for m in model.modules() if isinstance(m, float8.float8_linear.Float8Linear) and m.bias is None
                and m.config.cast_config_input.scaling_granularity is ScalingGranularity.TENSORWISE]
     for linear in linears:
-        linear.register_forward_pre_hook(_CastInputOver(mesh))
-        linear.register_forward_hook(_CastGradientOver(mesh))
+        linear.register_forward_pre_hook(_CastInputOver(groups))
+        linear.register_forward_hook(_CastGradientOver(groups))
     return len(linears)
 
 
-def _plain(x) -> bool:
-    from torch.distributed.tensor import DTensor
+def _cast_over(x: torch.Tensor, groups: list, module: nn.Module, dtype: torch.dtype, role):
+    """x (a plain tensor or a DTensor) as float8 with the scale of its amax reduced over
+    `groups`: what torchao computes from the whole tensor (the same max, the same conversion)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+    from torchao.float8.float8_training_tensor import hp_tensor_and_scale_to_float8
+    from torchao.float8.float8_utils import amax_to_scale
 
-    return not isinstance(x, DTensor)
+    local = x.to_local() if isinstance(x, DTensor) else x
+    amax = torch.max(torch.abs(local)).float()  # exact for bf16 values; max is order-free
+    for group in groups:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    scale = amax_to_scale(amax, dtype, module.config.round_scales_to_power_of_2)
+    if isinstance(x, DTensor):  # torchao wants the scale on the tensor's mesh, the same everywhere
+        scale = DTensor.from_local(scale, x.device_mesh, [Replicate()] * x.device_mesh.ndim, run_check=False)
+    return hp_tensor_and_scale_to_float8(x, scale, dtype, module.linear_mm_config, role)
 
 
 class _CastInputOver:
-    """Forward pre-hook: the input cast to float8 with its amax reduced over the mesh (torchao's
+    """Forward pre-hook: the input cast to float8 with the whole input's scale (torchao's
     Float8Linear uses an input already cast, and keeps it for the weight gradient's GEMM)."""
 
-    def __init__(self, mesh):
-        self.mesh = mesh
+    def __init__(self, groups: list):
+        self.groups = groups
 
     def __call__(self, module: nn.Module, args: tuple):
         from torchao.float8.distributed_utils import tensor_already_casted_to_fp8
-        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
         from torchao.float8.float8_training_tensor import GemmInputRole
 
         x = args[0]
-        if not _plain(x) or tensor_already_casted_to_fp8(x):
+        if tensor_already_casted_to_fp8(x):
             return None
-        c = module.config
-        cast = hp_tensor_to_float8_dynamic(x, c.cast_config_input.target_dtype, module.linear_mm_config,
-                                           reduce_amax=True, gemm_input_role=GemmInputRole.INPUT,
-                                           device_mesh=self.mesh, round_scales_to_power_of_2=c.round_scales_to_power_of_2)
-        return (cast, *args[1:])
+        return (_cast_over(x, self.groups, module, module.config.cast_config_input.target_dtype,
+                           GemmInputRole.INPUT), *args[1:])
 
 
 class _CastGradientOver:
     """Forward hook: the output passes through _GradientToFloat8, whose backward casts the
-    output's gradient with its amax reduced over the mesh before torchao's backward GEMMs."""
+    output's gradient with the whole gradient's scale before torchao's backward GEMMs."""
 
-    def __init__(self, mesh):
-        self.mesh = mesh
+    def __init__(self, groups: list):
+        self.groups = groups
 
     def __call__(self, module: nn.Module, args: tuple, output):
-        if not _plain(output):
-            return None
-        return _GradientToFloat8.apply(output, module, self.mesh)
+        return _GradientToFloat8.apply(output, module, self.groups)
 
 
 class _GradientToFloat8(torch.autograd.Function):
-    """Identity forward; backward: the gradient [.., out] cast to float8 (e5m2) with the amax of
-    the whole sequence's gradient (this rank's, reduced over the mesh)."""
+    """Identity forward; backward: the gradient [.., out] cast to float8 (e5m2) with its amax
+    reduced over the groups."""
 
     @staticmethod
-    def forward(ctx, output, module, mesh):
-        ctx.module, ctx.mesh = module, mesh
+    def forward(ctx, output, module, groups):
+        ctx.module, ctx.groups = module, groups
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):
-        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
         from torchao.float8.float8_training_tensor import GemmInputRole
 
-        c = ctx.module.config
-        cast = hp_tensor_to_float8_dynamic(grad, c.cast_config_grad_output.target_dtype, ctx.module.linear_mm_config,
-                                           reduce_amax=True, gemm_input_role=GemmInputRole.GRAD_OUTPUT,
-                                           device_mesh=ctx.mesh, round_scales_to_power_of_2=c.round_scales_to_power_of_2)
-        return cast, None, None
+        dtype = ctx.module.config.cast_config_grad_output.target_dtype
+        return _cast_over(grad, ctx.groups, ctx.module, dtype, GemmInputRole.GRAD_OUTPUT), None, None

@@ -41,7 +41,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
             if fp8 == "tensorwise":  # FP8 scales over the whole sequence, not this rank's share
                 from loom.models.fp8 import share_scales_over
 
-                share_scales_over(module, mesh["cp"])
+                groups = [mesh[axis].get_group() for axis, degree in (("cp", dims.cp), ("tp", dims.tp)) if degree > 1]
+                share_scales_over(module, groups)
         if mesh is not None and dims.tp > 1:
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
         if mesh is not None:
