@@ -168,6 +168,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     missing = [f"--{k}" for k in ("input", "tokenizer", "output") if getattr(args, k) is None]
     if missing:
         return fail("loom prepare", f"{', '.join(missing)} needed (or --verify DATASET to check a prepared one)")
+    if args.format == "sft":
+        return prepare_sft_command(args)
     try:
         meta = prepare(args.input, args.tokenizer, args.output, args.val_fraction, progress=not args.quiet)
     except PrepareError as e:
@@ -176,6 +178,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: train {sp['train']['tokens']:,} tokens in {sp['train']['documents']:,} "
           f"documents, validation {sp['val']['tokens']:,} tokens in {sp['val']['documents']:,} documents, "
           f"vocabulary {meta['vocab_size']:,}")
+    return 0
+
+
+def prepare_sft_command(args: argparse.Namespace) -> int:
+    """`loom prepare --format sft`: examples and loss masks; prints the counts."""
+    from loom.data.prepare import PrepareError
+    from loom.data.sft import prepare_sft
+
+    try:
+        meta = prepare_sft(args.input, args.tokenizer, args.output, args.seq_len, args.val_fraction,
+                           args.on_long, args.train_on_all)
+    except PrepareError as e:
+        return fail("loom prepare", str(e))
+    sp = meta["splits"]
+    counts = ", ".join(f"{name} {sp[s]['examples']:,} examples ({sp[s]['tokens']:,} tokens, "
+                       f"{sp[s]['answer_tokens']:,} carrying loss, longest {sp[s]['max_example']:,})"
+                       for s, name in (("train", "train"), ("val", "validation")))
+    print(f"wrote {args.output}: {counts}; {meta['truncated']} truncated, {meta['dropped']} dropped "
+          f"(no answer left after truncation); vocabulary {meta['vocab_size']:,}")
     return 0
 
 
@@ -381,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--verify", metavar="DATASET",
                       help="check a prepared dataset instead: file sizes, checksums, largest token ids")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
+    prep.add_argument("--format", choices=["tokens", "sft"], default="tokens",
+                      help="tokens: documents for pretraining; sft: fine-tuning examples (JSONL: input/output or "
+                           "messages) with their loss masks")
+    prep.add_argument("--seq-len", type=int, default=2048, help="sft: the training sequence examples must fit")
+    prep.add_argument("--on-long", default="refuse", help="sft: an example longer than --seq-len: refuse or truncate")
+    prep.add_argument("--train-on-all", action="store_true",
+                      help="sft: every token carries loss (default: only the answers)")
     prep.add_argument("--quiet", action="store_true")
 
     flops = sub.add_parser("flops", help="parameters and model FLOPs per token of a named model")
