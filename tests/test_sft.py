@@ -80,3 +80,12 @@ def test_malformed_lines_are_named(tmp_path, text_corpus, capsys, line, words):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and all(w in err for w in words), err
     assert not (tmp_path / "out").exists()
+
+
+def test_training_on_an_sft_folder_is_refused_until_it_is_supported(tmp_path, text_corpus, capsys):
+    assert prepare(tmp_path, text_corpus, EXAMPLES, "--seq-len", "256") == 0
+    capsys.readouterr()
+    assert main(["train", "--parallel.dp_shard=1", "--parallel.pp=1", "--model.vocab_size=300",
+                 f"--data.path={tmp_path / 'sft'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fine-tuning examples" in err

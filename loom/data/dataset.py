@@ -178,6 +178,9 @@ def check_data_files(d, seq_len: int, model, model_name: str) -> None:
              f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
              f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`")
         meta = read_meta(d.path)
+        need(meta.get("format", "tokens") == "tokens",
+             f"data.path={d.path!r} holds fine-tuning examples (`loom prepare --format sft`), which `loom train` "
+             f"does not train on yet; allowed: a dataset of documents (`loom prepare` without --format sft)")
         for split, info in meta["splits"].items():
             need(info["tokens"] > seq_len,
                  f"train.seq_len={seq_len} is longer than the {split} split of data.path={d.path!r} "
