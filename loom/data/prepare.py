@@ -1,6 +1,7 @@
 """Text files -> a prepared token dataset (see loom.data.dataset for the format)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,6 +64,26 @@ def find_eos(tokenizer) -> int:
     )
 
 
+def token_dtype(vocab_size: int) -> type:
+    """The smallest unsigned integer type of the token files for a vocabulary."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+@contextlib.contextmanager
+def atomic_folder(output: Path):
+    """A temporary sibling of `output` to write into, renamed to `output` when the block ends
+    without error and removed otherwise: an interrupted run never leaves a half-written
+    dataset behind."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield tmp
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def prepare(
     input_path: str | Path,
     tokenizer_path: str | Path,
@@ -114,10 +135,8 @@ def write_dataset(
 
     eos = find_eos(tokenizer)
     vocab = tokenizer.get_vocab_size()
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    dtype = token_dtype(vocab)
+    with atomic_folder(output) as tmp:
         outs = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}
         starts: dict[str, list[int]] = {"train": [], "val": []}
         sizes = {"train": 0, "val": 0}
@@ -158,8 +177,4 @@ def write_dataset(
             "files": {name: file_record(tmp / name) for s in ("train", "val") for name in split_files(s)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

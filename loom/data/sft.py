@@ -26,15 +26,12 @@ A prepared SFT dataset is a folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from loom.data.prepare import PrepareError, find_eos, is_validation
+from loom.data.prepare import PrepareError, atomic_folder, find_eos, is_validation, token_dtype
 from loom.files import file_record
 
 PROMPT_TEMPLATE = "{input}\n"
@@ -130,10 +127,8 @@ def prepare_sft(input_path: str | Path, tokenizer_path: str | Path, output: str 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     eos = find_eos(tokenizer)
     vocab = tokenizer.get_vocab_size()
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    dtype = token_dtype(vocab)
+    with atomic_folder(output) as tmp:
         writers = {s: SplitWriter(tmp, s, dtype) for s in ("train", "val")}
         truncated, dropped = _write_examples(files, input_path, tokenizer, eos, seq_len, val_fraction, on_long,
                                              train_on_all, writers)
@@ -144,10 +139,6 @@ def prepare_sft(input_path: str | Path, tokenizer_path: str | Path, output: str 
                 "source": str(input_path), "truncated": truncated, "dropped": dropped, "splits": splits,
                 "files": {f.format(s): file_record(tmp / f.format(s)) for s in ("train", "val") for f in SFT_FILES}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
