@@ -10,13 +10,12 @@ that attention, which never crosses documents, keeps every example to itself.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from loom.data.dataset import Batch
+from loom.data.dataset import Batch, read_meta
 from loom.data.mlm import IGNORE_INDEX
 
 
@@ -47,7 +46,7 @@ class PackedExamples:
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int):
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_meta(path)
         self.seq_len, self.eos = seq_len, meta["eos_id"]
         self.tokens = np.memmap(path / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
         self.mask = np.memmap(path / f"{split}.mask.bin", dtype=np.uint8, mode="r")

@@ -84,17 +84,11 @@ def atomic_folder(output: Path):
         raise
 
 
-def prepare(
-    input_path: str | Path,
-    tokenizer_path: str | Path,
-    output: str | Path,
-    val_fraction: float = 0.01,
-    progress: bool = True,
-) -> dict:
-    """`loom prepare`: every .txt / .jsonl document under input_path -> a dataset at output."""
+def open_inputs(input_path: Path, tokenizer_path: str | Path, output: Path, val_fraction: float):
+    """The checks every `loom prepare` makes of its paths and split (one-line PrepareErrors),
+    then the tokenizer, which must have an end-of-document token."""
     from tokenizers import Tokenizer
 
-    input_path, output = Path(input_path), Path(output)
     if not input_path.exists():
         raise PrepareError(f"--input={str(input_path)!r}: no such file or folder")
     if not Path(tokenizer_path).is_file():
@@ -103,14 +97,27 @@ def prepare(
         raise PrepareError(f"--output={str(output)!r} already exists; allowed: a new path")
     if not 0 <= val_fraction < 1:
         raise PrepareError(f"--val-fraction={val_fraction} must be in [0, 1)")
-    files = find_text_files(input_path)
-    if not files:
-        raise PrepareError(f"--input={str(input_path)!r} holds no .txt or .jsonl files")
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as e:  # tokenizers raises a bare Exception on a bad file
         raise PrepareError(f"--tokenizer={str(tokenizer_path)!r} is not a tokenizer.json: {e}") from None
     find_eos(tokenizer)
+    return tokenizer
+
+
+def prepare(
+    input_path: str | Path,
+    tokenizer_path: str | Path,
+    output: str | Path,
+    val_fraction: float = 0.01,
+    progress: bool = True,
+) -> dict:
+    """`loom prepare`: every .txt / .jsonl document under input_path -> a dataset at output."""
+    input_path, output = Path(input_path), Path(output)
+    tokenizer = open_inputs(input_path, tokenizer_path, output, val_fraction)
+    files = find_text_files(input_path)
+    if not files:
+        raise PrepareError(f"--input={str(input_path)!r} holds no .txt or .jsonl files")
     return write_dataset(
         iter_documents(files, input_path), tokenizer, output, val_fraction,
         source=str(input_path), progress=progress,

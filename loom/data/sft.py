@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loom.data.prepare import PrepareError, atomic_folder, find_eos, is_validation, token_dtype
+from loom.data.prepare import PrepareError, atomic_folder, find_eos, is_validation, open_inputs, token_dtype
 from loom.files import file_record
 
 PROMPT_TEMPLATE = "{input}\n"
@@ -119,12 +119,10 @@ def prepare_sft(input_path: str | Path, tokenizer_path: str | Path, output: str 
     seq_len: the training sequence an example must fit (its tokens, EOS included, at most
     seq_len + 1: inputs and labels are shifted by one); longer ones are refused (one line
     naming file:line) or, with on_long="truncate", cut to fit."""
-    from tokenizers import Tokenizer
-
     input_path, output = Path(input_path), Path(output)
+    tokenizer = open_inputs(input_path, tokenizer_path, output, val_fraction)
     files = sorted(input_path.rglob("*.jsonl")) if input_path.is_dir() else [input_path]
-    _check_sft_arguments(input_path, tokenizer_path, output, seq_len, val_fraction, on_long, files)
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    _check_sft_options(input_path, files, seq_len, on_long)
     eos = find_eos(tokenizer)
     vocab = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab)
@@ -142,20 +140,11 @@ def prepare_sft(input_path: str | Path, tokenizer_path: str | Path, output: str 
     return meta
 
 
-def _check_sft_arguments(input_path: Path, tokenizer_path, output: Path, seq_len: int, val_fraction: float,
-                         on_long: str, files: list[Path]) -> None:
-    if not input_path.exists():
-        raise PrepareError(f"--input={str(input_path)!r}: no such file or folder")
+def _check_sft_options(input_path: Path, files: list[Path], seq_len: int, on_long: str) -> None:
     if not files:
         raise PrepareError(f"--input={str(input_path)!r} holds no .jsonl files")
-    if not Path(tokenizer_path).is_file():
-        raise PrepareError(f"--tokenizer={str(tokenizer_path)!r}: no such file")
-    if output.exists():
-        raise PrepareError(f"--output={str(output)!r} already exists; allowed: a new path")
     if seq_len < 2:
         raise PrepareError(f"--seq-len={seq_len} must be at least 2 (the training sequence examples must fit)")
-    if not 0 <= val_fraction < 1:
-        raise PrepareError(f"--val-fraction={val_fraction} must be in [0, 1)")
     if on_long not in ON_LONG:
         raise PrepareError(f"--on-long={on_long!r} is not allowed; allowed: {', '.join(ON_LONG)}")
 

@@ -68,11 +68,11 @@ def install_cpu_kernels(model: nn.Module) -> list[str]:
 
 def convert_model(model: nn.Module, kernels: str, device: torch.device,
                   dtype: torch.dtype = torch.float32, fp8: str = "none", float8_gather: bool = False,
-                  fp8_skip_blocks: int = 0) -> str:
+                  fp8_bf16_blocks: int = 0) -> str:
     """Apply the converters the config asks for, in loom's fixed order (kernels, then FP8);
     returns the kernel line for the run's summary. dtype: the run's compute dtype, for what runs
     widened in bf16; fp8: train.fp8; float8_gather: the model will be FSDP-sharded (FP8 weights
-    are then gathered as float8); fp8_skip_blocks: train.fp8_skip_blocks."""
+    are then gathered as float8); fp8_bf16_blocks: train.fp8_bf16_blocks."""
     use_loom, line = resolve_kernels(kernels, device)
     if use_loom:
         from loom.kernels.modules import bf16_widening
@@ -85,7 +85,7 @@ def convert_model(model: nn.Module, kernels: str, device: torch.device,
         from loom.models.fp8 import apply_fp8
 
         emulate = device.type != "cuda"
-        converted = apply_fp8(model, fp8, emulate, float8_gather, fp8_skip_blocks)
+        converted = apply_fp8(model, fp8, emulate, float8_gather, fp8_bf16_blocks)
         line += (f"; FP8 {fp8} (torchao{', emulated' if emulate else ''}) in {len(converted)} linears, "
                  f"the output layer in bf16")
     return line

@@ -199,13 +199,12 @@ class Trainer:
         # summary says which run and, where loom's cannot, why.
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
         self.kernels = convert_model(self.model, t.kernels, self.device, self.dtype, t.fp8,
-                                     float8_gather=self.fsdp, fp8_skip_blocks=t.fp8_bf16_blocks)
+                                     float8_gather=self.fsdp, fp8_bf16_blocks=t.fp8_bf16_blocks)
         self.pp = self.mesh is not None and self.dims.pp > 1
         n_micro = t.global_batch // self.dims.dp // t.micro_batch
         self.cp = self.dims.cp if self.mesh is not None else 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype, t.fp8)
         self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
-        self.float8_gathered = self.fsdp and t.fp8 == "tensorwise"
         if self.pp:
             from loom.parallel.pipeline import build_schedule
 
@@ -361,8 +360,9 @@ class Trainer:
 
     def refresh_fp8_scales(self) -> None:
         """FSDP gathers FP8 weights as float8 with a scale from the whole parameter's amax: set
-        once the weights change (initialized, loaded, stepped), before the next forward."""
-        if self.float8_gathered:
+        once the weights change (initialized, loaded, stepped), before the next forward (a no-op
+        for recipes whose weights FSDP gathers in bf16: loom.models.fp8.apply_fp8 decides)."""
+        if self.fsdp and self.cfg.train.fp8 != "none":
             from loom.models.fp8 import refresh_weight_scales
 
             refresh_weight_scales(self.parts)
