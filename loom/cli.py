@@ -52,7 +52,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from loom.parallel.dims import ParallelDims
 
         try:  # in this process, before any worker: builds the builtin corpus once, checks sizes
-            open_splits(cfg.data.path, cfg.train.seq_len, progress=not args.quiet)
+            open_splits(cfg.data.path, cfg.train.seq_len, progress=not args.quiet, data_format=cfg.data.format,
+                        seed=cfg.train.seed)
         except DataError as e:
             return fail(prog, str(e))
 

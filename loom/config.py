@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from loom.data.dataset import BUILTIN_STDLIB, check_data_files
+from loom.data.dataset import BUILTIN_STDLIB, check_data_files, check_data_section
 from loom.models.registry import MODELS, UnknownModelError, get_model_config
 from loom.models.transformer import ModelConfig, check_model_config
 from loom.parallel.settings import check_parallel
@@ -139,6 +139,10 @@ class DataSection:
     # Attention stays inside each document of a packed sequence, and RoPE positions restart at
     # every document (Megatron's reset_attention_mask + reset_position_ids).
     pack_documents: bool = False
+    # 'tokens': documents to pretrain on (`loom prepare`); 'sft': fine-tuning examples with loss
+    # masks (`loom prepare --format sft`, or builtin:python-stdlib-sft), packed by first-fit-
+    # decreasing into train.seq_len, each example attending only to itself (loom/data/packing.py).
+    format: str = "tokens"
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     check_parallel(cfg.parallel, model, cfg.train, world_size)
     check_checkpoint_section(cfg.checkpoint)
     check_metrics(cfg.metrics)
+    check_data_section(cfg.data, model, cfg.model.name)
     if check_files:
         validate_files(cfg, model)
     return model

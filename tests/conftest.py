@@ -56,3 +56,23 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float, floor: f
     err = (got.double() - want.double()).abs().max().item()
     scale = max(want.double().abs().max().item(), floor)
     assert err <= rel * scale, f"max abs error {err:.3e} > {rel:g} x max |want| {scale:.3e}"
+
+
+@pytest.fixture(scope="session")
+def sft_dataset(text_corpus, tmp_path_factory):
+    """Fine-tuning examples of uneven prompt and answer lengths (so micro-batches and ranks hold
+    different numbers of answer tokens), prepared with the corpus's tokenizer for seq_len 32."""
+    import json
+
+    from loom.data.sft import prepare_sft
+
+    _, tok_path, _ = text_corpus
+    root = tmp_path_factory.mktemp("sft")
+    with open(root / "examples.jsonl", "w") as f:
+        for i in range(120):
+            record = {"input": f"function_{i} of x" + " x" * (i % 7),
+                      "output": f"return x * {i}" + f" + {i * i}" * (i % 4)}
+            f.write(json.dumps(record) + "\n")
+    out = root / "sft"
+    prepare_sft(root / "examples.jsonl", tok_path, out, seq_len=32, val_fraction=0.2, on_long="truncate")
+    return out

@@ -176,12 +176,30 @@ for _world, _cases in MOE_LAYOUTS.items():
         LAYOUTS[_world][f"moe_{_case}"] = ["--model.name=tiny-moe", *_extra]
 
 
+# Packed fine-tuning examples (data.format='sft'): the loss is the mean over the global batch's
+# answer tokens, which micro-batches and ranks hold unevenly; dp_shard4 also cuts the batch into
+# micro-batches of 1 instead of the reference's 2, which that mean does not see.
+SFT = ["--data.format=sft", "--data.path=SFT_DATA"]
+LAYOUTS[2].update({
+    "sft_dp_shard2": ["--parallel.dp_shard=2", *SFT],
+    "sft_tp2": ["--parallel.tp=2", "--parallel.dp_shard=1", *SFT],
+    "sft_pp2_1f1b": ["--parallel.pp=2", "--parallel.dp_shard=1", *SFT],
+    "sft_cp2_p2p": ["--parallel.cp=2", "--parallel.dp_shard=1", *SFT],
+})
+LAYOUTS[4]["sft_dp_shard4"] = ["--parallel.dp_shard=4", "--train.micro_batch=1", *SFT]
+LAYOUTS[8]["sft_dp_shard2_tp2_pp2"] = ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2", *SFT]
+
+
+def with_data(extra: list[str], sft_dataset) -> list[str]:
+    return [a.replace("SFT_DATA", str(sft_dataset)) for a in extra]
+
+
 def common(dataset, tmp):
     return MODEL + TRAIN + [f"--data.path={dataset}", f"--metrics.jsonl={tmp}/m.jsonl", "--metrics.plot="]
 
 
 @pytest.fixture(scope="module")
-def reference(dataset, tmp_path_factory):
+def reference(dataset, sft_dataset, tmp_path_factory):
     sys.path.insert(0, str(HERE))
     from parity import run_case
 
@@ -189,7 +207,7 @@ def reference(dataset, tmp_path_factory):
     refs = {}
     steps = {reference_key(extra): case_steps(name) for cases in LAYOUTS.values() for name, extra in cases.items()}
     for key in sorted(steps):
-        r = run_case(common(dataset, tmp) + list(key), steps=steps[key])
+        r = run_case(common(dataset, tmp) + with_data(list(key), sft_dataset), steps=steps[key])
         r.pop("trainer")
         refs[key] = r
     return refs
@@ -197,7 +215,8 @@ def reference(dataset, tmp_path_factory):
 
 # The settings a case's single-process reference shares with it: the model, the dtype, packing
 # and the MoE settings (the layout's own keys, and micro-batching, are what the case varies).
-REFERENCE_KEYS = ("--model.", "--train.dtype", "--train.fp8", "--data.pack_documents", "--moe.")
+REFERENCE_KEYS = ("--model.", "--train.dtype", "--train.fp8", "--data.pack_documents", "--data.format", "--data.path",
+                  "--moe.", "--lora.")
 
 
 def reference_key(extra: list[str]) -> tuple[str, ...]:
@@ -205,9 +224,10 @@ def reference_key(extra: list[str]) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
-def test_parallel_layouts_match_single_process(world, dataset, reference, tmp_path):
+def test_parallel_layouts_match_single_process(world, dataset, sft_dataset, reference, tmp_path):
     out = tmp_path / "result.pt"
-    cases = [f"{name}=" + ",".join(common(dataset, tmp_path) + extra) for name, extra in LAYOUTS[world].items()]
+    cases = [f"{name}=" + ",".join(common(dataset, tmp_path) + with_data(extra, sft_dataset))
+             for name, extra in LAYOUTS[world].items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",

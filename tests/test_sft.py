@@ -83,13 +83,48 @@ def test_malformed_lines_are_named(tmp_path, text_corpus, capsys, line, words):
     assert not (tmp_path / "out").exists()
 
 
-def test_training_on_an_sft_folder_is_refused_until_it_is_supported(tmp_path, text_corpus, capsys):
+def test_data_format_must_match_the_folder_and_fit_the_sequence(tmp_path, text_corpus, dataset, capsys):
     assert prepare(tmp_path, text_corpus, EXAMPLES, "--seq-len", "256") == 0
     capsys.readouterr()
-    assert main(["train", "--parallel.dp_shard=1", "--parallel.pp=1", "--model.vocab_size=300",
-                 f"--data.path={tmp_path / 'sft'}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "fine-tuning examples" in err
+    base = ["train", "--parallel.dp_shard=1", "--parallel.pp=1", "--model.vocab_size=300"]
+    cases = [
+        ([f"--data.path={tmp_path / 'sft'}"], ["fine-tuning examples", "data.format='sft'"]),
+        ([f"--data.path={dataset}", "--data.format=sft"], ["holds documents", "data.format='tokens'"]),
+        (["--data.format=sft"], ["builtin:python-stdlib-sft"]),
+        ([f"--data.path={tmp_path / 'sft'}", "--data.format=sft", "--train.seq_len=8"],
+         ["train.seq_len=8", "longest train example"]),
+        ([f"--data.path={tmp_path / 'sft'}", "--data.format=sft", "--model.name=tiny-bert"], ["bidirectional"]),
+        ([f"--data.path={tmp_path / 'sft'}", "--data.format=chat"], ["data.format='chat'", "tokens, sft"]),
+    ]
+    for extra, words in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_fine_tuning_run_learns_the_answers(sft_dataset, tmp_path):
+    """A packed SFT run in one process: the answer-only validation loss falls, and the metrics
+    count attention per example (the packed sequences' sum of squared example lengths)."""
+    import json
+
+    from loom.data.packing import PackedExamples
+    from loom.metrics.flops import flops_per_token
+    from loom.models.registry import get_model_config
+    import dataclasses
+
+    jsonl = tmp_path / "m.jsonl"
+    args = ["train", "--quiet", "--parallel.dp_shard=1", "--parallel.pp=1", "--model.vocab_size=300",
+            "--model.n_layers=2", "--data.format=sft", f"--data.path={sft_dataset}", "--train.seq_len=32",
+            "--train.steps=30", "--train.warmup_steps=2", "--train.eval_every=0", f"--metrics.jsonl={jsonl}",
+            "--metrics.plot=", "--metrics.log_every=1"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in open(jsonl)]
+    assert rows[-1]["val_loss"] < 0.6 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["val_loss"])
+    packed = PackedExamples(sft_dataset, "train", 32, seed=0)
+    assert packed.attention_len < 32  # examples shorter than the sequence attend less
+    model = dataclasses.replace(get_model_config("tiny"), vocab_size=300, n_layers=2)
+    fpt = flops_per_token(model, packed.attention_len)
+    assert rows[-1]["tflops_per_device"] == pytest.approx(rows[-1]["tokens_per_s_per_device"] * fpt / 1e12, rel=1e-6)
 
 
 def test_first_fit_decreasing_packs_every_example_once_within_capacity():

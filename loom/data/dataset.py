@@ -29,11 +29,14 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Batch:
     """inputs, labels [N, S] int64; documents [N, S] int64 (a document index per input token,
-    equal within a document) when documents are packed, else None."""
+    equal within a document) when documents are packed, else None; loss_tokens [N] float."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     documents: torch.Tensor | None = None
+    # [N] per sample, a share of what the micro-batch's summed loss is divided by
+    # (loom.models.loss.loss_divisor); None: its own labels' mean.
+    loss_tokens: torch.Tensor | None = None
 
 
 def dataset_mask_token(path: str | Path) -> int | None:
@@ -105,14 +108,33 @@ class TokenDataset:
         return Batch(inputs, labels, torch.from_numpy(doc.astype(np.int64)))
 
 
-def open_splits(path: str | Path, seq_len: int, progress: bool = True) -> tuple[TokenDataset, TokenDataset]:
+DATA_FORMATS = ("tokens", "sft")  # data.format: documents to pretrain on, or fine-tuning examples
+
+
+def open_splits(path: str | Path, seq_len: int, progress: bool = True, data_format: str = "tokens",
+                seed: int = 0) -> tuple:
     """(train, validation) of a prepared dataset or of `builtin:python-stdlib` (built on first
-    use). Raises DataError when a split is too short for seq_len."""
+    use): TokenDatasets, or with data_format='sft' PackedExamples (loom.data.packing, packed
+    with `seed`). Raises DataError when a split is too short for seq_len."""
+    if data_format == "sft":
+        from loom.data.packing import PackedExamples
+
+        path = resolve_sft_path(path, progress)
+        return PackedExamples(path, "train", seq_len, seed), PackedExamples(path, "val", seq_len, seed)
     if str(path) == BUILTIN_STDLIB:
         from loom.data.stdlib import builtin_dataset
 
         path = builtin_dataset(progress=progress)
     return TokenDataset(path, "train", seq_len), TokenDataset(path, "val", seq_len)
+
+
+def resolve_sft_path(path: str | Path, progress: bool = True) -> Path:
+    """The folder of an SFT dataset: `path`, or the embedded instruction set built on first use."""
+    from loom.data.builtin_sft import BUILTIN_SFT, builtin_sft_dataset
+
+    if str(path) == BUILTIN_SFT:
+        return builtin_sft_dataset(progress=progress)
+    return Path(path)
 
 
 class BatchSchedule:
@@ -169,18 +191,54 @@ def _check_integrity(path: Path, meta: dict, model) -> None:
                                      f"beyond model.vocab_size={model.vocab_size} (ids must be below it)")
 
 
+def check_data_section(d, model, model_name: str) -> None:
+    """The [data] section's own checks (no disk access)."""
+    from loom.settings import one_of
+
+    one_of("data.format", d.format, DATA_FORMATS)
+    if d.format == "sft":
+        need(model.causal, f"data.format='sft' trains on next tokens, which model.name={model_name!r} "
+                           f"(bidirectional) does not predict; allowed with it: data.format='tokens'")
+        need(d.path != BUILTIN_STDLIB, f"data.path={d.path!r} holds documents, not fine-tuning examples; allowed "
+                                       f"with data.format='sft': 'builtin:python-stdlib-sft' or a folder written by "
+                                       f"`loom prepare --format sft`")
+
+
+def _check_sft_files(d, seq_len: int, model) -> None:
+    """A prepared SFT dataset whose every example fits a sequence of seq_len."""
+    from loom.data.builtin_sft import BUILTIN_SFT
+
+    path = resolve_sft_path(d.path, progress=False) if d.path == BUILTIN_SFT else Path(d.path)
+    need(path.is_dir() and (path / "meta.json").is_file(),
+         f"data.path={d.path!r} is not a prepared dataset (no {path / 'meta.json'}); allowed with data.format='sft': "
+         f"{BUILTIN_SFT!r} or a folder written by `loom prepare --format sft`")
+    meta = read_meta(path)
+    need(meta.get("format") == "sft", f"data.path={d.path!r} holds documents (`loom prepare`), not fine-tuning "
+                                      f"examples; allowed: data.format='tokens' for it, or a folder written by "
+                                      f"`loom prepare --format sft`")
+    for split, info in meta["splits"].items():
+        need(info["examples"] > 0, f"data.path={d.path!r}: its {split} split holds no examples")
+        need(info["max_example"] - 1 <= seq_len,
+             f"train.seq_len={seq_len} is shorter than the longest {split} example of data.path={d.path!r} "
+             f"({info['max_example']} tokens, so {info['max_example'] - 1} (input, label) pairs); allowed: "
+             f"train.seq_len >= {info['max_example'] - 1}, or prepare with --seq-len={seq_len}")
+    _check_integrity(path, meta, model)
+
+
 def check_data_files(d, seq_len: int, model, model_name: str) -> None:
     """The [data] section against the disk, before anything starts: a prepared dataset long
     enough for seq_len, a tokenizer file, a vocabulary the model covers, and a [MASK] token
     where the model trains on masked-LM targets (bidirectional models)."""
-    if d.path != BUILTIN_STDLIB:
+    if d.format == "sft":
+        _check_sft_files(d, seq_len, model)
+    elif d.path != BUILTIN_STDLIB:
         need(Path(d.path).is_dir() and (Path(d.path) / "meta.json").is_file(),
              f"data.path={d.path!r} is not a prepared dataset (no {Path(d.path) / 'meta.json'}); "
              f"allowed: {BUILTIN_STDLIB!r} or a folder written by `loom prepare`")
         meta = read_meta(d.path)
         need(meta.get("format", "tokens") == "tokens",
-             f"data.path={d.path!r} holds fine-tuning examples (`loom prepare --format sft`), which `loom train` "
-             f"does not train on yet; allowed: a dataset of documents (`loom prepare` without --format sft)")
+             f"data.path={d.path!r} holds fine-tuning examples (`loom prepare --format sft`); allowed: "
+             f"data.format='sft' for it, or a dataset of documents (`loom prepare` without --format sft)")
         for split, info in meta["splits"].items():
             need(info["tokens"] > seq_len,
                  f"train.seq_len={seq_len} is longer than the {split} split of data.path={d.path!r} "
@@ -188,6 +246,8 @@ def check_data_files(d, seq_len: int, model, model_name: str) -> None:
         _check_integrity(Path(d.path), meta, model)
     if d.tokenizer:
         need(Path(d.tokenizer).is_file(), f"data.tokenizer={d.tokenizer!r}: no such file")
+    if d.format == "sft":
+        return  # its vocabulary was checked against the model with its token ids
     vocab = data_vocab_size(d)
     need(model.vocab_size >= vocab,
          f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab}) of data.path={d.path!r}")

@@ -1,5 +1,4 @@
-"""Fine-tuning examples packed into training sequences (issue 17; `loom train` does not use it
-yet).
+"""Fine-tuning examples packed into training sequences (`data.format = "sft"`).
 
 An example of n tokens gives n - 1 (input, label) pairs: inputs are its tokens but the last,
 labels its tokens but the first, and a label counts only where the prepared loss mask marks its
@@ -55,6 +54,14 @@ class PackedExamples:
         pairs = [b - a - 1 for a, b in self.bounds]
         self.sequences = first_fit_decreasing(pairs, seq_len, seed)
         self.pairs = sum(pairs)
+        # Per example, the labels that count: mask[p + 1] for p in [a, b - 1).
+        counted = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
+        per_example = np.array([counted[b] - counted[a + 1] for a, b in self.bounds], dtype=np.int64)
+        # Per packed sequence: its answer tokens, and the sum of its examples' squared lengths
+        # (attention FLOPs are per example, as Megatron counts packed batches).
+        self.targets = np.array([per_example[s].sum() for s in self.sequences], dtype=np.int64)
+        self.squares = np.array([sum(pairs[i] ** 2 for i in s) for s in self.sequences], dtype=np.int64)
+        self.meta = meta
 
     @property
     def n_sequences(self) -> int:
@@ -64,6 +71,19 @@ class PackedExamples:
     def efficiency(self) -> float:
         """Real (input, label) pairs over the slots of all packed sequences."""
         return self.pairs / max(1, self.n_sequences * self.seq_len)
+
+    @property
+    def attention_len(self) -> float:
+        """The sequence length whose full attention costs what the examples' attention costs,
+        per packed token on average: mean over sequences of sum(n_i^2) / seq_len."""
+        return float(self.squares.mean()) / self.seq_len
+
+    def answer_tokens(self, indices: np.ndarray) -> int:
+        """Labels that carry loss in packed sequences `indices`."""
+        return int(self.targets[np.asarray(indices, dtype=np.int64)].sum())
+
+    def mask_token(self) -> None:
+        return None  # fine-tuning targets are next tokens, never masked-LM ones
 
     def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(inputs, labels, documents) [seq_len] of packed sequence i."""
@@ -82,7 +102,9 @@ class PackedExamples:
         documents[at:] = len(self.sequences[i])  # the padding: a document of its own
         return inputs, labels, documents
 
-    def batch(self, indices: np.ndarray) -> Batch:
+    def batch(self, indices: np.ndarray, documents: bool = True, masking=None) -> Batch:
+        """Packed sequences `indices` as a Batch [N, seq_len], always with their documents
+        (examples); `documents` and `masking` are TokenDataset.batch's, and do not apply."""
         rows = [self.sequence(int(i)) for i in indices]
         inputs, labels, documents = (torch.from_numpy(np.stack(x)) for x in zip(*rows))
         return Batch(inputs, labels, documents)

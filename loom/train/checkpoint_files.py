@@ -40,8 +40,9 @@ _NAME = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX, DELETING_PREFIX = ".tmp-", ".deleting-"
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled"  # DCP's, when there is no process group
 # A checkpoint continues the same run only with the same data stream; these settings define it.
-DATA_KEYS = (("data", "path"), ("data", "pack_documents"), ("train", "seq_len"),
+DATA_KEYS = (("data", "path"), ("data", "format"), ("data", "pack_documents"), ("train", "seq_len"),
              ("train", "global_batch"), ("train", "seed"))
+DATA_KEYS_ADDED = {"data.format": "tokens"}  # what checkpoints written before a key was added had
 
 
 class CheckpointError(ValueError):
@@ -133,7 +134,7 @@ def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
         data = manifest.get("data", {})
         for section, key in DATA_KEYS:
             now = getattr(getattr(cfg, section), key)
-            then = data.get(f"{section}.{key}")
+            then = data.get(f"{section}.{key}", DATA_KEYS_ADDED.get(f"{section}.{key}"))
             if then != now:
                 raise CheckpointError(
                     f"checkpoint {path} was saved with {section}.{key}={then!r}, this config has {now!r}: "

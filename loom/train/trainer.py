@@ -3,6 +3,7 @@ initialize the local shards, then a short loop over a step function."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -135,7 +136,9 @@ class Trainer:
         # full model's parameter names and load under any other pipeline split.
         self.optimizers = [build_optimizer(m, t) for m in self.parts]
 
-        self.train_data, self.val_data = open_splits(cfg.data.path, t.seq_len, progress=self.progress)
+        self.sft = cfg.data.format == "sft"
+        self.train_data, self.val_data = open_splits(cfg.data.path, t.seq_len, progress=self.progress,
+                                                     data_format=cfg.data.format, seed=t.seed)
         self.masking = self._masking()
         self.schedule = BatchSchedule(self.train_data.n_sequences, t.global_batch, t.seed)
         self.tokens_per_step = t.global_batch * t.seq_len
@@ -265,11 +268,14 @@ class Trainer:
         documents = batch.documents.to(self.device) if batch.documents is not None else None
         positions = document_positions(documents) if documents is not None else None
         kwargs = {}
+        if batch.loss_tokens is not None:  # a share of the step's global divisor (global_divisors)
+            kwargs["loss_tokens"] = batch.loss_tokens.to(self.device)
+        elif self.cp > 1:
+            # Each rank's mean is its share of the whole sequences' mean (see loss_divisor).
+            kwargs["loss_tokens"] = (labels != IGNORE_INDEX).sum(dim=1).float() / self.cp
         if self.cp > 1:
             from loom.parallel.context import shard_index
 
-            # Each rank's mean is its share of the whole sequences' mean (see loss_divisor).
-            kwargs["loss_tokens"] = (labels != IGNORE_INDEX).sum(dim=1).float() / self.cp
             b, s = inputs.shape
             idx = shard_index(self.cp_rank, self.cp, s, self.cfg.parallel.cp_load_balance, self.device)
             if positions is None:
@@ -488,7 +494,23 @@ class Trainer:
         idx = self.schedule.rank_indices(step, self.dp_rank, self.dims.dp)
         mb = self.cfg.train.micro_batch
         packed = self.cfg.data.pack_documents
-        return [self.train_data.batch(idx[i : i + mb], packed, self.masking) for i in range(0, len(idx), mb)]
+        batches = [self.train_data.batch(idx[i : i + mb], packed, self.masking) for i in range(0, len(idx), mb)]
+        if not self.sft:
+            return batches
+        share = self.global_divisor(step) / mb
+        return [dataclasses.replace(b, loss_tokens=torch.full((len(b.inputs),), share)) for b in batches]
+
+    def global_divisor(self, step: int) -> float:
+        """What each micro-batch's summed loss is divided by so that the step's gradient is that
+        of the mean over the answer tokens of the whole global batch, in every layout:
+        T / (micro-batches x dp x cp), T the global batch's answer tokens. Micro-batches are
+        averaged (1 / micro-batches, or the pipeline schedule's gradient scaling) and FSDP
+        averages over the dp x cp ranks, which together undo that denominator; every rank
+        knows T without a collective, since every rank knows the global batch."""
+        t = self.cfg.train
+        n_micro = t.global_batch // self.dims.dp // t.micro_batch
+        tokens = self.train_data.answer_tokens(self.schedule.global_indices(step))
+        return max(tokens, 1) / (n_micro * self.dims.dp * self.cp)
 
     def peak_memory(self) -> int:
         """The largest peak over all ranks."""
@@ -513,7 +535,8 @@ class Trainer:
                 losses.append(self._pipeline_run([batch] * repeats, train=False).item())
             else:
                 losses.append(self.forward_loss(batch).item())
-            counts.append(len(batch.inputs))
+            # Batches weigh by their answer tokens (fine-tuning: the mean over all of them).
+            counts.append(self.val_data.answer_tokens(np.arange(i, min(i + mb, n))) if self.sft else len(batch.inputs))
         self._free_gathered_units()
         local = torch.tensor(np.average(losses, weights=counts), dtype=torch.float64, device=self.device)
         # Under context parallelism each rank holds a part of every sequence's tokens.
@@ -582,7 +605,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        fpt = flops_per_token(self.model_cfg, t.seq_len, FLOPS_CONVENTION)
+        fpt = flops_per_token(self.model_cfg, self.attention_len(), FLOPS_CONVENTION, **self.frozen_flops())
         # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
         peak = device_peak(self.device, self.dtype, t.fp8 != "none") if self.rank == 0 else Peak(None, "not rank 0")
         start = self.state.step
@@ -594,10 +617,20 @@ class Trainer:
             self.state.val_curve.append((0, self.validation_loss()))
         bar = tqdm(total=t.steps, initial=start, desc="training", unit="step",
                    disable=not self.progress or None, file=sys.stderr, dynamic_ncols=True)
-        hw_ratio = hardware_flops_per_token(self.model_cfg, t.seq_len, t.recompute, FLOPS_CONVENTION) / fpt
+        hw_ratio = hardware_flops_per_token(self.model_cfg, self.attention_len(), t.recompute, FLOPS_CONVENTION,
+                                            **self.frozen_flops()) / fpt
         return _Run(start=start, hw_ratio=hw_ratio, meter=ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak),
                     writer=writer, bar=bar, layout={**self.dims.degrees(), "world_size": self.world_size},
                     started=time.perf_counter())
+
+    def attention_len(self) -> float:
+        """The sequence length attention FLOPs are counted at: train.seq_len, or for packed
+        examples the length whose attention costs what theirs does (loom.data.packing)."""
+        return self.train_data.attention_len if self.sft else self.cfg.train.seq_len
+
+    def frozen_flops(self) -> dict:
+        """flops_per_token's keywords for frozen matrices and adapters (none without LoRA)."""
+        return {}
 
     def _nonfinite(self, run: "_Run", step: int, loss: float, grad_norm: float) -> None:
         """A step whose loss or gradient norm is not finite (its update was not applied): stop
