@@ -22,7 +22,7 @@ from loom.data.dataset import BUILTIN_STDLIB, check_data_files, check_data_secti
 from loom.models.registry import MODELS, UnknownModelError, get_model_config
 from loom.models.transformer import ModelConfig, check_model_config
 from loom.parallel.settings import check_parallel
-from loom.settings import SettingError, did_you_mean
+from loom.settings import SettingError, did_you_mean, need
 from loom.train.checkpoint_files import check_checkpoint_files, check_checkpoint_section
 from loom.train.outputs import check_output_paths
 from loom.train.report import check_metrics
@@ -173,6 +173,25 @@ class MoESection:
 
 
 @dataclass(frozen=True)
+class LoRASection:
+    """LoRA adapters (loom/models/lora.py): rank 0 trains every parameter (no LoRA)."""
+
+    rank: int = 0
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input
+    targets: str = "all"  # 'all' or a comma-separated list of q, k, v, o, gate, up, down
+
+    def spec(self, model: ModelConfig):
+        """The LoRASpec of this section for `model`, or None without LoRA (validated first)."""
+        from loom.models.lora import LoRASpec, parse_targets
+
+        if self.rank == 0:
+            return None
+        return LoRASpec(self.rank, self.alpha, self.dropout, parse_targets(self.targets, model.gated,
+                                                                           bool(model.moe_experts)))
+
+
+@dataclass(frozen=True)
 class MetricsSection:
     jsonl: str = "runs/loom/metrics.jsonl"
     tensorboard: str = ""  # a directory, or empty for none
@@ -189,6 +208,7 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -303,6 +323,32 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
 
 
+def check_lora(lora: LoRASection, model: ModelConfig, train, parallel) -> None:
+    """The [lora] section: a positive rank (0: no LoRA, and then no other lora key set), targets
+    the model has, and what LoRA does not combine with."""
+    from loom.models.lora import parse_targets
+
+    changed = [f"lora.{f.name}={getattr(lora, f.name)!r}" for f in dataclasses.fields(lora)
+               if f.name != "rank" and getattr(lora, f.name) != f.default]
+    need(lora.rank > 0 or (lora.rank == 0 and not changed),
+         f"lora.rank={lora.rank} must be a positive integer (the adapters' rank)"
+         + (f" for {', '.join(changed)} to apply" if changed and lora.rank == 0 else "")
+         + "; allowed: lora.rank >= 1, or 0 (and no other lora key) to train every parameter")
+    if lora.rank == 0:
+        return
+    need(lora.alpha > 0, f"lora.alpha={lora.alpha} must be positive (the adapters are scaled by alpha / rank)")
+    need(0 <= lora.dropout < 1, f"lora.dropout={lora.dropout} must be in [0, 1)")
+    try:
+        parse_targets(lora.targets, model.gated, bool(model.moe_experts))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    need(train.fp8 == "none", f"train.fp8={train.fp8!r} does not combine with LoRA (lora.rank={lora.rank}) yet; "
+                              f"allowed with LoRA: train.fp8='none'")
+    need(parallel.pp_schedule != "zero-bubble" or parallel.pp == 1,
+         f"parallel.pp_schedule='zero-bubble' splits the backward by weights, which LoRA's frozen base does not "
+         f"have; allowed with LoRA: 1f1b, interleaved-1f1b, gpipe")
+
+
 def validate_files(cfg: Config, model: ModelConfig) -> None:
     """The checks that read the disk: the dataset, the tokenizer, the checkpoint to resume, and
     the outputs (writable, room for a checkpoint)."""
@@ -330,6 +376,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     check_checkpoint_section(cfg.checkpoint)
     check_metrics(cfg.metrics)
     check_data_section(cfg.data, model, cfg.model.name)
+    check_lora(cfg.lora, model, cfg.train, cfg.parallel)
     if check_files:
         validate_files(cfg, model)
     return model

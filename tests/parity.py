@@ -120,8 +120,28 @@ def run_case(overrides: list[str], steps: int) -> dict:
     fp8_scales: dict[str, float] = {}
     with recording_fp8_input_scales(trainer, fp8_scales):
         loss = trainer.forward_backward(trainer.micro_batches(0))
+    grads = gathered_grads(trainer)
+    losses = [trainer.mean_over_data_ranks(loss)]
+    trainer.optimizer_step(cfg.train.lr)
+    collectives: dict[str, int] = {}
+    for step in range(1, steps):
+        # The second step's collectives, per rank: the first runs pipeline schedules' shape inference.
+        with counting_fsdp_collectives(collectives) if step == 1 else contextlib.nullcontext():
+            losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
+    grads_after = {}
+    if trainer.lora is not None:  # LoRA's A has no gradient at step 1 (B starts at zero): again now
+        trainer.forward_backward(trainer.micro_batches(steps))
+        grads_after = gathered_grads(trainer)
+    return {"losses": losses, "grads": grads, "grads_after": grads_after, "collectives": collectives, "init": init,
+            "fp8_scales": fp8_scales, "trainer": trainer}
+
+
+def gathered_grads(trainer) -> dict:
+    """{full-model name: full gradient} of every trainable parameter, on every rank."""
     grads = {}
     for name, p in trainer.named_parameters():
+        if not p.requires_grad:  # frozen (LoRA's base)
+            continue
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.detach().float().cpu().clone()
     if trainer.pp:  # each pipeline rank holds some stages: collect them all
@@ -135,15 +155,7 @@ def run_case(overrides: list[str], steps: int) -> dict:
             # (summed over both stages), and no parameter of the single-process model.
             copy = grads.pop("output.weight")
             assert torch.equal(copy, grads["tok_embeddings.weight"]), "tied copies' gradients differ"
-    losses = [trainer.mean_over_data_ranks(loss)]
-    trainer.optimizer_step(cfg.train.lr)
-    collectives: dict[str, int] = {}
-    for step in range(1, steps):
-        # The second step's collectives, per rank: the first runs pipeline schedules' shape inference.
-        with counting_fsdp_collectives(collectives) if step == 1 else contextlib.nullcontext():
-            losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
-    return {"losses": losses, "grads": grads, "collectives": collectives, "init": init, "fp8_scales": fp8_scales,
-            "trainer": trainer}
+    return grads
 
 
 def warm_up() -> None:

@@ -95,14 +95,32 @@ def _attention_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str) 
     raise ValueError(f"flops convention {convention!r} is unknown; allowed: {', '.join(CONVENTIONS)}")
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "megatron") -> float:
-    """Model FLOPs of one training step (forward + backward) per token."""
+def adapter_params(cfg: ModelConfig, lora) -> int:
+    """Parameters of LoRA's adapters (a loom.models.lora.LoRASpec): rank x (in + out) per adapted
+    projection of every block."""
+    from loom.models.lora import target_modules
+
+    d, attn, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    widths = {"attention.wq": (d, attn), "attention.wk": (d, kv), "attention.wv": (d, kv), "attention.wo": (attn, d),
+              "feed_forward.w1": (d, cfg.ffn_dim), "feed_forward.w3": (d, cfg.ffn_dim),
+              "feed_forward.w2": (cfg.ffn_dim, d)}
+    paths = target_modules(cfg.gated, bool(cfg.moe_experts))
+    return cfg.n_layers * sum(lora.rank * sum(widths[paths[t]]) for t in lora.targets)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: float, convention: str = "megatron", lora=None) -> float:
+    """Model FLOPs of one training step (forward + backward) per token. seq_len: the length
+    attention is counted at (packed examples: sum of squared lengths / sequence length). With
+    lora (a LoRASpec) the frozen matrices count no weight gradient (4 FLOPs per weight instead of
+    6, the 2/3 of Megatron's PEFT figures) and the adapters count in full."""
     p = param_counts(cfg)
-    return 6 * (p.active_block_matmuls + cfg.vocab_size * cfg.dim) + _attention_flops_per_token(cfg, seq_len, convention)
+    matrices = p.active_block_matmuls + cfg.vocab_size * cfg.dim
+    dense = 6 * matrices if lora is None else 4 * matrices + 6 * adapter_params(cfg, lora)
+    return dense + _attention_flops_per_token(cfg, seq_len, convention)
 
 
 def hardware_flops_per_token(
-    cfg: ModelConfig, seq_len: int, recompute: str, convention: str = "megatron"
+    cfg: ModelConfig, seq_len: float, recompute: str, convention: str = "megatron", lora=None
 ) -> float:
     """Model FLOPs plus the forward work that activation recomputation repeats.
 
@@ -110,10 +128,11 @@ def hardware_flops_per_token(
     training FLOPs). loom's `selective` keeps every matmul and attention output and recomputes
     only element-wise work (norms, RoPE, SwiGLU's product), so it adds no matmul FLOPs.
     """
-    model = flops_per_token(cfg, seq_len, convention)
+    model = flops_per_token(cfg, seq_len, convention, lora)
     if recompute == "full":
         p = param_counts(cfg)
-        return model + 2 * p.active_block_matmuls + _attention_flops_per_token(cfg, seq_len, convention) / 3
+        adapters = 2 * adapter_params(cfg, lora) if lora is not None else 0
+        return model + 2 * p.active_block_matmuls + adapters + _attention_flops_per_token(cfg, seq_len, convention) / 3
     if recompute in ("none", "selective"):
         return model
     raise ValueError(f"train.recompute={recompute!r} is unknown; allowed: none, full, selective")

@@ -1,6 +1,6 @@
 """Model converters: applied to a built model (on the meta device) after construction and before
 parallelization, in a fixed order (torchtitan's model converters). Today: loom's CPU kernels
-(`train.kernels`); LoRA and FP8 join them here.
+(`train.kernels`), LoRA adapters (`[lora]`) and FP8 linears (`train.fp8`).
 
 `train.kernels`:
     torch  PyTorch's ops everywhere (the model as built).
@@ -68,11 +68,12 @@ def install_cpu_kernels(model: nn.Module) -> list[str]:
 
 def convert_model(model: nn.Module, kernels: str, device: torch.device,
                   dtype: torch.dtype = torch.float32, fp8: str = "none", float8_gather: bool = False,
-                  fp8_bf16_blocks: int = 0) -> str:
-    """Apply the converters the config asks for, in loom's fixed order (kernels, then FP8);
+                  fp8_bf16_blocks: int = 0, lora=None) -> str:
+    """Apply the converters the config asks for, in loom's fixed order (kernels, LoRA, FP8);
     returns the kernel line for the run's summary. dtype: the run's compute dtype, for what runs
     widened in bf16; fp8: train.fp8; float8_gather: the model will be FSDP-sharded (FP8 weights
-    are then gathered as float8); fp8_bf16_blocks: train.fp8_bf16_blocks."""
+    are then gathered as float8); fp8_bf16_blocks: train.fp8_bf16_blocks; lora: a
+    loom.models.lora.LoRASpec, or None."""
     use_loom, line = resolve_kernels(kernels, device)
     if use_loom:
         from loom.kernels.modules import bf16_widening
@@ -81,6 +82,11 @@ def convert_model(model: nn.Module, kernels: str, device: torch.device,
         line = f"loom AVX-512 CPU kernels ({', '.join(installed)})"
         if dtype == torch.bfloat16:
             line += f"; {bf16_widening(installed, model.cfg.head_dim)}"
+    if lora is not None:
+        from loom.models.lora import apply_lora
+
+        adapted = apply_lora(model, lora)
+        line += f"; LoRA rank {lora.rank} on {len(adapted)} projections ({', '.join(lora.targets)}), the rest frozen"
     if fp8 != "none":
         from loom.models.fp8 import apply_fp8
 

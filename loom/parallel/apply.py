@@ -43,14 +43,24 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, p
 
                 groups = [mesh[axis].get_group() for axis, degree in (("cp", dims.cp), ("tp", dims.tp)) if degree > 1]
                 share_scales_over(module, groups)
+        frozen = {name for name, p in module.named_parameters() if not p.requires_grad}  # LoRA's base
         if mesh is not None and dims.tp > 1:
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
         if mesh is not None:
             apply_expert_parallel(module, dims, mesh, parallel.sequence_parallel)
+        _keep_frozen(module, frozen)
         apply_recompute(list(module.layers.values()), recompute)
         if mesh is not None and dims.dp * dims.cp > 1:
             apply_fsdp(module, dims, mesh, param_dtype, parallel.zero)
     return modules, stage_ids
+
+
+def _keep_frozen(module: nn.Module, frozen: set[str]) -> None:
+    """Torch's tensor-parallel styles replace parameters with trainable DTensors (SequenceParallel
+    does not carry requires_grad over): freeze again what was frozen before, ahead of FSDP."""
+    for name, p in module.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
 
 
 def materialize(modules: list[nn.Module], device: torch.device, seed: int, spec_of) -> tuple[int, int]:

@@ -7,13 +7,14 @@ norms between them are sharded along the sequence: [B, L/tp, D] on each rank, al
 before the column-parallel matmuls and reduce-scattered after the row-parallel ones. The
 embedding, and the output layer with the loss, are vocabulary-parallel (loom.parallel.vocab_parallel):
 no rank holds more than one chunk of its shard's logits, nor the gradient of rows it does not hold.
-Every family goes through the same plan: norms of any kind (with their biases), BERT's norm after
+A LoRA projection's adapter is sharded as its base (_ColwiseWithAdapter, _RowwiseWithAdapter), so
+adapters add no collective of their own. Every family goes through the same plan: norms of any kind (with their biases), BERT's norm after
 the embeddings and its masked-LM head run on the sequence shards like the norms between blocks.
 """
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -22,8 +23,42 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from loom.models.lora import LoRALinear
 from loom.models.moe import MoE
 from loom.parallel.vocab_parallel import apply_vocab_parallel_embedding, apply_vocab_parallel_output
+
+
+class _ColwiseWithAdapter(ColwiseParallel):
+    """Column-parallel W [out/tp, in] and bias; a LoRA adapter's B [out/tp, rank] sharded like the
+    output, A [rank, in] whole: x A^T B^T comes out sharded as x W^T does."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in module.named_parameters(recurse=False):
+            placement = Replicate() if pname == "lora_a" else Shard(0)
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
+
+
+class _RowwiseWithAdapter(RowwiseParallel):
+    """Row-parallel W [out, in/tp]; a LoRA adapter's A [rank, in/tp] sharded like the input, B
+    [out, rank] and the bias whole: x A^T is a partial sum as x W^T is, and both are reduced in
+    the one reduction (or reduce-scatter) of the sum."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in module.named_parameters(recurse=False):
+            placement = Shard(1) if pname in ("weight", "lora_a") else Replicate()
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
+
+
+def _column(module: nn.Module):
+    return _ColwiseWithAdapter() if isinstance(module, LoRALinear) else ColwiseParallel()
+
+
+def _row(module: nn.Module, **kwargs):
+    return _RowwiseWithAdapter(**kwargs) if isinstance(module, LoRALinear) else RowwiseParallel(**kwargs)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
@@ -45,21 +80,21 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             "attention": PrepareModuleInput(
                 input_layouts=(stream, None), desired_input_layouts=(Replicate(), None)
             ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=stream),
+            "attention.wq": _column(block.attention.wq),
+            "attention.wk": _column(block.attention.wk),
+            "attention.wv": _column(block.attention.wv),
+            "attention.wo": _row(block.attention.wo, output_layouts=stream),
         }
         # A MoE layer is not tensor-parallel: it routes the stream's local tokens (see
         # loom.parallel.expert); a dense MLP is column- then row-parallel.
         if not isinstance(block.feed_forward, MoE):
             plan.update({
                 "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-                "feed_forward.w1": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+                "feed_forward.w1": _column(block.feed_forward.w1),
+                "feed_forward.w2": _row(block.feed_forward.w2, output_layouts=stream),
             })
             if block.feed_forward.w3 is not None:
-                plan["feed_forward.w3"] = ColwiseParallel()
+                plan["feed_forward.w3"] = _column(block.feed_forward.w3)
         if sequence_parallel:
             # Local tensors out: the residual additions (before or after the norms) stay plain.
             plan["attention_norm"] = SequenceParallel(use_local_output=True)

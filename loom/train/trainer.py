@@ -201,13 +201,19 @@ class Trainer:
         # are built (first run on this machine) or loaded here, before any step is timed, and the
         # summary says which run and, where loom's cannot, why.
         self.fsdp = self.mesh is not None and self.dims.dp * self.dims.cp > 1
+        self.lora = self.cfg.lora.spec(self.model_cfg)
         self.kernels = convert_model(self.model, t.kernels, self.device, self.dtype, t.fp8,
-                                     float8_gather=self.fsdp, fp8_bf16_blocks=t.fp8_bf16_blocks)
+                                     float8_gather=self.fsdp, fp8_bf16_blocks=t.fp8_bf16_blocks, lora=self.lora)
         self.pp = self.mesh is not None and self.dims.pp > 1
         n_micro = t.global_batch // self.dims.dp // t.micro_batch
         self.cp = self.dims.cp if self.mesh is not None else 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype, t.fp8)
-        self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, self.model.init_spec)
+        spec_of = self.model.init_spec
+        if self.lora is not None:
+            from loom.models.lora import adapter_init_spec
+
+            spec_of = adapter_init_spec(spec_of, self.model_cfg)
+        self.init_peak_bytes, self.shard_bytes = materialize(modules, self.device, t.seed, spec_of)
         if self.pp:
             from loom.parallel.pipeline import build_schedule
 
@@ -629,8 +635,8 @@ class Trainer:
         return self.train_data.attention_len if self.sft else self.cfg.train.seq_len
 
     def frozen_flops(self) -> dict:
-        """flops_per_token's keywords for frozen matrices and adapters (none without LoRA)."""
-        return {}
+        """flops_per_token's keywords for LoRA: its adapters, and no weight gradients of frozen matrices."""
+        return {} if self.lora is None else {"lora": self.lora}
 
     def _nonfinite(self, run: "_Run", step: int, loss: float, grad_norm: float) -> None:
         """A step whose loss or gradient norm is not finite (its update was not applied): stop
