@@ -151,6 +151,10 @@ class CheckpointSection:
     every: int = 0
     keep: int = 2  # complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto (newest in dir, if any) | never | a checkpoint folder
+    # A checkpoint whose weights start a run that has nothing to resume (a pretrained base, or
+    # `loom convert --from-hf` output): its weights only; its optimizer, step and data stream
+    # are not carried over. Empty: the seed's initialization.
+    init_from: str = ""
     async_save: bool = False  # write in the background; training waits only for a host copy
     on_error: str = "stop"  # a failed save (a full disk): "stop" the run, or "continue" training without it
 

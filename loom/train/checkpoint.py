@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SINGLE_PROCESS_WARNING, TMP_PREFIX,
-                                         CheckpointError, check_compatible, check_files, checkpoint_name,
+                                         CheckpointError, check_compatible, check_files, check_same_model,
+                                         checkpoint_name, lora_fields,
                                          disk_full, file_record, model_fields, one_line, publish_folder, published,
                                          read_manifest, safe_planner, safe_reader)
 from loom.train.hangs import collective_timeout
@@ -72,12 +73,15 @@ def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
 
 def set_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
     """Load `state` (checkpoint names, see model_state) into this rank's parts."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     for part in parts:
         names = _checkpoint_names(part)
         own = {names.get(k, k): k for k in part.state_dict().keys()}
-        set_model_state_dict(part, {own[k]: v for k, v in state.items() if k in own})
+        # Not strict: `state` may be a part of the model (a LoRA checkpoint's adapters, a base's
+        # weights without them); DCP has already refused a checkpoint that lacks what was asked.
+        set_model_state_dict(part, {own[k]: v for k, v in state.items() if k in own},
+                             options=StateDictOptions(strict=False))
 
 
 def _optim_options():
@@ -152,8 +156,12 @@ class Checkpointer:
     """
 
     def __init__(self, cfg, model_cfg, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-                 device: torch.device, layout: dict, async_save: bool = False):
+                 device: torch.device, layout: dict, async_save: bool = False, base: Path | None = None):
         self.cfg, self.model_cfg = cfg, model_cfg
+        # LoRA: checkpoints hold the adapters only, and name the base the run started from
+        # (None: the seed's initialization, which the seed reproduces).
+        self.lora = lora_fields(cfg.lora)
+        self.base = str(Path(base).resolve()) if base is not None else None
         self.parts, self.optimizers = parts, optimizers
         self.device, self.layout = device, layout
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -199,7 +207,7 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
         self._barrier()
         torch.save(rng_state(self.device), tmp / "rng" / f"rank-{self.rank:05d}.pt")
-        tensors = {"model": model_state(self.parts), "optimizer": optimizer_state(self.parts, self.optimizers)}
+        tensors = {"model": self._saved_model_state(), "optimizer": optimizer_state(self.parts, self.optimizers)}
         manifest = self._manifest(state)
         import torch.distributed.checkpoint as dcp
 
@@ -291,9 +299,18 @@ class Checkpointer:
             if p.name.startswith(DELETING_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
 
+    def _saved_model_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of the model: every parameter, or a LoRA run's adapters."""
+        from loom.models.lora import is_adapter
+
+        state = model_state(self.parts)
+        return {k: v for k, v in state.items() if is_adapter(k)} if self.lora else state
+
     def _manifest(self, state: TrainState) -> dict:
         cfg = self.cfg
+        lora = {"lora": {**self.lora, "base": self.base}} if self.lora else {}
         return {
+            **lora,
             "format": FORMAT,
             "step": state.step,
             "contents": ["model", "optimizer", "train", "rng"],
@@ -316,7 +333,7 @@ class Checkpointer:
         manifest = read_manifest(path)
         check_compatible(path, manifest, self.cfg, self.model_cfg)
         self._checked(lambda: check_files(path, manifest, checksums=True, part=(self.rank, self.world)))
-        model = model_state(self.parts)
+        model = self._saved_model_state()
         tensors = {"model": model}
         if "optimizer" in manifest["contents"]:
             tensors["optimizer"] = optimizer_state(self.parts, self.optimizers)
@@ -335,6 +352,22 @@ class Checkpointer:
             return TrainState()
         return TrainState(manifest["step"], [tuple(x) for x in manifest["train_curve"]],
                           [tuple(x) for x in manifest["val_curve"]])
+
+    def load_weights(self, path: str | Path) -> None:
+        """The model weights of checkpoint `path` as this run's starting point (a base for LoRA,
+        a pretrained model to fine-tune): no optimizer state, no step, no RNG. Parameters the
+        checkpoint does not hold (LoRA's adapters) keep their initialization."""
+        import torch.distributed.checkpoint as dcp
+        from loom.models.lora import is_adapter
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        check_same_model(path, manifest, self.model_cfg)
+        self._checked(lambda: check_files(path, manifest, checksums=True, part=(self.rank, self.world)))
+        model = {k: v for k, v in model_state(self.parts).items() if not is_adapter(k)}
+        self._checked(lambda: dcp.load({"model": model}, storage_reader=safe_reader(path), planner=safe_planner(),
+                                       no_dist=not self.distributed))
+        set_model_state(self.parts, model)
 
     def _checked(self, fn) -> None:
         """Run fn on every rank; if it fails on any rank, raise the first rank's error on all of

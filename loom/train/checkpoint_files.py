@@ -120,9 +120,7 @@ def read_metadata(path: Path):
         raise CheckpointError(f"checkpoint file {meta_path} is corrupted or unsafe: {e}") from None
 
 
-def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
-    """The checkpoint holds this model's shape and, if it holds training state, this run's data
-    stream (changing the layout, the learning rate or the step count is fine)."""
+def check_same_model(path: str | Path, manifest: dict, model_cfg) -> None:
     saved, want = saved_model_fields(manifest), model_fields(model_cfg)
     for key in want:
         if saved.get(key) != want[key]:
@@ -130,6 +128,24 @@ def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
                 f"checkpoint {path} holds another model: model.{key}={saved.get(key)!r} there, "
                 f"{want[key]!r} in this config"
             )
+
+
+def lora_fields(lora) -> dict | None:
+    """What a checkpoint records of a LoRA run's adapters ([lora] section), or None without LoRA."""
+    if lora.rank == 0:
+        return None
+    return {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets}
+
+
+def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
+    """The checkpoint holds this model's shape and, if it holds training state, this run's data
+    stream and adapters (changing the layout, the learning rate or the step count is fine)."""
+    check_same_model(path, manifest, model_cfg)
+    if "lora" in manifest or lora_fields(cfg.lora) is not None and "train" in manifest["contents"]:
+        saved = {k: v for k, v in (manifest.get("lora") or {}).items() if k != "base"} or None
+        if saved != lora_fields(cfg.lora):
+            raise CheckpointError(f"checkpoint {path} was saved with LoRA adapters {saved}, this config has "
+                                  f"{lora_fields(cfg.lora)}; allowed: the [lora] settings it was saved with")
     if "train" in manifest["contents"]:
         data = manifest.get("data", {})
         for section, key in DATA_KEYS:
@@ -181,9 +197,45 @@ def check_checkpoint_files(cfg, model_cfg) -> None:
     need(not (c.dir and Path(c.dir).exists() and not Path(c.dir).is_dir()),
          f"checkpoint.dir={c.dir!r} is a file; allowed: a folder (created if missing)")
     try:
-        check_resume(cfg, model_cfg)
+        start_points(cfg, model_cfg)
     except CheckpointError as e:
         raise SettingError(str(e)) from None
+
+
+def start_points(cfg, model_cfg) -> tuple[Path | None, Path | None]:
+    """(base, resume): the checkpoint whose weights alone a run starts from, and the one whose
+    training state it continues, after checking what can be checked before any worker starts.
+
+    A LoRA checkpoint holds adapters only, and names its base: resuming it loads that base
+    first. A LoRA run given a checkpoint without adapters (checkpoint.resume or init_from) takes
+    it as its base. checkpoint.init_from applies only when there is nothing to resume."""
+    resume = check_resume(cfg, model_cfg)
+    if resume is not None:
+        manifest = read_manifest(resume)
+        if "lora" in manifest:
+            base = manifest["lora"].get("base")
+            return (check_base(base, model_cfg, f"checkpoint {resume} holds LoRA adapters of the base {base}")
+                    if base else None), resume
+        if lora_fields(cfg.lora) is not None:
+            return check_base(str(resume), model_cfg, "checkpoint.resume"), None
+        return None, resume
+    if cfg.checkpoint.init_from:
+        return check_base(cfg.checkpoint.init_from, model_cfg, "checkpoint.init_from"), None
+    return None, None
+
+
+def check_base(path: str, model_cfg, what: str) -> Path:
+    """A checkpoint of this model's whole weights, usable as a run's starting weights."""
+    try:
+        manifest = read_manifest(path)
+        check_files(path, manifest, checksums=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    if "lora" in manifest:
+        raise CheckpointError(f"{what}={path!r} holds LoRA adapters only, not a model's weights; allowed: a "
+                              f"checkpoint of the whole model (a training run's, or `loom convert --from-hf`'s)")
+    check_same_model(path, manifest, model_cfg)
+    return Path(path)
 
 
 def check_resume(cfg, model_cfg) -> Path | None:
@@ -201,7 +253,10 @@ def check_resume(cfg, model_cfg) -> Path | None:
         return None
     manifest = read_manifest(path)
     check_files(path, manifest, checksums=False)
-    check_compatible(path, manifest, cfg, model_cfg)
+    if lora_fields(cfg.lora) is not None and "lora" not in manifest:
+        check_same_model(path, manifest, model_cfg)  # a base for the adapters: its data stream is not continued
+    else:
+        check_compatible(path, manifest, cfg, model_cfg)
     return path
 
 

@@ -30,7 +30,7 @@ from loom.parallel.pipeline import sum_tied_grads, tied_copy
 from loom.parallel.dims import ParallelDims
 from loom.train.report import MetricsWriter, format_bytes, format_count, log_line, plot_losses, summary_table
 from loom.train.checkpoint import Checkpointer, TrainState
-from loom.train.checkpoint_files import CheckpointError, checkpoint_name, resume_path
+from loom.train.checkpoint_files import CheckpointError, checkpoint_name, start_points
 from loom.train.schedule import lr_at
 from loom.train.hangs import Activity
 from loom.train.signals import StoppedBySignal, StopRequests
@@ -147,12 +147,14 @@ class Trainer:
         # Signals that stop the run after a step: installed by `loom train` around train().
         self.stop_requests = StopRequests()
         self.checkpointer = None
-        resume = self._agreed(resume_path(cfg.checkpoint))
-        if cfg.checkpoint.dir or resume is not None:
+        base, resume = self._agreed(start_points(cfg, model_cfg))
+        if cfg.checkpoint.dir or resume is not None or base is not None:
             layout = {**self.dims.degrees(), "world_size": self.world_size}
             self.checkpointer = Checkpointer(cfg, model_cfg, self.parts, self.optimizers, self.device,
-                                             layout, async_save=cfg.checkpoint.async_save)
-        self.resumed_from = resume
+                                             layout, async_save=cfg.checkpoint.async_save, base=base)
+        self.resumed_from, self.started_from = resume, base
+        if base is not None:
+            self.checkpointer.load_weights(base)
         if resume is not None:
             self.state = self.checkpointer.load(resume)
         self.refresh_fp8_scales()
