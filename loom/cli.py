@@ -268,6 +268,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
             print(f"wrote loom checkpoint {path} (weights only, {sum(1 for _ in path.rglob('*.distcp'))} file(s))")
             print("train from it (any layout) with:")
             print("  loom train --model.name=" + " ".join([name, *overrides]) + f" --checkpoint.resume={path}")
+        elif args.from_peft:
+            from loom.peft import import_peft
+
+            if not args.base:
+                return fail(prog, "--from-peft needs --base, the loom checkpoint of the adapters' base model "
+                                  "(`loom convert --from-hf` of it)")
+            path, lora = import_peft(args.from_peft, args.base, args.output)
+            print(f"wrote loom LoRA checkpoint {path} (adapters only, base {args.base})")
+            print("continue training them with: loom train ... " + " ".join(f"--lora.{k}={v}" for k, v in lora.items())
+                  + f" --checkpoint.resume={path}")
+        elif args.peft:
+            from loom.peft import export_peft
+
+            folder = export_peft(args.to_hf, args.output, args.dtype)
+            print(f"wrote PEFT adapter folder {folder} (adapter_config.json, adapter_model.safetensors, {args.dtype})")
         else:
             folder, files = export_hf(args.to_hf, args.output, args.dtype, int(args.max_shard_gb * 1024**3))
             print(f"wrote Hugging Face folder {folder}: config.json and {len(files)} safetensors file(s), {args.dtype}")
@@ -421,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Hugging Face Llama (config.json + safetensors) <-> loom checkpoint.")
     way = conv.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face model folder to import")
-    way.add_argument("--to-hf", metavar="CHECKPOINT", help="a loom checkpoint folder (step-...) to export")
+    way.add_argument("--to-hf", metavar="CHECKPOINT", help="a loom checkpoint folder (step-...) to export (a LoRA "
+                                                          "checkpoint: its base with the adapters merged)")
+    way.add_argument("--from-peft", metavar="PEFT_DIR", help="a PEFT LoRA folder to import (with --base)")
+    conv.add_argument("--peft", action="store_true", help="export: a LoRA checkpoint's adapters as a PEFT folder")
+    conv.add_argument("--base", metavar="CHECKPOINT", help="--from-peft: the loom checkpoint of the base model")
     conv.add_argument("--output", required=True, help="the checkpoint (import) or folder (export) to create")
     conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                       help="export: dtype of the written weights (default bfloat16, as published)")

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from loom.models.hf import HFAdapter, HFFormatError, adapter_for, adapter_for_hf
+from loom.peft import weight_source
 from loom.models.transformer import ModelConfig, RopeScaling, build_model
 from loom.models.registry import MODELS
-from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, checkpoint_tensor_shapes,
-                                         load_model_tensors, read_manifest, save_model_weights, saved_model_fields)
+from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, read_manifest, save_model_weights,
+                                         saved_model_fields)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,7 +174,8 @@ def _config_from_manifest(fields: dict) -> ModelConfig:
 def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16",
               max_shard_bytes: int = 5 * 1024**3) -> tuple[Path, list[Path]]:
     """loom checkpoint -> Hugging Face folder `output` (config.json, safetensors shards and, if
-    more than one, model.safetensors.index.json). Returns (folder, shard files)."""
+    more than one, model.safetensors.index.json); a LoRA checkpoint's base with its adapters
+    merged (W + alpha/r B A). Returns (folder, shard files)."""
     from safetensors.torch import save_file
 
     checkpoint, output = Path(checkpoint), Path(output)
@@ -183,7 +185,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
     check_files(checkpoint, manifest, checksums=True)
     cfg = _config_from_manifest(saved_model_fields(manifest))
     adapter = adapter_for(cfg)
-    shapes = checkpoint_tensor_shapes(checkpoint)
+    source = weight_source(checkpoint, manifest, cfg)  # a LoRA checkpoint: its base, adapters merged
+    shapes = source.shapes
     names = [n for n, _ in build_model(cfg, "meta").named_parameters()]
     missing = [n for n in names if n not in shapes]
     if missing:
@@ -208,7 +211,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
     files, weight_map, total = [], {}, 0
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        loaded = load_model_tensors(checkpoint, [n for key in group for n in rules[key][0]], shapes)
+        loaded = source.read([n for key in group for n in rules[key][0]])
         out = {key: rules[key][1](*(loaded[n] for n in rules[key][0])).to(out_dtype).contiguous() for key in group}
         save_file(out, str(tmp / fname), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in out.values())

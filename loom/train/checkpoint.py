@@ -160,7 +160,7 @@ class Checkpointer:
         self.cfg, self.model_cfg = cfg, model_cfg
         # LoRA: checkpoints hold the adapters only, and name the base the run started from
         # (None: the seed's initialization, which the seed reproduces).
-        self.lora = lora_fields(cfg.lora)
+        self.lora = lora_fields(cfg.lora, model_cfg)
         self.base = str(Path(base).resolve()) if base is not None else None
         self.parts, self.optimizers = parts, optimizers
         self.device, self.layout = device, layout

@@ -130,22 +130,24 @@ def check_same_model(path: str | Path, manifest: dict, model_cfg) -> None:
             )
 
 
-def lora_fields(lora) -> dict | None:
-    """What a checkpoint records of a LoRA run's adapters ([lora] section), or None without LoRA."""
-    if lora.rank == 0:
+def lora_fields(lora, model_cfg) -> dict | None:
+    """What a checkpoint records of a LoRA run's adapters ([lora] section; targets spelled out),
+    or None without LoRA."""
+    spec = lora.spec(model_cfg)
+    if spec is None:
         return None
-    return {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets}
+    return {"rank": spec.rank, "alpha": spec.alpha, "targets": ",".join(spec.targets)}
 
 
 def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
     """The checkpoint holds this model's shape and, if it holds training state, this run's data
     stream and adapters (changing the layout, the learning rate or the step count is fine)."""
     check_same_model(path, manifest, model_cfg)
-    if "lora" in manifest or lora_fields(cfg.lora) is not None and "train" in manifest["contents"]:
+    if "lora" in manifest or lora_fields(cfg.lora, model_cfg) is not None and "train" in manifest["contents"]:
         saved = {k: v for k, v in (manifest.get("lora") or {}).items() if k != "base"} or None
-        if saved != lora_fields(cfg.lora):
+        if saved != lora_fields(cfg.lora, model_cfg):
             raise CheckpointError(f"checkpoint {path} was saved with LoRA adapters {saved}, this config has "
-                                  f"{lora_fields(cfg.lora)}; allowed: the [lora] settings it was saved with")
+                                  f"{lora_fields(cfg.lora, model_cfg)}; allowed: the [lora] settings it was saved with")
     if "train" in manifest["contents"]:
         data = manifest.get("data", {})
         for section, key in DATA_KEYS:
@@ -216,7 +218,7 @@ def start_points(cfg, model_cfg) -> tuple[Path | None, Path | None]:
             base = manifest["lora"].get("base")
             return (check_base(base, model_cfg, f"checkpoint {resume} holds LoRA adapters of the base {base}")
                     if base else None), resume
-        if lora_fields(cfg.lora) is not None:
+        if lora_fields(cfg.lora, model_cfg) is not None:
             return check_base(str(resume), model_cfg, "checkpoint.resume"), None
         return None, resume
     if cfg.checkpoint.init_from:
@@ -253,7 +255,7 @@ def check_resume(cfg, model_cfg) -> Path | None:
         return None
     manifest = read_manifest(path)
     check_files(path, manifest, checksums=False)
-    if lora_fields(cfg.lora) is not None and "lora" not in manifest:
+    if lora_fields(cfg.lora, model_cfg) is not None and "lora" not in manifest:
         check_same_model(path, manifest, model_cfg)  # a base for the adapters: its data stream is not continued
     else:
         check_compatible(path, manifest, cfg, model_cfg)
@@ -390,7 +392,7 @@ def load_model_weights(path: str | Path, model: nn.Module) -> dict:
 
 
 def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | Path, model_name: str,
-                       source: str, load=None) -> Path:
+                       source: str, load=None, extra: dict | None = None) -> Path:
     """Write a weights-only checkpoint (what `loom convert --from-hf` produces) at `path`, through
     the same temporary-folder-then-rename as training checkpoints. `tensors` maps loom parameter
     names to tensors (any float dtype: they load into the run's fp32 master weights).
@@ -413,7 +415,7 @@ def save_model_weights(tensors: dict[str, torch.Tensor], model_cfg, path: str | 
     files = {str(f.relative_to(tmp)): file_record(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     manifest = {"format": FORMAT, "step": 0, "contents": ["model"], "model": model_fields(model_cfg),
-                "model_name": model_name, "source": source, "dtype": ",".join(dtypes), "files": files}
+                "model_name": model_name, "source": source, "dtype": ",".join(dtypes), "files": files, **(extra or {})}
     publish_folder(tmp, final, manifest)
     return final
 
