@@ -222,7 +222,12 @@ def start_points(cfg, model_cfg) -> tuple[Path | None, Path | None]:
             return check_base(str(resume), model_cfg, "checkpoint.resume"), None
         return None, resume
     if cfg.checkpoint.init_from:
-        return check_base(cfg.checkpoint.init_from, model_cfg, "checkpoint.init_from"), None
+        path = cfg.checkpoint.init_from
+        from loom.train.builtin_base import BUILTIN_BASE, builtin_base
+
+        if path == BUILTIN_BASE:  # built by the first process that asks: `loom train` before its workers
+            path = str(builtin_base())
+        return check_base(path, model_cfg, "checkpoint.init_from"), None
     return None, None
 
 

@@ -29,7 +29,7 @@ from loom.models.transformer import build_model
 from loom.parallel.apply import parallelize
 from loom.parallel.dims import ParallelDims
 from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
-from loom.parallel.init import local_shard_bytes
+from loom.parallel.init import local_shard, local_shard_bytes
 from loom.train.settings import DTYPES
 
 FSDP_AXES = ("dp_shard_cp", "dp_replicate", "expert_fsdp")  # the mesh axes FSDP shards over
@@ -132,10 +132,12 @@ def gathered_bytes(modules: list[nn.Module], dims: ParallelDims, zero: int, comp
 def state_bytes(modules: list[nn.Module], dims: ParallelDims, parallel) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer states) of this rank, in bytes."""
     params = local_shard_bytes(modules)
-    grads = params
+    # Gradients and AdamW moments exist for trainable parameters only (LoRA: the adapters).
+    trained = sum(4 * local_shard(p).numel() for m in modules for p in m.parameters() if p.requires_grad)
+    grads = trained
     if dims.dp * dims.cp > 1 and accumulates_unsharded_grads(parallel.zero, dims.pp, parallel.pp_schedule):
-        grads += sum(4 * _gathered_numel(p) for m in modules for p in m.parameters())
-    return params, grads, 2 * params
+        grads += sum(4 * _gathered_numel(p) for m in modules for p in m.parameters() if p.requires_grad)
+    return params, grads, 2 * trained
 
 
 def _stage_inputs(module: nn.Module, model_cfg, cfg, dims: ParallelDims) -> tuple[torch.Tensor, dict]:
@@ -240,8 +242,13 @@ def measure_rank(cfg, model_cfg, dims: ParallelDims, kind: str, rank: int, trace
     compute = DTYPES[cfg.train.dtype]
     with fake_process_group(rank, dims.world_size):
         mesh = dims.build_mesh("cpu")
-        modules, stage_ids = parallelize(build_model(model_cfg, "meta"), dims, mesh, cfg.parallel,
-                                         cfg.train.recompute, compute)
+        model = build_model(model_cfg, "meta")
+        lora = cfg.lora.spec(model_cfg)
+        if lora is not None:
+            from loom.models.lora import apply_lora
+
+            apply_lora(model, lora)
+        modules, stage_ids = parallelize(model, dims, mesh, cfg.parallel, cfg.train.recompute, compute)
         with FakeTensorMode(allow_non_fake_inputs=True):
             for module in modules:
                 module.to_empty(device="cpu")

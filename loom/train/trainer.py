@@ -631,6 +631,14 @@ class Trainer:
                     writer=writer, bar=bar, layout={**self.dims.degrees(), "world_size": self.world_size},
                     started=time.perf_counter())
 
+    def trainable_params(self) -> int:
+        """Parameters that train (all of them, or LoRA's adapters), counted from the model config."""
+        if self.lora is None:
+            return param_counts(self.model_cfg).total
+        from loom.metrics.flops import adapter_params
+
+        return adapter_params(self.model_cfg, self.lora)
+
     def attention_len(self) -> float:
         """The sequence length attention FLOPs are counted at: train.seq_len, or for packed
         examples the length whose attention costs what theirs does (loom.data.packing)."""
@@ -711,6 +719,8 @@ class Trainer:
         summary = {
             "model": cfg.model.name,
             "params": pc.total,
+            "trainable_params": self.trainable_params(),
+            "packing_efficiency": self.train_data.efficiency if self.sft else None,
             "layout": run.layout,
             "steps": last,
             "tokens": last * self.tokens_per_step,
@@ -766,14 +776,19 @@ class _Run:
 def format_summary(s: dict, jsonl: str, plot: str) -> str:
     layout = " x ".join(f"{k}={v}" for k, v in s["layout"].items() if k != "world_size" and v > 1) or "single process"
     items = [
-        ("model", f"{s['model']} ({format_count(s['params'])} params)"),
+        ("model", f"{s['model']} ({format_count(s['params'])} params"
+                  + (f", {format_count(s['trainable_params'])} = {100 * s['trainable_params'] / s['params']:.2f}% "
+                     f"trainable)" if s.get("trainable_params", s["params"]) != s["params"] else ")")),
         ("layout", f"{layout} ({s['layout']['world_size']} rank(s), {s['device']}, {s['dtype']})"),
         ("steps / tokens", f"{s['steps']} / {format_count(s['tokens'])}"),
         ("wall time", f"{s['wall_time_s']:.1f} s"
                       + (f" (resumed from {s['resumed_from']})" if s.get("resumed_from") else "")),
         ("train loss", f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}"
                        + (f" ({s['skipped_steps']} non-finite steps skipped)" if s.get("skipped_steps") else "")),
-        ("validation loss", f"{s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}"),
+        ("validation loss", f"{s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}"
+                            + (" (answer tokens)" if s.get("packing_efficiency") is not None else "")),
+        *([("packing", f"{100 * s['packing_efficiency']:.1f}% of the slots hold example tokens")]
+          if s.get("packing_efficiency") is not None else []),
         ("tokens/s (global)", f"{s['tokens_per_s']:,.0f}"),
         ("tokens/s per device", f"{s['tokens_per_s_per_device']:,.0f}"),
         ("model TFLOP/s per device", f"{s['tflops_per_device']:.4f} ({s['flops_convention']} convention)"),
