@@ -184,6 +184,7 @@ class LoRASection:
     alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapters' input
     targets: str = "all"  # 'all' or a comma-separated list of q, k, v, o, gate, up, down
+    base_dtype: str = "float32"  # 'bfloat16' holds the blocks' frozen projections in bf16 (train.dtype bfloat16)
 
     def spec(self, model: ModelConfig):
         """The LoRASpec of this section for `model`, or None without LoRA (validated first)."""
@@ -191,8 +192,8 @@ class LoRASection:
 
         if self.rank == 0:
             return None
-        return LoRASpec(self.rank, self.alpha, self.dropout, parse_targets(self.targets, model.gated,
-                                                                           bool(model.moe_experts)))
+        return LoRASpec(self.rank, self.alpha, self.dropout,
+                        parse_targets(self.targets, model.gated, bool(model.moe_experts)), self.base_dtype == "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,12 @@ def check_lora(lora: LoRASection, model: ModelConfig, train, parallel) -> None:
         parse_targets(lora.targets, model.gated, bool(model.moe_experts))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from loom.settings import one_of
+
+    one_of("lora.base_dtype", lora.base_dtype, ("float32", "bfloat16"))
+    need(lora.base_dtype == "float32" or train.dtype == "bfloat16",
+         f"lora.base_dtype='bfloat16' needs train.dtype='bfloat16' (the frozen weights then enter bf16 products "
+         f"only), not {train.dtype!r}; allowed with float32: lora.base_dtype='float32'")
     need(train.fp8 == "none", f"train.fp8={train.fp8!r} does not combine with LoRA (lora.rank={lora.rank}) yet; "
                               f"allowed with LoRA: train.fp8='none'")
     need(parallel.pp_schedule != "zero-bubble" or parallel.pp == 1,

@@ -69,7 +69,7 @@ def init_checksums(trainer) -> dict:
     crcs = {}
     for name, p in trainer.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        crcs[name] = zlib.crc32(full.detach().cpu().contiguous().numpy().tobytes())
+        crcs[name] = zlib.crc32(full.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     if trainer.pp:
         import torch.distributed as dist
 

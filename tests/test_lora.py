@@ -80,6 +80,25 @@ def test_lora_resume_continues_exactly_and_needs_its_base(sft_dataset, base, tmp
         shutil.copytree(moved, base)
 
 
+def test_base_held_in_bf16_changes_no_number(sft_dataset, base, tmp_path):
+    """lora.base_dtype='bfloat16' under bf16 autocast: the same losses bit for bit (autocast rounds
+    the fp32 base so before every product), with the blocks' projections stored in bf16."""
+    from loom.config import load_config, validate
+    from loom.train.trainer import Trainer
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        args = sft(sft_dataset, tmp_path / dtype, "--train.steps=3", "--lora.rank=4", "--train.dtype=bfloat16",
+                   f"--lora.base_dtype={dtype}", f"--checkpoint.init_from={base}")[1:]
+        cfg = load_config(None, [a for a in args if a != "--quiet"])
+        trainer = Trainer(cfg, validate(cfg), progress=False)
+        losses[dtype] = [trainer.train_step(trainer.micro_batches(step), 1e-2)[0] for step in range(3)]
+        held = {n: p.dtype for n, p in trainer.named_parameters()}
+    assert losses["bfloat16"] == losses["float32"]
+    assert held["layers.0.attention.wq.weight"] == torch.bfloat16 and held["layers.0.attention.wq.lora_a"] == torch.float32
+    assert held["tok_embeddings.weight"] == held["layers.0.attention_norm.weight"] == torch.float32
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--lora.rank=0", "--lora.alpha=8"], ["lora.rank=0", "lora.alpha=8.0"]),
     (["--lora.rank=-1"], ["lora.rank=-1", "positive"]),
@@ -87,6 +106,7 @@ def test_lora_resume_continues_exactly_and_needs_its_base(sft_dataset, base, tmp
     (["--lora.rank=4", "--lora.dropout=1.0"], ["lora.dropout=1.0"]),
     (["--lora.rank=4", "--model.name=tiny-gpt3", "--lora.targets=gate"], ["gate", "allowed: 'all'"]),
     (["--lora.rank=4", "--train.dtype=bfloat16", "--train.fp8=tensorwise"], ["train.fp8", "LoRA"]),
+    (["--lora.rank=4", "--lora.base_dtype=bfloat16"], ["lora.base_dtype='bfloat16'", "train.dtype='bfloat16'"]),
 ])
 def test_bad_lora_settings_are_one_line(sft_dataset, tmp_path, capsys, extra, words):
     assert main(sft(sft_dataset, tmp_path, *extra)) == 2

@@ -200,7 +200,7 @@ LAYOUTS[2].update({
     "lora_cp2_p2p": ["--parallel.cp=2", "--parallel.dp_shard=1", *LORA],
 })
 LAYOUTS[4]["lora_dp_shard2_tp2_bf16_full_recompute"] = ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.dtype=bfloat16",
-                                                        "--train.recompute=full", *LORA]
+                                                        "--train.recompute=full", "--lora.base_dtype=bfloat16", *LORA]
 LAYOUTS[8]["lora_dp_shard2_tp2_pp2"] = ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.pp=2", *LORA]
 
 

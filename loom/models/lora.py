@@ -5,6 +5,9 @@ A target projection y = x W^T + b [.., out] becomes
 
     y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T       A [rank, in], B [out, rank]
 
+`[lora] base_dtype = "bfloat16"` (with train.dtype bfloat16) holds the blocks' frozen projection
+weights in bf16, halving the base's memory without changing a number (autocast rounds them so).
+
 A starts as Kaiming's normal (fan in, std in^-1/2), B as zeros, so training starts from the base
 model exactly. Every other parameter (the projections' W and b, embeddings, norms, the output
 layer) is frozen: no gradient, no optimizer state. Parameter names are the base model's plus
@@ -43,6 +46,7 @@ class LoRASpec:
     alpha: float
     dropout: float
     targets: tuple[str, ...]  # of TARGETS
+    base_bf16: bool = False  # the blocks' frozen projection weights held in bf16 (under bf16 autocast)
 
     @property
     def scaling(self) -> float:
@@ -115,7 +119,19 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> list[str]:
             if isinstance(base, nn.Linear):
                 setattr(parent, leaf, _with_adapter(base, spec))
                 adapted.append(f"layers.{block_name}.{path}")
+    if spec.base_bf16:
+        hold_projections_in_bf16(model)
     return adapted
+
+
+def hold_projections_in_bf16(model: nn.Module) -> None:
+    """The blocks' frozen projection weights in bf16: half their memory, and the same numbers a
+    bf16 autocast run computes with (it rounds them to bf16 before every product anyway). Norms,
+    embeddings and the output layer keep fp32, so the residual stream stays fp32."""
+    for block in model.layers.values():
+        for module in block.modules():
+            if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+                module.weight = nn.Parameter(module.weight.to(torch.bfloat16), requires_grad=False)
 
 
 def is_adapter(name: str) -> bool:
