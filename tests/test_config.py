@@ -135,7 +135,8 @@ def test_precedence_defaults_file_cli(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu.toml", "llama2_7b.toml", "llama3_8b.toml", "llama3_70b.toml",
-                                  "llama31_8b_128k.toml"])
+                                  "llama31_8b_128k.toml", "tiny_sft.toml", "tiny_lora.toml", "llama2_7b_sft.toml",
+                                  "llama2_7b_lora.toml"])
 def test_shipped_configs_load(name):
     import dataclasses
     from pathlib import Path
@@ -148,6 +149,10 @@ def test_shipped_configs_load(name):
     if name == "tiny_cpu.toml":
         assert cfg == Config()  # the file spells out the embedded default
         validate(cfg)
+    elif "sft" in name or "lora" in name:  # fine-tuning: packed examples from a base checkpoint
+        assert cfg.data.format == "sft" and cfg.checkpoint.init_from
+        assert (cfg.lora.rank > 0) == ("lora" in name)
+        validate(cfg, None if "tiny" in name else 8, check_files=False)  # not the base: it is not here
     else:
         assert cfg.train.seq_len == (131072 if "128k" in name else 8192)
         # The GPU recipes' layouts are valid (their corpus is not here: check with the builtin one).

@@ -127,3 +127,22 @@ def test_dry_run_traces_expert_parallelism_and_gathers_only_local_experts():
     experts = 2 * 8 * 3 * 4096 * 14336  # 2 layers of 8 experts, not tensor-parallel
     assert rows[1].gathered - rows[8].gathered == pytest.approx(2 * experts * 7 / 8, rel=1e-6)  # bf16
     assert rows[8].parameters == rows[1].parameters  # both sharded over dp_shard x cp = 32 ranks
+
+
+def test_lora_holds_gradients_and_adamw_states_of_its_adapters_only():
+    """The LoRA recipe's real layout (8 ranks of FSDP): gradients and AdamW moments are the
+    adapters' 80M parameters (fp32, sharded 8 ways), against 6.7B in the SFT recipe."""
+    from loom.metrics.flops import adapter_params
+
+    reports = {}
+    for recipe in ("llama2_7b_sft.toml", "llama2_7b_lora.toml"):
+        cfg = load_config(str(ROOT / "configs" / recipe), [])
+        model_cfg = validate(cfg, 8, check_files=False)
+        reports[recipe] = dry_run(cfg, model_cfg, 8, trace=False).rows[0]
+        if "lora" in recipe:
+            adapters = adapter_params(model_cfg, cfg.lora.spec(model_cfg))
+    lora, sft = reports["llama2_7b_lora.toml"], reports["llama2_7b_sft.toml"]
+    assert lora.gradients == pytest.approx(4 * adapters / 8, rel=0.01)
+    assert lora.optimizer == pytest.approx(8 * adapters / 8, rel=0.01)
+    assert sft.optimizer > 50 * lora.optimizer
+    assert lora.parameters == pytest.approx(sft.parameters + 4 * adapters / 8, rel=0.01)

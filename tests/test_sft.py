@@ -169,3 +169,44 @@ def test_packed_sequences_keep_examples_apart(tmp_path, text_corpus):
     assert sorted(seen) == list(range(len(examples)))
     batch = packed.batch(np.arange(packed.n_sequences))
     assert batch.inputs.shape == batch.labels.shape == batch.documents.shape == (packed.n_sequences, 128)
+
+
+def test_builtin_fine_tuning_set_asks_about_the_stdlib(tmp_path, monkeypatch):
+    """builtin:python-stdlib-sft: a question per documented public function, class or method,
+    answered by its docstring's first line, read with ast (nothing imported), cached."""
+    from loom.data import builtin_sft, stdlib
+    from loom.data.builtin_sft import builtin_sft_dataset, module_examples
+
+    source = '''
+def shown(a, b, *rest, key=None):
+    """Return the thing.
+
+    More text that is not the answer."""
+
+def _private():
+    """Never asked about."""
+
+class Box:
+    """A box of things."""
+    def open(self, how):
+        """Open the box."""
+'''
+    assert module_examples("pkg.mod", source) == [
+        {"input": "What does pkg.mod.shown(a, b, *rest, ...) do?", "output": "Return the thing."},
+        {"input": "What does the class pkg.mod.Box do?", "output": "A box of things."},
+        {"input": "What does pkg.mod.Box.open(how) do?", "output": "Open the box."},
+    ]
+    files = stdlib.stdlib_files()[1]
+    few = (files[0].parent, [p for p in files if p.name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py",
+                                                            "bisect.py", "heapq.py", "colorsys.py")])
+    monkeypatch.setattr(stdlib, "stdlib_files", lambda: few)
+    monkeypatch.setattr(builtin_sft, "stdlib_files", lambda: few)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = builtin_sft_dataset(progress=False)
+    meta, examples = read_split(path)
+    assert meta["format"] == "sft" and len(examples) > 20
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    prompts = [tok.decode(ids[~m].tolist()) for ids, m in examples]
+    assert all(p.startswith("What does ") and p.endswith(" do?\n") for p in prompts)
+    assert any("textwrap.dedent(text) do?" in p for p in prompts)
+    assert builtin_sft_dataset(progress=False) == path  # cached
