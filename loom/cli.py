@@ -197,7 +197,8 @@ def prepare_sft_command(args: argparse.Namespace) -> int:
                        f"{sp[s]['answer_tokens']:,} carrying loss, longest {sp[s]['max_example']:,})"
                        for s, name in (("train", "train"), ("val", "validation")))
     print(f"wrote {args.output}: {counts}; {meta['truncated']} truncated, {meta['dropped']} dropped "
-          f"(no answer left after truncation); vocabulary {meta['vocab_size']:,}")
+          f"(no answer left after truncation); vocabulary {meta['vocab_size']:,}; messages formatted by "
+          f"{'the chat template of ' + meta['chat_template'] if meta['chat_template'] != 'plain' else 'the plain template'}")
     return 0
 
 

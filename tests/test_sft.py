@@ -210,3 +210,37 @@ class Box:
     assert all(p.startswith("What does ") and p.endswith(" do?\n") for p in prompts)
     assert any("textwrap.dedent(text) do?" in p for p in prompts)
     assert builtin_sft_dataset(progress=False) == path  # cached
+
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}")
+
+
+def test_a_tokenizers_chat_template_formats_messages(tmp_path, text_corpus, capsys):
+    """tokenizer_config.json's chat_template (Jinja) formats the messages; its assistant contents
+    and end-of-turn markers carry the loss, everything else (BOS, headers, user turns) does not."""
+    import shutil
+
+    _, tok, _ = text_corpus
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(tok, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_TEMPLATE, "bos_token": "<s>"}))
+    src = write_jsonl(tmp_path / "chat.jsonl", [EXAMPLES[1]])
+    assert main(["prepare", "--format", "sft", "--input", str(src), "--tokenizer", str(folder / "tokenizer.json"),
+                 "--output", str(tmp_path / "sft"), "--val-fraction", "0", "--seq-len", "256"]) == 0
+    assert "chat template of" in capsys.readouterr().out
+    _, [(ids, mask)] = read_split(tmp_path / "sft")
+    decoder = Tokenizer.from_file(str(tmp_path / "sft" / "tokenizer.json"))
+    assert decoder.decode(ids[~mask].tolist()) == (
+        "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nWhat is abs?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert decoder.decode(ids[mask].tolist()).startswith("Absolute value.<|eot_id|>")
+
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{{ messages[-1]['content'] }}"}))  # renders only the last message: not cuttable
+    assert main(["prepare", "--format", "sft", "--input", str(src), "--tokenizer", str(folder / "tokenizer.json"),
+                 "--output", str(tmp_path / "sft2"), "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chat.jsonl:1" in err and "rewrites the text before it" in err
+    assert not (tmp_path / "sft2").exists()

@@ -10,8 +10,9 @@ Templates (text before tokenization; the answer is what carries loss):
                    messages' text (after its role header) and their end marker are the
                    answer, everything else (system, user, the headers) the prompt; EOS ends
                    the example (and carries loss where the last message is the assistant's).
-A tokenizer_config.json's own chat template is not used yet (it is Jinja and wants the
-message spans back): the plain template above applies to every tokenizer.
+Where a tokenizer_config.json beside the tokenizer has a `chat_template`, messages are formatted
+with it instead (loom.data.chat_template), its assistant contents and end-of-turn markers the
+answer; the plain template applies to every other tokenizer.
 
 A prepared SFT dataset is a folder:
     meta.json           {"format": "sft", "vocab_size", "dtype", "eos_id", "seq_len",
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loom.data.chat_template import find_chat_template
 from loom.data.prepare import PrepareError, atomic_folder, find_eos, is_validation, open_inputs, token_dtype
 from loom.files import file_record
 
@@ -40,23 +42,27 @@ CHAT_ROLES = ("system", "user", "assistant")
 ON_LONG = ("refuse", "truncate")
 
 
-def example_segments(record, where: str) -> list[tuple[str, bool]]:
+def example_segments(record, where: str, chat=None) -> list[tuple[str, bool]]:
     """(text, carries loss) pieces of one JSONL record, in order; `where` names it (file:line)
-    in the one-line error a malformed record gets."""
+    in the one-line error a malformed record gets. chat: the tokenizer's own chat template
+    (loom.data.chat_template), which formats messages in place of CHAT_TEMPLATE."""
     if isinstance(record, dict) and "input" in record and "output" in record:
         if not isinstance(record["input"], str) or not isinstance(record["output"], str):
             raise PrepareError(f"{where}: 'input' and 'output' must be strings")
         return [(PROMPT_TEMPLATE.format(input=record["input"]), False), (record["output"], True)]
     if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
-        pieces = []
         for i, m in enumerate(record["messages"]):
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
                 raise PrepareError(f"{where}: messages[{i}] must be {{'role': one of {', '.join(CHAT_ROLES)}, "
                                    f"'content': a string}}")
-            header, body = CHAT_TEMPLATE.format(role=m["role"], content="\0").split("\0")
-            pieces += [(header, False), (m["content"] + body, m["role"] == "assistant")]
         if not any(m["role"] == "assistant" for m in record["messages"]):
             raise PrepareError(f"{where}: no assistant message, so nothing to learn from")
+        if chat is not None:
+            return chat.segments([{"role": m["role"], "content": m["content"]} for m in record["messages"]], where)
+        pieces = []
+        for m in record["messages"]:
+            header, body = CHAT_TEMPLATE.format(role=m["role"], content="\0").split("\0")
+            pieces += [(header, False), (m["content"] + body, m["role"] == "assistant")]
         return pieces
     raise PrepareError(f"{where} is neither {{'input', 'output'}} nor {{'messages': [...]}}")
 
@@ -123,17 +129,19 @@ def prepare_sft(input_path: str | Path, tokenizer_path: str | Path, output: str 
     tokenizer = open_inputs(input_path, tokenizer_path, output, val_fraction)
     files = sorted(input_path.rglob("*.jsonl")) if input_path.is_dir() else [input_path]
     _check_sft_options(input_path, files, seq_len, on_long)
+    chat = find_chat_template(tokenizer_path)
     eos = find_eos(tokenizer)
     vocab = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab)
     with atomic_folder(output) as tmp:
         writers = {s: SplitWriter(tmp, s, dtype) for s in ("train", "val")}
         truncated, dropped = _write_examples(files, input_path, tokenizer, eos, seq_len, val_fraction, on_long,
-                                             train_on_all, writers)
+                                             train_on_all, writers, chat)
         splits = {s: w.close() for s, w in writers.items()}
         tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"format": "sft", "vocab_size": vocab, "dtype": np.dtype(dtype).name, "eos_id": eos,
                 "seq_len": seq_len, "train_on_all": train_on_all, "val_fraction": val_fraction,
+                "chat_template": chat.where if chat is not None else "plain",
                 "source": str(input_path), "truncated": truncated, "dropped": dropped, "splits": splits,
                 "files": {f.format(s): file_record(tmp / f.format(s)) for s in ("train", "val") for f in SFT_FILES}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -150,7 +158,7 @@ def _check_sft_options(input_path: Path, files: list[Path], seq_len: int, on_lon
 
 
 def _write_examples(files: list[Path], root: Path, tokenizer, eos: int, seq_len: int, val_fraction: float,
-                    on_long: str, train_on_all: bool, writers: dict) -> tuple[int, int]:
+                    on_long: str, train_on_all: bool, writers: dict, chat=None) -> tuple[int, int]:
     """Every example of `files` into its split's writer; returns how many were truncated and how
     many dropped (truncation left no answer token to learn from)."""
     truncated = dropped = 0
@@ -165,7 +173,7 @@ def _write_examples(files: list[Path], root: Path, tokenizer, eos: int, seq_len:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{where} is not JSON ({e.msg})") from None
-                ids, mask = encode_example(tokenizer, example_segments(record, where), eos, train_on_all)
+                ids, mask = encode_example(tokenizer, example_segments(record, where, chat), eos, train_on_all)
                 if len(ids) > seq_len + 1:
                     if on_long == "refuse":
                         raise PrepareError(f"{where}: the example is {len(ids)} tokens, longer than --seq-len={seq_len} "
