@@ -278,6 +278,8 @@ def test_parallel_layouts_match_single_process(world, dataset, sft_dataset, refe
             continue
         for grads in ("grads", "grads_after"):
             assert got[grads].keys() == ref[grads].keys(), name
+            if not ref[grads]:  # grads_after: LoRA cases only
+                continue
             if grads == "grads_after" and bf16:
                 # After AdamW steps on bf16 gradients (measured: 1.1e-2 on one tensor, 3e-3 whole).
                 assert relative_error(got[grads], ref[grads]) < rel, (name, relative_error(got[grads], ref[grads]))
