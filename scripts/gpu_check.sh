@@ -6,7 +6,7 @@
 #      the three gradients, causal, bidirectional and packed documents, bf16 and fp32;
 #   3. the MoE experts' grouped GEMMs against a loop, at Mixtral 8x7B's expert shape, bf16;
 #   4. one short training run in every dtype (fp32, bf16, FP8 tensorwise and rowwise) of Llama 3
-#      8B's shape cut to 2 layers, seq 8192;
+#      8B's shape cut to 2 layers, seq 8192, and one of LoRA on packed fine-tuning examples;
 #   5. bf16 and FP8 (tensorwise) throughput of Llama 3 8B's shape cut to 8 layers at seq 8192:
 #      median tokens/s, model TFLOP/s and MFU of steps 3 onward, peak memory, and the planner's
 #      predicted memory for the same layout beside it; Mixtral 8x7B cut to 2 layers in bf16;
@@ -89,6 +89,11 @@ for dtype in float32 bfloat16 fp8_tensorwise fp8_rowwise; do
   train_check "step_$dtype" 90 "${SHORT[@]}" "${args[@]}" --train.global_batch=1 --train.steps=2 \
     --train.recompute=full
 done
+# Fine-tuning: LoRA (bf16 base) on packed examples of the builtin instruction set.
+check step_lora_sft 120 $PY -m loom train --quiet --train.device="$DEVICE" --parallel.dp_shard=1 --parallel.pp=1 \
+  "${SHORT[@]}" --train.dtype=bfloat16 --lora.rank=16 --lora.base_dtype=bfloat16 --data.format=sft \
+  --data.path=builtin:python-stdlib-sft --train.seq_len="$SEQ" --train.micro_batch=1 --train.global_batch=1 \
+  --train.steps=2 --train.eval_every=0 --metrics.plot= --metrics.jsonl="$OUT_DIR/step_lora_sft.jsonl"
 train_check llama3_8b_8_layers_bf16 200 "${LLAMA[@]}" --train.dtype=bfloat16 --train.global_batch=4 \
   --train.steps="$STEPS" --train.recompute=selective
 train_check llama3_8b_8_layers_fp8 200 "${LLAMA[@]}" --train.dtype=bfloat16 --train.fp8=tensorwise \

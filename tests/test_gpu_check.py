@@ -18,7 +18,7 @@ def test_gpu_check_parses_and_its_cpu_smoke_mode_passes(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     table = (tmp_path / "table.txt").read_text()
     checks = ["device", "attention", "grouped_gemm", "step_float32", "step_bfloat16", "step_fp8_tensorwise",
-              "step_fp8_rowwise", "llama3_8b_8_layers_bf16", "llama3_8b_8_layers_fp8", "mixtral_8x7b_2_layers"]
+              "step_fp8_rowwise", "step_lora_sft", "llama3_8b_8_layers_bf16", "llama3_8b_8_layers_fp8", "mixtral_8x7b_2_layers"]
     rows = [line.split() for line in table.splitlines() if not line.startswith(" ")]
     assert [(row[0], row[1]) for row in rows] == [(name, "ok") for name in checks]
     assert "FP8 emulated in these matmuls" in table and "planned" in table
