@@ -107,8 +107,10 @@ def test_base_held_in_bf16_changes_no_number(sft_dataset, base, tmp_path):
     (["--lora.rank=4", "--model.name=tiny-gpt3", "--lora.targets=gate"], ["gate", "allowed: 'all'"]),
     (["--lora.rank=4", "--train.dtype=bfloat16", "--train.fp8=tensorwise"], ["train.fp8", "LoRA"]),
     (["--lora.rank=4", "--lora.base_dtype=bfloat16"], ["lora.base_dtype='bfloat16'", "train.dtype='bfloat16'"]),
+    (["--lora.rank=4", "CK_OF_BASE"], ["holds checkpoints of a whole model", "checkpoint.init_from="]),
 ])
-def test_bad_lora_settings_are_one_line(sft_dataset, tmp_path, capsys, extra, words):
+def test_bad_lora_settings_are_one_line(sft_dataset, base, tmp_path, capsys, extra, words):
+    extra = [f"--checkpoint.dir={base.parent}" if a == "CK_OF_BASE" else a for a in extra]
     assert main(sft(sft_dataset, tmp_path, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err

@@ -219,6 +219,11 @@ def start_points(cfg, model_cfg) -> tuple[Path | None, Path | None]:
             return (check_base(base, model_cfg, f"checkpoint {resume} holds LoRA adapters of the base {base}")
                     if base else None), resume
         if lora_fields(cfg.lora, model_cfg) is not None:
+            if cfg.checkpoint.resume == "auto":  # a LoRA run's own checkpoints hold adapters
+                raise CheckpointError(
+                    f"checkpoint.dir={cfg.checkpoint.dir!r} holds checkpoints of a whole model ({resume.name}), which "
+                    f"a LoRA run cannot continue; allowed: another checkpoint.dir for the adapters, with "
+                    f"checkpoint.init_from={str(resume)!r} to start from those weights")
             return check_base(str(resume), model_cfg, "checkpoint.resume"), None
         return None, resume
     if cfg.checkpoint.init_from:
