@@ -168,3 +168,18 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
     assert {f.name: f.read_bytes() for f in beyond.iterdir()} == before
     assert main(["prepare", "--verify", str(good)]) == 0
     assert "sizes and checksums as prepared" in capsys.readouterr().out
+
+
+def test_packed_documents_count_attention_per_document(dataset):
+    """With data.pack_documents, attention FLOPs are counted per document: the attention length
+    is the mean over windows of the squared lengths of the documents' pieces in each, over seq_len."""
+    from loom.data.dataset import TokenDataset
+
+    d = TokenDataset(dataset, "train", 32)
+    per_window = []
+    for i in range(d.n_sequences):
+        documents = d.batch(np.array([i]), documents=True).documents[0].numpy()
+        _, counts = np.unique(documents, return_counts=True)
+        per_window.append((counts.astype(float) ** 2).sum())
+    assert d.attention_len == pytest.approx(np.mean(per_window) / 32, rel=1e-12)
+    assert 0 < d.attention_len < 32

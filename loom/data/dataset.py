@@ -79,6 +79,18 @@ class TokenDataset:
                 f"({len(self.tokens)} tokens)"
             )
 
+    @property
+    def attention_len(self) -> float:
+        """With packed documents, the sequence length whose full attention costs what the
+        documents' attention costs, per token on average over the split's windows: the mean
+        over windows of sum(piece lengths^2) / seq_len, a document cut by a window's edge
+        counting as its pieces (what attention sees). Megatron's count for packed batches."""
+        s, n = self.seq_len, self.n_sequences
+        edges = np.union1d(np.clip(self.doc_starts, 0, n * s), np.arange(0, n * s + 1, s))
+        pieces = np.diff(edges).astype(np.float64)
+        window = edges[:-1] // s
+        return float(np.bincount(window, weights=pieces**2, minlength=n).mean()) / s
+
     def sequences(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """indices [N] -> (inputs [N, S], labels [N, S]) int64."""
         s = self.seq_len

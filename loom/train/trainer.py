@@ -641,8 +641,9 @@ class Trainer:
 
     def attention_len(self) -> float:
         """The sequence length attention FLOPs are counted at: train.seq_len, or for packed
-        examples the length whose attention costs what theirs does (loom.data.packing)."""
-        return self.train_data.attention_len if self.sft else self.cfg.train.seq_len
+        examples or documents the length whose attention costs what theirs does."""
+        packed = self.sft or self.cfg.data.pack_documents
+        return self.train_data.attention_len if packed else self.cfg.train.seq_len
 
     def frozen_flops(self) -> dict:
         """flops_per_token's keywords for LoRA: its adapters, and no weight gradients of frozen matrices."""
