@@ -356,8 +356,8 @@ def check_lora(lora: LoRASection, model: ModelConfig, train, parallel) -> None:
     need(train.fp8 == "none", f"train.fp8={train.fp8!r} does not combine with LoRA (lora.rank={lora.rank}) yet; "
                               f"allowed with LoRA: train.fp8='none'")
     need(parallel.pp_schedule != "zero-bubble" or parallel.pp == 1,
-         f"parallel.pp_schedule='zero-bubble' splits the backward by weights, which LoRA's frozen base does not "
-         f"have; allowed with LoRA: 1f1b, interleaved-1f1b, gpipe")
+         "parallel.pp_schedule='zero-bubble' splits the backward by weights, which LoRA's frozen base does not "
+         "have; allowed with LoRA: 1f1b, interleaved-1f1b, gpipe")
 
 
 def validate_files(cfg: Config, model: ModelConfig) -> None:

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-from loom.models.hf import HFAdapter, HFFormatError, adapter_for, adapter_for_hf
-from loom.peft import weight_source
-from loom.models.transformer import ModelConfig, RopeScaling, build_model
+from loom.models.hf import EXPORT_DTYPES, HFAdapter, HFFormatError, adapter_for, adapter_for_hf
 from loom.models.registry import MODELS
+from loom.models.transformer import ModelConfig, build_model
+from loom.peft import weight_source
 from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, read_manifest, save_model_weights,
-                                         saved_model_fields)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+                                         saved_model_config)
 
 
 def model_config_overrides(cfg: ModelConfig) -> tuple[str, list[str]]:
@@ -164,13 +162,6 @@ def import_hf(folder: str | Path, output: str | Path) -> tuple[Path, ModelConfig
     return path, cfg
 
 
-def _config_from_manifest(fields: dict) -> ModelConfig:
-    fields = dict(fields)
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    return ModelConfig(**fields)
-
-
 def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16",
               max_shard_bytes: int = 5 * 1024**3) -> tuple[Path, list[Path]]:
     """loom checkpoint -> Hugging Face folder `output` (config.json, safetensors shards and, if
@@ -183,7 +174,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
         raise HFFormatError(f"--output {output} exists and is not empty; nothing was overwritten")
     manifest = read_manifest(checkpoint)
     check_files(checkpoint, manifest, checksums=True)
-    cfg = _config_from_manifest(saved_model_fields(manifest))
+    cfg = saved_model_config(manifest)
     adapter = adapter_for(cfg)
     source = weight_source(checkpoint, manifest, cfg)  # a LoRA checkpoint: its base, adapters merged
     shapes = source.shapes
@@ -191,7 +182,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bfloat16
     missing = [n for n in names if n not in shapes]
     if missing:
         raise CheckpointError(f"checkpoint {checkpoint} has no tensor model.{missing[0]}")
-    out_dtype = DTYPES[dtype]
+    out_dtype = EXPORT_DTYPES[dtype]
     item = torch.empty((), dtype=out_dtype).element_size()
     rules = adapter.export_rules(cfg)
 

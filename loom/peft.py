@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from loom.models.hf import HFFormatError, adapter_for
+from loom.models.hf import EXPORT_DTYPES, HFFormatError, adapter_for
 from loom.models.lora import is_adapter, merged_weight
 from loom.models.transformer import ModelConfig
-from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_files, check_same_model,
+from loom.train.checkpoint_files import (TMP_PREFIX, CheckpointError, check_base, check_files,
                                          checkpoint_tensor_shapes, load_model_tensors, read_manifest,
-                                         save_model_weights)
+                                         save_model_weights, saved_model_config)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -67,10 +67,7 @@ def lora_base(checkpoint: Path, manifest: dict, model_cfg: ModelConfig) -> Path:
     if not base:
         raise CheckpointError(f"checkpoint {checkpoint} holds LoRA adapters of a base that was the seed's "
                               f"initialization, not a checkpoint; allowed: adapters trained from checkpoint.init_from")
-    base_manifest = read_manifest(base)
-    check_files(base, base_manifest, checksums=True)
-    check_same_model(base, base_manifest, model_cfg)
-    return Path(base)
+    return check_base(base, model_cfg, f"checkpoint {checkpoint} holds LoRA adapters of the base {base}", checksums=True)
 
 
 def read_adapters(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -109,9 +106,6 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "float3
     """A loom LoRA checkpoint -> a PEFT adapter folder (written to a temporary sibling, renamed)."""
     from safetensors.torch import save_file
 
-    from loom.convert import DTYPES, _config_from_manifest
-    from loom.train.checkpoint_files import saved_model_fields
-
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and any(output.iterdir()):
         raise HFFormatError(f"--output {output} exists and is not empty; nothing was overwritten")
@@ -120,7 +114,7 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "float3
         raise CheckpointError(f"checkpoint {checkpoint} holds no LoRA adapters (--peft exports those); allowed: "
                               f"a checkpoint of a run with [lora] rank > 0, or --to-hf without --peft")
     check_files(checkpoint, manifest, checksums=True)
-    cfg = _config_from_manifest(saved_model_fields(manifest))
+    cfg = saved_model_config(manifest)
     modules = _hf_modules(cfg)
     adapters = read_adapters(checkpoint)
     tensors, adapted = {}, []
@@ -128,7 +122,7 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "float3
         stem, kind = name.rsplit(".", 1)
         module = modules[stem]
         tensors[f"{PEFT_PREFIX}{module}.{'lora_A' if kind == 'lora_a' else 'lora_B'}.weight"] = \
-            t.to(DTYPES[dtype]).contiguous()
+            t.to(EXPORT_DTYPES[dtype]).contiguous()
         adapted.append(module)
     lora = manifest["lora"]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM" if cfg.causal else None, "r": lora["rank"],
@@ -153,9 +147,6 @@ def import_peft(folder: str | Path, base: str | Path, output: str | Path) -> tup
     settings it needs)."""
     from safetensors.torch import load_file
 
-    from loom.convert import _config_from_manifest
-    from loom.train.checkpoint_files import model_fields, saved_model_fields
-
     folder, base = Path(folder), Path(base)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
@@ -168,7 +159,7 @@ def import_peft(folder: str | Path, base: str | Path, output: str | Path) -> tup
     if "lora" in manifest:
         raise CheckpointError(f"--base {base} holds LoRA adapters; allowed: a checkpoint of the whole model")
     check_files(base, manifest, checksums=False)
-    cfg = _config_from_manifest(saved_model_fields(manifest))
+    cfg = saved_model_config(manifest)
     by_hf = {theirs: ours for ours, theirs in _hf_modules(cfg).items()}
     tensors, targets = {}, set()
     for key, t in load_file(str(weights_path)).items():
@@ -179,10 +170,7 @@ def import_peft(folder: str | Path, base: str | Path, output: str | Path) -> tup
         tensors[f"{ours}.lora_{kind[0].lower()}"] = t.float()
         targets.add(ours.split(".", 2)[2])
     lora = {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]), "targets": _loom_targets(targets, cfg)}
-    from loom.models.registry import MODELS
-
-    name = next((n for n, m in MODELS.items() if model_fields(m) == model_fields(cfg)), manifest.get("model_name"))
-    path = save_model_weights(tensors, cfg, output, name, source=str(folder.resolve()),
+    path = save_model_weights(tensors, cfg, output, manifest.get("model_name"), source=str(folder.resolve()),
                               extra={"lora": {**lora, "base": str(base.resolve())}})
     return path, lora
 

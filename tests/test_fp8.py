@@ -1,7 +1,6 @@
 """FP8 training (torchao.float8, emulated on CPU): which linears convert, the loss curve against
 bf16's, the peak MFU is measured against, and torchao's absence as one line. Its layouts are in
 the parity suite (test_parallel) and its exact resume in test_checkpoint."""
-import pytest
 import torch
 
 from loom.cli import main

@@ -119,14 +119,13 @@ def test_bad_lora_settings_are_one_line(sft_dataset, base, tmp_path, capsys, ext
 
 def _loom_lora_model(checkpoint):
     """A single-process loom model with a LoRA checkpoint's base and adapters."""
-    from loom.convert import _config_from_manifest
     from loom.models.lora import LoRASpec, apply_lora
     from loom.models.transformer import build_model
     from loom.peft import read_adapters
-    from loom.train.checkpoint_files import checkpoint_tensor_shapes, load_model_tensors, saved_model_fields
+    from loom.train.checkpoint_files import checkpoint_tensor_shapes, load_model_tensors, saved_model_config
 
     manifest = json.loads((checkpoint / "loom.json").read_text())
-    cfg, lora = _config_from_manifest(saved_model_fields(manifest)), manifest["lora"]
+    cfg, lora = saved_model_config(manifest), manifest["lora"]
     model = build_model(cfg, "cpu")
     apply_lora(model, LoRASpec(lora["rank"], lora["alpha"], 0.0, tuple(lora["targets"].split(","))))
     shapes = checkpoint_tensor_shapes(lora["base"])

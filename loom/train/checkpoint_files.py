@@ -143,11 +143,11 @@ def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
     """The checkpoint holds this model's shape and, if it holds training state, this run's data
     stream and adapters (changing the layout, the learning rate or the step count is fine)."""
     check_same_model(path, manifest, model_cfg)
-    if "lora" in manifest or lora_fields(cfg.lora, model_cfg) is not None and "train" in manifest["contents"]:
-        saved = {k: v for k, v in (manifest.get("lora") or {}).items() if k != "base"} or None
-        if saved != lora_fields(cfg.lora, model_cfg):
-            raise CheckpointError(f"checkpoint {path} was saved with LoRA adapters {saved}, this config has "
-                                  f"{lora_fields(cfg.lora, model_cfg)}; allowed: the [lora] settings it was saved with")
+    want = lora_fields(cfg.lora, model_cfg)
+    saved = {k: v for k, v in manifest["lora"].items() if k != "base"} if "lora" in manifest else None
+    if saved != want:
+        raise CheckpointError(f"checkpoint {path} was saved with LoRA adapters {saved}, this config has {want}; "
+                              f"allowed: the [lora] settings it was saved with")
     if "train" in manifest["contents"]:
         data = manifest.get("data", {})
         for section, key in DATA_KEYS:
@@ -192,7 +192,7 @@ def check_checkpoint_section(c) -> None:
 
 def check_checkpoint_files(cfg, model_cfg) -> None:
     """The [checkpoint] section against the disk, as SettingErrors: the folder, and the
-    checkpoint to resume (see check_resume)."""
+    checkpoints a run starts from (see start_points)."""
     from loom.settings import SettingError, need
 
     c = cfg.checkpoint
@@ -206,26 +206,27 @@ def check_checkpoint_files(cfg, model_cfg) -> None:
 
 def start_points(cfg, model_cfg) -> tuple[Path | None, Path | None]:
     """(base, resume): the checkpoint whose weights alone a run starts from, and the one whose
-    training state it continues, after checking what can be checked before any worker starts.
+    training state it continues, after everything about them that can be checked before any
+    worker starts (the checksums are read by the workers, shared among them).
 
     A LoRA checkpoint holds adapters only, and names its base: resuming it loads that base
     first. A LoRA run given a checkpoint without adapters (checkpoint.resume or init_from) takes
     it as its base. checkpoint.init_from applies only when there is nothing to resume."""
-    resume = check_resume(cfg, model_cfg)
-    if resume is not None:
-        manifest = read_manifest(resume)
-        if "lora" in manifest:
-            base = manifest["lora"].get("base")
-            return (check_base(base, model_cfg, f"checkpoint {resume} holds LoRA adapters of the base {base}")
-                    if base else None), resume
-        if lora_fields(cfg.lora, model_cfg) is not None:
+    opened = _opened_resume(cfg.checkpoint)
+    if opened is not None:
+        resume, manifest = opened
+        if lora_fields(cfg.lora, model_cfg) is not None and "lora" not in manifest:  # a whole model: the base
             if cfg.checkpoint.resume == "auto":  # a LoRA run's own checkpoints hold adapters
                 raise CheckpointError(
                     f"checkpoint.dir={cfg.checkpoint.dir!r} holds checkpoints of a whole model ({resume.name}), which "
                     f"a LoRA run cannot continue; allowed: another checkpoint.dir for the adapters, with "
                     f"checkpoint.init_from={str(resume)!r} to start from those weights")
-            return check_base(str(resume), model_cfg, "checkpoint.resume"), None
-        return None, resume
+            check_same_model(resume, manifest, model_cfg)  # its data stream is not continued
+            return resume, None
+        check_compatible(resume, manifest, cfg, model_cfg)
+        base = manifest.get("lora", {}).get("base")
+        return (check_base(base, model_cfg, f"checkpoint {resume} holds LoRA adapters of the base {base}")
+                if base else None), resume
     if cfg.checkpoint.init_from:
         path = cfg.checkpoint.init_from
         from loom.train.builtin_base import BUILTIN_BASE, builtin_base
@@ -236,11 +237,12 @@ def start_points(cfg, model_cfg) -> tuple[Path | None, Path | None]:
     return None, None
 
 
-def check_base(path: str, model_cfg, what: str) -> Path:
-    """A checkpoint of this model's whole weights, usable as a run's starting weights."""
+def check_base(path: str, model_cfg, what: str, checksums: bool = False) -> Path:
+    """A checkpoint of this model's whole weights, usable as a run's starting weights (with
+    checksums: its files' CRCs read too)."""
     try:
         manifest = read_manifest(path)
-        check_files(path, manifest, checksums=False)
+        check_files(path, manifest, checksums=checksums)
     except CheckpointError as e:
         raise CheckpointError(f"{what}: {e}") from None
     if "lora" in manifest:
@@ -250,10 +252,9 @@ def check_base(path: str, model_cfg, what: str) -> Path:
     return Path(path)
 
 
-def check_resume(cfg, model_cfg) -> Path | None:
-    """Everything about resuming that can be checked before any worker starts (the checksums are
-    read by the workers, shared among them). Returns the checkpoint to resume from."""
-    c = cfg.checkpoint
+def _opened_resume(c) -> tuple[Path, dict] | None:
+    """The checkpoint checkpoint section `c` resumes and its manifest, its files present with
+    their sizes; refuses checkpoint.resume='never' over published checkpoints."""
     if c.resume == "never" and c.dir and published(c.dir):
         raise CheckpointError(
             f"checkpoint.dir={c.dir!r} already holds checkpoints ({published(c.dir)[-1][1].name}) and "
@@ -265,11 +266,7 @@ def check_resume(cfg, model_cfg) -> Path | None:
         return None
     manifest = read_manifest(path)
     check_files(path, manifest, checksums=False)
-    if lora_fields(cfg.lora, model_cfg) is not None and "lora" not in manifest:
-        check_same_model(path, manifest, model_cfg)  # a base for the adapters: its data stream is not continued
-    else:
-        check_compatible(path, manifest, cfg, model_cfg)
-    return path
+    return path, manifest
 
 
 def publish_folder(tmp: Path, final: Path, manifest: dict) -> None:
@@ -357,6 +354,16 @@ def saved_model_fields(manifest: dict) -> dict:
 
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
     return {**defaults, **manifest["model"]}
+
+
+def saved_model_config(manifest: dict):
+    """The ModelConfig a checkpoint's manifest records (see saved_model_fields)."""
+    from loom.models.transformer import ModelConfig, RopeScaling
+
+    fields = saved_model_fields(manifest)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    return ModelConfig(**fields)
 
 
 def model_fields(model_cfg) -> dict:

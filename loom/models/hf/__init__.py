@@ -4,7 +4,7 @@
 of a loom model config."""
 from __future__ import annotations
 
-from loom.models.hf.base import HFAdapter, HFFormatError
+from loom.models.hf.base import EXPORT_DTYPES, HFAdapter, HFFormatError
 from loom.models.hf.bert import BertAdapter
 from loom.models.hf.gpt2 import GPT2Adapter
 from loom.models.hf.llama import LlamaAdapter
@@ -36,4 +36,4 @@ def hf_param_name(name: str, cfg: ModelConfig) -> str:
     return adapter_for(cfg).names(cfg)[name]
 
 
-__all__ = ["ADAPTERS", "HFAdapter", "HFFormatError", "adapter_for", "adapter_for_hf", "hf_param_name"]
+__all__ = ["ADAPTERS", "EXPORT_DTYPES", "HFAdapter", "HFFormatError", "adapter_for", "adapter_for_hf", "hf_param_name"]

@@ -19,6 +19,10 @@ import torch
 from loom.models.transformer import ModelConfig
 
 
+# The dtypes `loom convert --to-hf` writes weights in (--dtype).
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class HFFormatError(ValueError):
     """A Hugging Face folder loom cannot convert; the message is one line naming what and why."""
 
