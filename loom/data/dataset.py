@@ -220,7 +220,7 @@ def _check_sft_files(d, seq_len: int, model) -> None:
     """A prepared SFT dataset whose every example fits a sequence of seq_len."""
     from loom.data.builtin_sft import BUILTIN_SFT
 
-    path = resolve_sft_path(d.path, progress=False) if d.path == BUILTIN_SFT else Path(d.path)
+    path = resolve_sft_path(d.path, progress=False)
     need(path.is_dir() and (path / "meta.json").is_file(),
          f"data.path={d.path!r} is not a prepared dataset (no {path / 'meta.json'}); allowed with data.format='sft': "
          f"{BUILTIN_SFT!r} or a folder written by `loom prepare --format sft`")

@@ -98,14 +98,10 @@ def _attention_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str) 
 def adapter_params(cfg: ModelConfig, lora) -> int:
     """Parameters of LoRA's adapters (a loom.models.lora.LoRASpec): rank x (in + out) per adapted
     projection of every block."""
-    from loom.models.lora import target_modules
+    from loom.models.lora import projection_shapes, target_modules
 
-    d, attn, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    widths = {"attention.wq": (d, attn), "attention.wk": (d, kv), "attention.wv": (d, kv), "attention.wo": (attn, d),
-              "feed_forward.w1": (d, cfg.ffn_dim), "feed_forward.w3": (d, cfg.ffn_dim),
-              "feed_forward.w2": (cfg.ffn_dim, d)}
-    paths = target_modules(cfg.gated, bool(cfg.moe_experts))
-    return cfg.n_layers * sum(lora.rank * sum(widths[paths[t]]) for t in lora.targets)
+    shapes, paths = projection_shapes(cfg), target_modules(cfg.gated, bool(cfg.moe_experts))
+    return cfg.n_layers * sum(lora.rank * sum(shapes[paths[t]]) for t in lora.targets)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: float, convention: str = "megatron", lora=None) -> float:

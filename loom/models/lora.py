@@ -59,6 +59,13 @@ def target_modules(gated: bool, moe: bool) -> dict[str, str]:
     return {**ATTENTION_TARGETS, **mlp}
 
 
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """Module path inside a block -> (in, out) features of that projection."""
+    d, attn, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    return {"attention.wq": (d, attn), "attention.wk": (d, kv), "attention.wv": (d, kv), "attention.wo": (attn, d),
+            "feed_forward.w1": (d, f), "feed_forward.w3": (d, f), "feed_forward.w2": (f, d)}
+
+
 def parse_targets(text: str, gated: bool, moe: bool) -> tuple[str, ...]:
     """`[lora] targets` ('all' or a comma-separated list of TARGETS) -> the names, in TARGETS'
     order; ValueError naming what is allowed for this model otherwise."""
@@ -145,19 +152,12 @@ def adapter_init_spec(base_spec_of, model_cfg):
         if name.endswith(".lora_b"):
             return InitSpec("zeros")
         if name.endswith(".lora_a"):
-            return InitSpec("normal", _in_features(name, model_cfg) ** -0.5)
+            # layers.N.<projection path>.lora_a: fan in is the projection's input width
+            path = name.split(".", 2)[2].removesuffix(".lora_a")
+            return InitSpec("normal", projection_shapes(model_cfg)[path][0] ** -0.5)
         return base_spec_of(name)
 
     return spec_of
-
-
-def _in_features(name: str, cfg) -> int:
-    """The input width of the projection an adapter name belongs to."""
-    if ".attention.wo." in name:
-        return cfg.n_heads * cfg.head_dim
-    if ".feed_forward.w2." in name:
-        return cfg.ffn_dim
-    return cfg.dim
 
 
 def merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

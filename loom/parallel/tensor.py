@@ -28,16 +28,21 @@ from loom.models.moe import MoE
 from loom.parallel.vocab_parallel import apply_vocab_parallel_embedding, apply_vocab_parallel_output
 
 
+def _distribute_params(module: nn.Module, device_mesh, placement_of, src_data_rank) -> None:
+    """Each parameter of `module` (not its children's) as a DTensor placed by placement_of(name)."""
+    for pname, param in module.named_parameters(recurse=False):
+        module.register_parameter(pname, nn.Parameter(
+            distribute_tensor(param, device_mesh, [placement_of(pname)], src_data_rank=src_data_rank),
+            requires_grad=param.requires_grad))
+
+
 class _ColwiseWithAdapter(ColwiseParallel):
     """Column-parallel W [out/tp, in] and bias; a LoRA adapter's B [out/tp, rank] sharded like the
     output, A [rank, in] whole: x A^T B^T comes out sharded as x W^T does."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        for pname, param in module.named_parameters(recurse=False):
-            placement = Replicate() if pname == "lora_a" else Shard(0)
-            module.register_parameter(pname, nn.Parameter(
-                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
-                requires_grad=param.requires_grad))
+        _distribute_params(module, device_mesh, lambda p: Replicate() if p == "lora_a" else Shard(0),
+                           self.src_data_rank)
 
 
 class _RowwiseWithAdapter(RowwiseParallel):
@@ -46,11 +51,8 @@ class _RowwiseWithAdapter(RowwiseParallel):
     the one reduction (or reduce-scatter) of the sum."""
 
     def _partition_linear_fn(self, name, module, device_mesh):
-        for pname, param in module.named_parameters(recurse=False):
-            placement = Shard(1) if pname in ("weight", "lora_a") else Replicate()
-            module.register_parameter(pname, nn.Parameter(
-                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
-                requires_grad=param.requires_grad))
+        _distribute_params(module, device_mesh, lambda p: Shard(1) if p in ("weight", "lora_a") else Replicate(),
+                           self.src_data_rank)
 
 
 def _column(module: nn.Module):

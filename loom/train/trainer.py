@@ -152,7 +152,7 @@ class Trainer:
             layout = {**self.dims.degrees(), "world_size": self.world_size}
             self.checkpointer = Checkpointer(cfg, model_cfg, self.parts, self.optimizers, self.device,
                                              layout, async_save=cfg.checkpoint.async_save, base=base)
-        self.resumed_from, self.started_from = resume, base
+        self.resumed_from = resume
         if base is not None:
             self.checkpointer.load_weights(base)
         if resume is not None:
@@ -207,7 +207,7 @@ class Trainer:
         self.kernels = convert_model(self.model, t.kernels, self.device, self.dtype, t.fp8,
                                      float8_gather=self.fsdp, fp8_bf16_blocks=t.fp8_bf16_blocks, lora=self.lora)
         self.pp = self.mesh is not None and self.dims.pp > 1
-        n_micro = t.global_batch // self.dims.dp // t.micro_batch
+        self.n_micro = n_micro = t.global_batch // self.dims.dp // t.micro_batch  # per data rank and step
         self.cp = self.dims.cp if self.mesh is not None else 1
         modules, self.stage_ids = parallelize(self.model, self.dims, self.mesh, p, t.recompute, self.dtype, t.fp8)
         spec_of = self.model.init_spec
@@ -515,10 +515,8 @@ class Trainer:
         averaged (1 / micro-batches, or the pipeline schedule's gradient scaling) and FSDP
         averages over the dp x cp ranks, which together undo that denominator; every rank
         knows T without a collective, since every rank knows the global batch."""
-        t = self.cfg.train
-        n_micro = t.global_batch // self.dims.dp // t.micro_batch
         tokens = self.train_data.answer_tokens(self.schedule.global_indices(step))
-        return max(tokens, 1) / (n_micro * self.dims.dp * self.cp)
+        return max(tokens, 1) / (self.n_micro * self.dims.dp * self.cp)
 
     def peak_memory(self) -> int:
         """The largest peak over all ranks."""
@@ -613,7 +611,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        fpt = flops_per_token(self.model_cfg, self.attention_len(), FLOPS_CONVENTION, **self.frozen_flops())
+        attention_len = self.attention_len()  # a pass over the data's document index when packed
+        fpt = flops_per_token(self.model_cfg, attention_len, FLOPS_CONVENTION, **self.frozen_flops())
         # Only rank 0 reports; a CPU calibration on every rank would just contend for the cores.
         peak = device_peak(self.device, self.dtype, t.fp8 != "none") if self.rank == 0 else Peak(None, "not rank 0")
         start = self.state.step
@@ -625,7 +624,7 @@ class Trainer:
             self.state.val_curve.append((0, self.validation_loss()))
         bar = tqdm(total=t.steps, initial=start, desc="training", unit="step",
                    disable=not self.progress or None, file=sys.stderr, dynamic_ncols=True)
-        hw_ratio = hardware_flops_per_token(self.model_cfg, self.attention_len(), t.recompute, FLOPS_CONVENTION,
+        hw_ratio = hardware_flops_per_token(self.model_cfg, attention_len, t.recompute, FLOPS_CONVENTION,
                                             **self.frozen_flops()) / fpt
         return _Run(start=start, hw_ratio=hw_ratio, meter=ThroughputMeter(self.tokens_per_step, fpt, self.world_size, peak),
                     writer=writer, bar=bar, layout={**self.dims.degrees(), "world_size": self.world_size},
