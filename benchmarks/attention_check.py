@@ -19,9 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loom.models.attention import (  # noqa: E402
-    TORCH_ATTENTION, CoreAttention, attention_backward, attention_forward, document_starts,
-)
+from loom.kernels.attention import TORCH_ATTENTION, attention_backward, attention_forward  # noqa: E402
+from loom.models.attention import CoreAttention, document_starts  # noqa: E402
 
 BOUNDS = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
 

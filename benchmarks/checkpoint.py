@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loom.config import load_config, validate  # noqa: E402
 from loom.train.checkpoint import Checkpointer, TrainState  # noqa: E402
-from loom.train.trainer import build_optimizer, init_model  # noqa: E402
+from loom.models.transformer import init_model  # noqa: E402
+from loom.train.optim import build_optimizer  # noqa: E402
 
 
 def _setup(model: str, ck: Path):

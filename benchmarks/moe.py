@@ -28,7 +28,7 @@ import torch
 from loom.models.converters import convert_model
 from loom.models.moe import MoE
 from loom.models.registry import MODELS
-from loom.train.trainer import init_model
+from loom.models.transformer import init_model
 
 
 def step_rates(seq_len: int, steps: int) -> dict[str, float]:

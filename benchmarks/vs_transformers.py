@@ -11,7 +11,7 @@ loom / transformers rates of a block pair run back to back.
 
 bf16 means autocast for both (fp32 master weights, bf16 matmuls with fp32 accumulation). On x86
 CPUs without AVX512-BF16/AMX loom runs those bf16 products as fp32 products of the bf16-rounded
-operands (loom.models.matmul: the same bf16 result, 3-4x faster there than PyTorch's bf16
+operands (loom.kernels.matmul: the same bf16 result, 3-4x faster there than PyTorch's bf16
 kernels); the row "loom, PyTorch bf16 kernels" runs loom with PyTorch's kernels instead, so the
 table shows what that choice contributes. --compile adds loom with `train.compile` (compiled
 blocks); the default trainer, and the headline ratio, are eager.
@@ -39,8 +39,8 @@ from loom.models.converters import convert_model
 from loom.models.hf import adapter_for
 from loom.models.registry import GPT3
 from loom.models.transformer import ModelConfig
-from loom.models.matmul import bf16_via_fp32
-from loom.train.trainer import init_model
+from loom.kernels.matmul import bf16_via_fp32
+from loom.models.transformer import init_model
 
 
 def loom_model(cfg: ModelConfig):

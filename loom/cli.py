@@ -35,14 +35,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else args.nproc
         model_cfg = validate(cfg, world_size=world_size)
-        if cfg.metrics.tensorboard:
-            import importlib.util
-
-            if importlib.util.find_spec("tensorboard") is None:
-                raise ConfigError(
-                    f"metrics.tensorboard={cfg.metrics.tensorboard!r} needs the tensorboard package "
-                    f"(pip install 'loom-train[tensorboard]'); allowed without it: ''"
-                )
     except ConfigError as e:
         return fail(prog, str(e))
 
@@ -78,7 +70,8 @@ def run_worker(prog: str, cfg, model_cfg, quiet: bool, under_torchrun: bool) -> 
     from loom.train.checkpoint_files import CheckpointError
     from loom.train.hangs import Activity
     from loom.train.signals import EXIT_STOPPED, StoppedBySignal
-    from loom.train.trainer import Trainer, format_summary
+    from loom.train.report import format_summary
+    from loom.train.trainer import Trainer
 
     # Every rank meets the same error (the checks agree across ranks): rank 0 says it once.
     def worker_fail(message: str) -> int:
@@ -206,7 +199,7 @@ def cmd_verify(folder: str) -> int:
     """`loom prepare --verify DATASET`: sizes, checksums and largest token ids of a prepared dataset."""
     from pathlib import Path
 
-    from loom.data.dataset import read_meta
+    from loom.data.batch import read_meta
     from loom.data.integrity import IntegrityError, verify
 
     path = Path(folder)

@@ -23,7 +23,7 @@ from loom.models.registry import MODELS, UnknownModelError, get_model_config
 from loom.models.transformer import ModelConfig, check_model_config
 from loom.parallel.settings import check_parallel
 from loom.settings import SettingError, did_you_mean, need
-from loom.train.checkpoint_files import check_checkpoint_files, check_checkpoint_section
+from loom.train.resume import check_checkpoint_files, check_checkpoint_section
 from loom.train.outputs import check_output_paths
 from loom.train.report import check_metrics
 from loom.train.settings import check_train
@@ -200,6 +200,7 @@ class LoRASection:
 class MetricsSection:
     jsonl: str = "runs/loom/metrics.jsonl"
     tensorboard: str = ""  # a directory, or empty for none
+    wandb: str = ""  # a Weights & Biases "project" or "project/run", or empty for none
     plot: str = "runs/loom/loss.png"  # loss curve written at the end; empty for none
     log_every: int = 10
 
@@ -214,9 +215,6 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     moe: MoESection = field(default_factory=MoESection)
     lora: LoRASection = field(default_factory=LoRASection)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def model_config(self) -> ModelConfig:
         """The registry entry with the [model] and [moe] overrides (not validated)."""

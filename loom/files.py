@@ -1,5 +1,5 @@
-"""Small file helpers shared by checkpoints, datasets and per-machine caches: a file's size and
-CRC-32, and JSON tables written atomically."""
+"""Small file helpers shared by checkpoints, datasets and per-machine caches: loom's cache folder,
+a file's size and CRC-32, and JSON tables written atomically."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,13 @@ import zlib
 from pathlib import Path
 
 CHUNK_BYTES = 1 << 24
+
+
+def cache_dir() -> Path:
+    """loom's per-user cache (built kernels, the builtin corpus and base, CPU calibrations):
+    $XDG_CACHE_HOME/loom, or ~/.cache/loom."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "loom"
 
 
 def file_crc32(path: Path, chunk: int = CHUNK_BYTES) -> int:

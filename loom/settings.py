@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import difflib
 
+import torch
+
+# train.dtype: the compute dtype of a run (fp32 master weights either way); every layer reads it here.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 class SettingError(ValueError):
     """A bad setting. The message is one line: key, value, what is allowed."""

@@ -744,7 +744,8 @@ def test_checkpoints_from_before_the_model_families_still_load():
     """A manifest written before ModelConfig had its family fields (norm, mlp, ...) describes a
     Llama: it is compatible with the Llama config and refused for another family."""
     from loom.config import load_config, validate
-    from loom.train.checkpoint_files import CheckpointError, check_compatible, model_fields
+    from loom.train.checkpoint_files import CheckpointError, model_fields
+    from loom.train.resume import check_compatible
 
     cfg = load_config(None, ["--model.name=tiny"])
     llama = validate(cfg, check_files=False)

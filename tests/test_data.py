@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from loom.cli import main
-from loom.data.dataset import BatchSchedule, TokenDataset, read_meta
+from loom.data.batch import read_meta
+from loom.data.dataset import BatchSchedule, TokenDataset
 from loom.data.prepare import PrepareError, prepare
 
 

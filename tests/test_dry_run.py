@@ -43,7 +43,7 @@ def test_fake_trace_measures_what_real_tensors_hold():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from loom.parallel.dims import ParallelDims
-    from loom.train.trainer import init_model
+    from loom.models.transformer import init_model
 
     cfg = load_config(None, ["--parallel.dp_shard=1", "--parallel.pp=1", "--train.seq_len=128", "--train.micro_batch=2",
                              "--train.recompute=selective", "--train.dtype=bfloat16"])

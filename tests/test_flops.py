@@ -9,7 +9,7 @@ import torch
 from loom.cli import main
 from loom.metrics.flops import flops_per_token, hardware_flops_per_token, param_counts
 from loom.metrics.meter import ThroughputMeter, Peak, accelerator_name, cpu_peak_flops
-from loom.models.registry import MODELS
+from loom.models.registry import MODELS, PUBLISHED_PARAMS
 
 
 def test_llama2_7b_flops_by_hand():
@@ -32,7 +32,7 @@ def test_llama3_8b_flops_by_hand():
     assert flops_per_token(MODELS["llama3-8b"], 8192, "megatron") == 6 * (block_matmuls + output) + attention
     assert flops_per_token(MODELS["llama3-8b"], 8192, "causal") == 6 * (block_matmuls + output) + attention / 2
     # Without embedding and norms, which are not matmuls: 8.03e9 - 525M - 266K.
-    assert block_matmuls + output == 8_030_261_248 - 128256 * 4096 - 65 * 4096
+    assert block_matmuls + output == PUBLISHED_PARAMS["llama3-8b"][0] - 128256 * 4096 - 65 * 4096
 
 
 def test_lora_flops_by_hand_and_against_nemo():
@@ -70,7 +70,7 @@ def test_flops_cli_json(capsys):
     assert main(["flops", "--model", "llama3-8b", "--seq-len", "8192", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {
-        "model": "llama3-8b", "family": "llama", "params": 8_030_261_248, "seq_len": 8192,
+        "model": "llama3-8b", "family": "llama", "params": PUBLISHED_PARAMS["llama3-8b"][0], "seq_len": 8192,
         "flops_per_token": {"megatron": flops_per_token(MODELS["llama3-8b"], 8192, "megatron"),
                             "causal": flops_per_token(MODELS["llama3-8b"], 8192, "causal")},
     }

@@ -8,14 +8,13 @@ A prepared dataset is a folder:
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
+from loom.data.batch import Batch, read_meta
 from loom.data.integrity import IntegrityError, check_sizes, split_files, verified_max_tokens
 from loom.settings import SettingError, need
 
@@ -26,29 +25,12 @@ class DataError(ValueError):
     """A dataset that cannot serve the run; the message is one line."""
 
 
-@dataclass(frozen=True)
-class Batch:
-    """inputs, labels [N, S] int64; documents [N, S] int64 (a document index per input token,
-    equal within a document) when documents are packed, else None; loss_tokens [N] float."""
-
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    documents: torch.Tensor | None = None
-    # [N] per sample, a share of what the micro-batch's summed loss is divided by
-    # (loom.models.loss.loss_divisor); None: its own labels' mean.
-    loss_tokens: torch.Tensor | None = None
-
-
 def dataset_mask_token(path: str | Path) -> int | None:
     """The [MASK] id of the tokenizer a prepared dataset keeps (tokenizer.json), or None."""
     from loom.data.mlm import mask_token_id
 
     tokenizer = Path(path) / "tokenizer.json"
     return mask_token_id(tokenizer) if tokenizer.is_file() else None
-
-
-def read_meta(path: str | Path) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
 
 
 class TokenDataset:
@@ -192,7 +174,7 @@ def data_vocab_size(data) -> int:
 def _check_integrity(path: Path, meta: dict, model) -> None:
     """Sizes, and (on this machine's first use of the files) checksums and the largest token id
     against the model's vocabulary (loom.data.integrity)."""
-    from loom.metrics.meter import cache_dir
+    from loom.files import cache_dir
 
     try:
         largest = verified_max_tokens(path, meta, cache_dir() / "datasets.json")

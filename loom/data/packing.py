@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loom.data.dataset import Batch, read_meta
+from loom.data.batch import Batch, read_meta
 from loom.data.mlm import IGNORE_INDEX
 
 

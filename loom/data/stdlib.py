@@ -12,7 +12,7 @@ from pathlib import Path
 from loom.data.mlm import MASK_TOKEN
 from loom.data.prepare import write_dataset
 from loom.locks import exclusive_lock
-from loom.metrics.meter import cache_dir
+from loom.files import cache_dir
 
 BUILTIN_VOCAB_SIZE = 8192
 VAL_FRACTION = 0.02

@@ -3,7 +3,7 @@
 `torch.ops.loom.cpu_attention_forward` / `..._backward` are custom ops so that selective
 activation recomputation can name the forward as an op to save, and torch.compile treats the
 calls as opaque. `supports` says whether the kernel takes given tensors; elsewhere
-loom.models.attention keeps ATen's CPU flash op.
+loom.kernels.attention keeps ATen's CPU flash op.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import ctypes
 
 import torch
 
-from loom.kernels import library
+from loom.kernels import cpu_kernels, library
+from loom.kernels.attention import AttentionKernel
 from loom.kernels.library import ptr as _ptr, strides3 as _strides
+from loom.kernels.matmul import cpu_lacks_bf16_arithmetic
 
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # LOOM_HEAD_DIMS in the source
 _INTS = [ctypes.c_int] * 5
@@ -96,3 +98,64 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 @backward.register_fake
 def _(dout, q, k, v, out, lse, causal, scale):
     return _like_rows(q), _like_rows(k), _like_rows(v)
+
+
+# -- loom's kernel as an AttentionKernel ---------------------------------------------------------
+WIDENING = """bf16 tensors (autocast's matmul outputs) go to loom's fp32 kernels widened, their
+results rounded back to bf16 once, where that was measured faster than PyTorch's bf16 ops on a
+CPU with bf16 arithmetic (Xeon with AMX, 2 threads, L = 1024, 8 heads, forward + backward):
+RoPE 0.39 against 0.86 ms; SwiGLU likewise elementwise; attention 10-30% faster at head_dim 16
+and 32, but 4-11% slower at 64 and 40% slower at 128, where ATen's bf16 op uses the matrix units:
+so attention widens at head_dim <= WIDEN_MAX_HEAD_DIM only (and at any head_dim on CPUs without
+bf16 arithmetic, loom.kernels.matmul)."""
+WIDEN_MAX_HEAD_DIM = 32
+
+
+def attention_widens_at(head_dim: int) -> bool:
+    """Whether bf16 attention of this head_dim runs loom's fp32 kernel widened on a CPU with
+    bf16 arithmetic (see WIDENING)."""
+    return head_dim <= WIDEN_MAX_HEAD_DIM and head_dim in HEAD_DIMS
+
+
+def bf16_widening(installed: list[str], head_dim: int) -> str:
+    """What a bf16 run of a model with these kernels installed runs widened to fp32, for the
+    summary's kernel line."""
+    if cpu_lacks_bf16_arithmetic():
+        return "bf16 as fp32 products and kernels of bf16-rounded inputs (this CPU has no bf16 arithmetic)"
+    widened = [name for name in installed if name in ("RoPE", "SwiGLU")]
+    line = "bf16 matmuls native"
+    if "attention" in installed:
+        if attention_widens_at(head_dim):
+            widened.insert(0, "attention")
+        else:
+            line += f"; attention by PyTorch's bf16 op (head_dim {head_dim} > {WIDEN_MAX_HEAD_DIM})"
+    if widened:
+        line += f"; {', '.join(widened)} by loom's fp32 kernels on widened inputs"
+    return line
+
+
+class LoomCpuAttention(AttentionKernel):
+    """loom's CPU flash attention (~1.3x ATen's op forward and backward at L = 1024, D = 32) for
+    fp32 CPU tensors of the head dims it was compiled for; PyTorch's ops otherwise. bf16 inputs
+    with head_dim <= WIDEN_MAX_HEAD_DIM run it widened (see WIDENING)."""
+
+    name = "loom-cpu"
+
+    def widens(self, q: torch.Tensor) -> bool:
+        return super().widens(q) or (cpu_kernels.widenable(q) and attention_widens_at(q.shape[-1]))
+
+    def takes_strided_grad(self, q, k, v) -> bool:
+        return supports(q, k, v)
+
+    def forward(self, q, k, v, causal: bool, scale: float):
+        if supports(q, k, v):
+            return torch.ops.loom.cpu_attention_forward(q, k, v, causal, scale)
+        return super().forward(q, k, v, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        if supports(q, k, v) and dout.stride(-1) == 1 and out.stride(-1) == 1:
+            return torch.ops.loom.cpu_attention_backward(dout, q, k, v, out, lse, causal, scale)
+        return super().backward(dout.contiguous(), q, k, v, out, lse, causal, scale)
+
+
+LOOM_CPU_ATTENTION = LoomCpuAttention()

@@ -78,7 +78,7 @@ def load(cache: Path | None = None) -> ctypes.CDLL | None:
     reason = _why_not()
     if reason is None:
         try:
-            from loom.metrics.meter import cache_dir
+            from loom.files import cache_dir
 
             _lib = ctypes.CDLL(str(_build(cache or cache_dir() / "kernels")))
             _status = "loom AVX-512 CPU kernels (attention, loss, RMSNorm, SwiGLU, RoPE)"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from loom.files import read_json_table, write_json_table
-from loom.models.matmul import bf16_via_fp32, matmul
+from loom.files import cache_dir, read_json_table, write_json_table
+from loom.kernels.matmul import bf16_via_fp32, matmul
 
 # Dense peak FLOP/s per device by compute dtype, from the vendors' data sheets (no sparsity).
 # `float32` is the plain fp32 rate; `tf32` applies when torch allows TF32 matmuls.
@@ -41,11 +41,6 @@ def accelerator_name(device_name: str) -> str | None:
     return None
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "loom"
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -60,7 +55,7 @@ def _cpu_model() -> str:
 def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10, warmup_s: float = 0.5) -> float:
     """Best FLOP/s of an n x n x n matmul on CPU with the current thread count, through the
     kernel loom's models use for `dtype` (bf16 widened to fp32 where the CPU lacks bf16
-    arithmetic, see loom.models.matmul)."""
+    arithmetic, see loom.kernels.matmul)."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     # Warm up for a while, not once: the first half second of matmuls runs measurably slower

@@ -5,7 +5,7 @@ parallelization, in a fixed order (torchtitan's model converters). Today: loom's
 `train.kernels`:
     torch  PyTorch's ops everywhere (the model as built).
     loom   loom's AVX-512 CPU kernels for attention, RMSNorm, SwiGLU, RoPE and the fused loss
-           (loom.kernels.modules); an error before anything starts where they cannot run.
+           (loom.models.kernel_parts); an error before anything starts where they cannot run.
     auto   loom's kernels where they run (a CPU run on a machine that builds them), else
            PyTorch's, and `kernels_status` says why once.
 LayerNorm and GeLU keep PyTorch's ops in every mode (no kernel of loom's pays there).
@@ -50,8 +50,9 @@ def install_cpu_kernels(model: nn.Module) -> list[str]:
     """Swap the model's plain parts for loom's kernel-backed ones, in place; returns which
     kernels the model now runs (attention, loss, RMSNorm, SwiGLU, RoPE: those its family has).
     Parameters (and their names) are unchanged."""
-    from loom.kernels.modules import LOOM_CPU_ATTENTION, SWAPS, as_kernel_module
+    from loom.kernels.cpu_attention import LOOM_CPU_ATTENTION
     from loom.models.attention import CoreAttention
+    from loom.models.kernel_parts import SWAPS, as_kernel_module
 
     installed = set()
     for parent in list(model.modules()):
@@ -76,7 +77,7 @@ def convert_model(model: nn.Module, kernels: str, device: torch.device,
     loom.models.lora.LoRASpec, or None."""
     use_loom, line = resolve_kernels(kernels, device)
     if use_loom:
-        from loom.kernels.modules import bf16_widening
+        from loom.kernels.cpu_attention import bf16_widening
 
         installed = install_cpu_kernels(model)
         line = f"loom AVX-512 CPU kernels ({', '.join(installed)})"

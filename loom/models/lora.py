@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from loom.models.init import InitSpec
-from loom.models.matmul import Linear, linear
+from loom.kernels.matmul import Linear, linear
 
 ATTENTION_TARGETS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo"}
 GATED_MLP_TARGETS = {"gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from loom.models.matmul import matmul
+from loom.kernels.matmul import matmul
 
 IGNORE_INDEX = -100
 
@@ -50,7 +50,7 @@ def softmax_cross_entropy_(logits: torch.Tensor, labels: torch.Tensor, grad_scal
     """logits [c, V] fp32, labels [c] (checked: classes or IGNORE_INDEX) -> per-token losses [c]
     (0 where ignored); with want_grads, logits are overwritten by
     grad_scale * (softmax - one_hot(label)), zero where ignored. PyTorch's ops; loom's CPU
-    kernel (loom.kernels.modules) computes the same in one pass."""
+    kernel (loom.models.kernel_parts) computes the same in one pass."""
     valid = labels != IGNORE_INDEX
     target = logits.gather(1, labels.clamp(min=0)[:, None])  # [c, 1]
     # One exp pass serves both the log-sum-exp and the softmax, in place.

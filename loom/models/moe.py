@@ -233,6 +233,31 @@ class MoE(nn.Module):
             y = _AddAuxLossGradient.apply(y, self.aux_losses(logits, chosen), self.aux_grad_scale)
         return y.to(x.dtype).view(b, l, d)
 
+    def add_statistics(self, totals: torch.Tensor) -> None:
+        """Add this layer's last forward into totals [E + 2] (float64): the tokens routed to each
+        expert, its load-balancing loss (this rank's share under sequence sharding), and the
+        share of one layer that is (1 / ranks sharing its sequences); see routing_statistics."""
+        e = self.n_experts
+        if self.last_counts is not None:
+            totals[:e] += self.last_counts.double()
+        if self.last_aux is not None:
+            totals[e] += self.last_aux[0].double()
+            totals[e + 1] += 1 / self.routing.size
+
     def extra_repr(self) -> str:
         return (f"n_experts={self.n_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
                 f"aux_loss_coeff={self.aux_loss_coeff}, z_loss_coeff={self.z_loss_coeff}")
+
+
+def routing_statistics(layers: list[MoE], n_experts: int, device: torch.device, sum_over_ranks) -> dict:
+    """The metrics of the last micro-batch's routing over MoE `layers` (this rank's) and, through
+    sum_over_ranks(tensor) (an in-place sum over every rank, the identity in one process), every
+    rank's: the share of token-expert assignments each expert got (min, max, mean over experts;
+    mean = 1/E) and the load-balancing loss averaged over layers (unscaled)."""
+    totals = torch.zeros(n_experts + 2, dtype=torch.float64, device=device)
+    for layer in layers:
+        layer.add_statistics(totals)
+    sum_over_ranks(totals)
+    share = totals[:n_experts] / totals[:n_experts].sum().clamp(min=1)
+    return {"moe_expert_share": {"min": share.min().item(), "max": share.max().item(), "mean": share.mean().item()},
+            "moe_aux_loss": (totals[n_experts] / totals[n_experts + 1].clamp(min=1)).item()}

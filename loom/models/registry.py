@@ -121,8 +121,13 @@ MODELS: dict[str, ModelConfig] = {
 # published (relative), source). Exact counts are held exactly.
 PUBLISHED_PARAMS: dict[str, tuple[int, float, str]] = {
     "llama2-7b": (6_738_415_616, 0.0, "Hugging Face meta-llama/Llama-2-7b-hf safetensors index"),
+    "llama2-13b": (13_015_864_320, 0.0, "Hugging Face meta-llama/Llama-2-13b-hf safetensors index"),
+    "llama2-70b": (68_976_648_192, 0.0, "Hugging Face meta-llama/Llama-2-70b-hf safetensors index"),
     "llama3-8b": (8_030_261_248, 0.0, "Hugging Face meta-llama/Meta-Llama-3-8B safetensors index"),
-    "llama3.1-405b": (405_000_000_000, 0.005, "Llama 3 paper (arXiv 2407.21783): 405B"),
+    "llama3-70b": (70_553_706_496, 0.0, "Hugging Face meta-llama/Meta-Llama-3-70B safetensors index"),
+    "llama3.1-8b": (8_030_261_248, 0.0, "Hugging Face meta-llama/Llama-3.1-8B safetensors index"),
+    "llama3.1-70b": (70_553_706_496, 0.0, "Hugging Face meta-llama/Llama-3.1-70B safetensors index"),
+    "llama3.1-405b": (405_853_388_800, 0.0, "Hugging Face meta-llama/Llama-3.1-405B safetensors index (paper: 405B)"),
     "gpt3-5b": (5_000_000_000, 0.02, "NeMo GPTConfig5B / model card nemo-megatron-gpt-5B: 5B"),
     "gpt3-20b": (20_000_000_000, 0.02, "NeMo GPTConfig20B / model card nemo-megatron-gpt-20B: 20B"),
     "gpt3-175b": (175_000_000_000, 0.005, "GPT-3 paper (arXiv 2005.14165) table 2.1: 175.0B"),

@@ -37,7 +37,7 @@ from torch import nn
 from loom.models.attention import CoreAttention, document_starts
 from loom.models.init import InitSpec, fill_region
 from loom.models.loss import linear_cross_entropy
-from loom.models.matmul import Linear, linear
+from loom.kernels.matmul import Linear, linear
 from loom.settings import need, one_of
 
 NORMS = ("rmsnorm", "layernorm", "layernorm1p")
@@ -171,11 +171,6 @@ class _RotateFn(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return rotate_halves(grad.contiguous(), cos, -sin), None, None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate all of x [B, L, H, R] by the angles (cos, sin [(B,) L, R/2]), PyTorch's ops."""
-    return _RotateFn.apply(x, cos, sin)
 
 
 class Rotary(nn.Module):
@@ -518,6 +513,15 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "meta") -> Transf
     """Construct without allocating (on meta) or directly on a device, uninitialized."""
     with torch.device(device):
         return Transformer(cfg)
+
+
+def init_model(cfg: ModelConfig, device: torch.device | str, seed: int) -> Transformer:
+    """A whole model on one device, initialized from `seed` (tests, benchmarks, conversions; a
+    run builds its shards with loom.parallel.build instead)."""
+    model = build_model(cfg, "meta")
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    return model
 
 
 def check_model_config(cfg: ModelConfig) -> None:

@@ -11,46 +11,45 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.metrics.memory import LiveTensorBytes
 from loom.parallel.context import apply_context_parallel
-from loom.parallel.dims import LayoutMesh, ParallelDims
 from loom.parallel.expert import apply_expert_parallel
 from loom.parallel.fsdp import apply_fsdp
-from loom.metrics.memory import LiveTensorBytes
 from loom.parallel.init import init_local_shards, local_shard_bytes
+from loom.parallel.layout import Layout
 from loom.parallel.pipeline import local_stage_ids, stage_module
+from loom.parallel.recompute import apply_recompute
 from loom.parallel.tensor import apply_tensor_parallel
-from loom.train.recompute import apply_recompute
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: LayoutMesh | None, parallel,
-                recompute: str, param_dtype: torch.dtype, fp8: str = "none") -> tuple[list[nn.Module], list[int]]:
+def parallelize(model: nn.Module, layout: Layout, parallel, recompute: str, param_dtype: torch.dtype,
+                fp8: str = "none") -> tuple[list[nn.Module], list[int]]:
     """Returns (modules, stage ids): the pipeline stages this rank holds, or ([model], [0]).
 
-    `model` should be on the meta device; `parallel` is the config's [parallel] section; mesh is
-    None for a single process; fp8: train.fp8 (its scales under context parallelism).
+    `model` should be on the meta device; `parallel` is the config's [parallel] section; fp8:
+    train.fp8 (its scales under context parallelism).
     """
-    if mesh is not None and dims.pp > 1:
+    dims, mesh = layout.dims, layout.mesh
+    if layout.pp_enabled:
         n_stages = dims.pp * parallel.pp_virtual_stages
-        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, parallel.pp_virtual_stages)
+        stage_ids = local_stage_ids(layout.local_rank("pp"), dims.pp, parallel.pp_virtual_stages)
         modules = [stage_module(model, i, n_stages) for i in stage_ids]
     else:
         modules, stage_ids = [model], [0]
     for module in modules:
-        if mesh is not None and dims.cp > 1:
+        if layout.cp_enabled:
             apply_context_parallel(module, mesh["cp"], parallel.cp_comm, parallel.cp_load_balance)
             if fp8 == "tensorwise":  # FP8 scales over the whole sequence, not this rank's share
-                from loom.models.fp8 import share_scales_over
+                from loom.parallel.fp8 import share_scales_over
 
-                groups = [mesh[axis].get_group() for axis, degree in (("cp", dims.cp), ("tp", dims.tp)) if degree > 1]
-                share_scales_over(module, groups)
+                share_scales_over(module, [layout.group(axis) for axis in ("cp", "tp") if getattr(dims, axis) > 1])
         frozen = {name for name, p in module.named_parameters() if not p.requires_grad}  # LoRA's base
-        if mesh is not None and dims.tp > 1:
+        if layout.tp_enabled:
             apply_tensor_parallel(module, mesh["tp"], parallel.sequence_parallel)
-        if mesh is not None:
-            apply_expert_parallel(module, dims, mesh, parallel.sequence_parallel)
+        apply_expert_parallel(module, dims, mesh, parallel.sequence_parallel)  # a no-op without ep, cp or tp
         _keep_frozen(module, frozen)
         apply_recompute(list(module.layers.values()), recompute)
-        if mesh is not None and dims.dp * dims.cp > 1:
+        if layout.fsdp_enabled:
             apply_fsdp(module, dims, mesh, param_dtype, parallel.zero)
     return modules, stage_ids
 

@@ -133,3 +133,16 @@ def set_micro_batch(model: nn.Module, zero: int, last: bool) -> None:
     if zero == 1:
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
+
+
+def reshard_units(modules: list[nn.Module]) -> None:
+    """Free every gathered FSDP unit of `modules`. A forward without backward leaves the units
+    that stay gathered after forward (the last one; all of them under zero=1 or PP) gathered in
+    the compute dtype, so that parameters read afterwards (a save, an export, a test) would be
+    bf16 copies, not the fp32 shards, and their memory held until the next step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in modules:
+        for module in part.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

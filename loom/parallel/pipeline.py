@@ -143,3 +143,58 @@ def reducing_stage_class():
             return grads, None
 
     return ReducingStage
+
+
+def _stage_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The schedule's loss function: the last stage already returns its micro-batch's mean loss
+    (the fused output layer gets the labels as a keyword input, like the positions)."""
+    return output
+
+
+class PipelineDriver:
+    """Runs a step's micro-batches through this rank's stages with the configured schedule.
+
+    The step engine hands it whole micro-batches as the model takes them; it concatenates them
+    (the schedule splits them again into its micro-batches), feeds the first stage the tokens and
+    every stage the keyword inputs (positions, documents, labels: the last stage's fused output
+    layer turns the labels into the loss), and returns the mean loss on every pipeline rank."""
+
+    def __init__(self, parts: list[nn.Module], stage_ids: list[int], n_stages: int, layout, device: torch.device,
+                 schedule: str, n_micro: int, reduce_every_micro_batch: bool):
+        self.parts, self.stage_ids, self.n_stages = parts, stage_ids, n_stages
+        self.layout, self.device = layout, device
+        self.schedule = build_schedule(parts, stage_ids, n_stages, layout.group("pp"), device, schedule, n_micro,
+                                       _stage_loss, reduce_every_micro_batch=reduce_every_micro_batch)
+
+    @property
+    def n_micro(self) -> int:
+        """Micro-batches the schedule runs per pass (validation repeats one batch that often)."""
+        return self.schedule._n_microbatches
+
+    def run(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, dict]], train: bool) -> torch.Tensor:
+        """One pass over (tokens [B, L], labels [B, L], keyword inputs) micro-batches: forward and
+        backward (train) or forward only; the mean loss (a detached fp32 scalar) on every pp rank."""
+        inputs = torch.cat([x for x, _, _ in micro_batches])
+        labels = torch.cat([y for _, y, _ in micro_batches])
+        kwargs = {key: torch.cat([kw[key] for _, _, kw in micro_batches]) for key in micro_batches[0][2]}
+        kwargs["labels"] = labels
+        first, last = 0 in self.stage_ids, self.n_stages - 1 in self.stage_ids
+        losses: list[torch.Tensor] = []
+        run = self.schedule.step if train else self.schedule.eval
+        args = (inputs,) if first else ()
+        if last:
+            run(*args, target=labels, losses=losses, return_outputs=False, **kwargs)
+            loss = torch.stack([_full(x).detach().float() for x in losses]).mean()
+        else:
+            run(*args, **kwargs)
+            loss = torch.zeros((), device=self.device)
+        return self.layout.sum_(loss, "pp")  # known on the last stage only
+
+    def sum_tied_grads(self) -> None:
+        """A tied embedding / output weight's gradient summed over its two stages (tied_copy)."""
+        sum_tied_grads(self.parts, self.n_stages, self.layout.group("pp"))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a replicated DTensor (the loss under tensor parallelism)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from loom.models.loss import (IGNORE_INDEX, check_labels, chunked_linear_loss, compute_dtype_of, loss_divisor,
                               upstream_scaled_grads)
-from loom.models.matmul import linear
+from loom.kernels.matmul import linear
 from loom.parallel.collectives import SumGradOverGroup
 
 

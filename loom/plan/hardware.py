@@ -227,7 +227,8 @@ def cpu_calibration(cache: Path | None = None) -> dict:
     (the planner's own cache: the trainer's calibration may run beside busy ranks)."""
     import torch
 
-    from loom.metrics.meter import _cpu_model, cache_dir, cached_measurement
+    from loom.files import cache_dir
+    from loom.metrics.meter import _cpu_model, cached_measurement
 
     key = f"{_cpu_model()}|cores={os.cpu_count()}|torch={torch.__version__}"
     return cached_measurement(cache or cache_dir() / "cpu_plan.json", key, _measure_cpu)

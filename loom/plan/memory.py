@@ -177,7 +177,7 @@ def activation_bytes_per_token(cfg: ModelConfig, layout: Layout) -> float:
         mlp = (3 if cfg.gated else 2) * e * f / tp
     full = (8 * h / sp + 2 * e * h + e * (hq + 2 * hk) / tp + e * hq / tp + 4 * cfg.n_heads / tp + mlp)
     if layout.recompute == "selective" and not cfg.moe_experts:  # a MoE block recomputes no element-wise
-        return full - 2 * e * h - e * f / tp                      # work (loom.train.recompute)
+        return full - 2 * e * h - e * f / tp                      # work (loom.parallel.recompute)
     return full
 
 

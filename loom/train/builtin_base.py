@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from loom.locks import exclusive_lock
-from loom.metrics.meter import cache_dir
+from loom.files import cache_dir
 from loom.train.checkpoint_files import CheckpointError, newest
 
 BUILTIN_BASE = "builtin:tiny-pretrained"

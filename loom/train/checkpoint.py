@@ -1,5 +1,7 @@
-"""Checkpoints of the whole training state: save (synchronous or in the background), publish,
-keep the newest N, and load under any layout. The folder format lives in `checkpoint_files`.
+"""Checkpoints of the whole training state: when to save (checkpoint.every, the last step, a stop
+signal), saving (synchronous or in the background), publishing, keeping the newest N, and
+loading under any layout. The folder format lives in `checkpoint_files`, where a run starts in
+`resume`, the state dicts in `state_dicts`.
 
 Each rank saves its share through torch.distributed.checkpoint (DCP): model parameters and AdamW
 states (DTensor shards under FSDP/TP, under the full model's parameter names, so a checkpoint
@@ -11,120 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
+import sys
 import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from loom.parallel.init import local_shard
+from loom.parallel.layout import Layout
 from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SINGLE_PROCESS_WARNING, TMP_PREFIX,
-                                         CheckpointError, check_compatible, check_files, check_same_model,
-                                         checkpoint_name, lora_fields,
-                                         disk_full, file_record, model_fields, one_line, publish_folder, published,
+                                         CheckpointError, check_files, check_same_model, checkpoint_name, disk_full,
+                                         file_record, lora_fields, model_fields, one_line, publish_folder, published,
                                          read_manifest, safe_planner, safe_reader)
-from loom.train.hangs import collective_timeout
-
-
-# -- state dicts -------------------------------------------------------------------------------
-TIED_COPY, TIED_SOURCE = "output.weight", "tok_embeddings.weight"
-
-
-def _checkpoint_names(part: nn.Module) -> dict[str, str]:
-    """A part's own state-dict names -> the names its checkpoint entries have: the same, except
-    that a pipeline's last-stage copy of a tied output weight is saved and loaded as the
-    embedding it copies (one tensor in every checkpoint, whatever the layout)."""
-    from loom.parallel.pipeline import tied_copy
-
-    return {TIED_COPY: TIED_SOURCE} if tied_copy(part) is not None else {}
-
-
-def _renamed(d: dict, names: dict[str, str], optimizer: bool = False) -> dict:
-    """d with its keys renamed by `names` (parameter name -> name in the checkpoint): model
-    entries are parameter names, flattened optimizer entries 'state.<parameter name>.<state>'."""
-    if not names:
-        return d
-
-    def rename(key: str) -> str:
-        if not optimizer:
-            return names.get(key, key)
-        for own, saved in names.items():
-            prefix = f"state.{own}."
-            if key.startswith(prefix):
-                return f"state.{saved}.{key[len(prefix):]}"
-        return key
-
-    return {rename(k): v for k, v in d.items()}
-
-
-def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Full-model name -> parameter (a DTensor shard under FSDP/TP) over this rank's model parts
-    (pipeline stages keep the names of the whole model)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    out: dict[str, torch.Tensor] = {}
-    for part in parts:
-        out.update(_renamed(get_model_state_dict(part), _checkpoint_names(part)))
-    return out
-
-
-def set_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
-    """Load `state` (checkpoint names, see model_state) into this rank's parts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    for part in parts:
-        names = _checkpoint_names(part)
-        own = {names.get(k, k): k for k in part.state_dict().keys()}
-        # Not strict: `state` may be a part of the model (a LoRA checkpoint's adapters, a base's
-        # weights without them); DCP has already refused a checkpoint that lacks what was asked.
-        set_model_state_dict(part, {own[k]: v for k, v in state.items() if k in own},
-                             options=StateDictOptions(strict=False))
-
-
-def _optim_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-def optimizer_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict:
-    """'state.<param name>.<exp_avg|exp_avg_sq|step>' -> tensor, over all parts. Hyperparameters
-    (param_groups) are left out: they are not tensors and come from the config."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    out: dict[str, torch.Tensor] = {}
-    for part, opt in zip(parts, optimizers):
-        flat = get_optimizer_state_dict(part, opt, options=_optim_options())
-        flat = _renamed({k: v for k, v in flat.items() if k.startswith("state.")}, _checkpoint_names(part), True)
-        out.update(flat)
-    return out
-
-
-def load_optimizer_state(parts, optimizers, state: dict) -> None:
-    """Put loaded 'state.*' tensors into the optimizers, keeping their own param_groups."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    for part, opt in zip(parts, optimizers):
-        flat = get_optimizer_state_dict(part, opt, options=_optim_options())
-        saved_as = _renamed({k: k for k in flat}, _checkpoint_names(part), True)  # checkpoint name -> own
-        flat.update({own: state[k] for k, own in saved_as.items() if k in state})
-        set_optimizer_state_dict(part, opt, flat, options=_optim_options())
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    out = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        out["cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+from loom.train.hangs import Activity, collective_timeout
+from loom.train.resume import check_compatible
+from loom.train.signals import StoppedBySignal
+from loom.train.state_dicts import load_optimizer_state, model_state, optimizer_state, rng_state, set_model_state, set_rng_state
 
 
 # -- the checkpointer --------------------------------------------------------------------------
@@ -148,31 +57,29 @@ class _PendingSave:
 
 
 class Checkpointer:
-    """Saves and loads one rank's share of the training state.
+    """Saves and loads one rank's share of the training state, and decides when to.
 
-    Every rank calls `save`, `poll`, `wait` and `load` at the same points (they hold collectives).
-    `group` is a process group for checkpoint collectives (None in a single process); async saves
-    run their collectives on a separate gloo group so they never interleave with training's.
+    Every rank calls `save`, `poll`, `wait`, `load` and the policy's `save_if_due` and
+    `stop_with_checkpoint` at the same points (they hold collectives, through the Layout). Async
+    saves run their collectives on a separate gloo group so they never interleave with training's.
+    Without checkpoint.dir nothing is saved (a run may still start from a checkpoint).
     """
 
     def __init__(self, cfg, model_cfg, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-                 device: torch.device, layout: dict, async_save: bool = False, base: Path | None = None):
+                 layout: Layout, base: Path | None = None, activity: Activity | None = None):
         self.cfg, self.model_cfg = cfg, model_cfg
         # LoRA: checkpoints hold the adapters only, and name the base the run started from
         # (None: the seed's initialization, which the seed reproduces).
         self.lora = lora_fields(cfg.lora, model_cfg)
         self.base = str(Path(base).resolve()) if base is not None else None
         self.parts, self.optimizers = parts, optimizers
-        self.device, self.layout = device, layout
-        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if self.distributed else 0
-        self.world = torch.distributed.get_world_size() if self.distributed else 1
+        self.layout, self.device = layout, layout.device
+        self.rank, self.world = layout.rank, layout.world_size
+        self.activity = activity or Activity()
         self.directory = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-        self.async_save = async_save
-        self.async_group = None
-        if async_save and self.distributed:
-            self.async_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=cfg.train.timeout_s))
-        if not self.distributed:  # DCP warns it assumes one process (we know), also from its writer thread
+        self.async_save = cfg.checkpoint.async_save
+        self.async_group = layout.new_gloo_group(cfg.train.timeout_s) if self.async_save and self.directory else None
+        if not layout.distributed:  # DCP warns it assumes one process (we know), also from its writer thread
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         self.pending: _PendingSave | None = None
         self.timings: list[dict] = []  # {"step", "blocking_s", "total_s"} of every finished save
@@ -181,23 +88,62 @@ class Checkpointer:
             for p in self.directory.iterdir():  # leftovers of a crash mid-save or mid-delete
                 if p.name.startswith((TMP_PREFIX, DELETING_PREFIX)):
                     shutil.rmtree(p, ignore_errors=True)
-        self._barrier()
+        layout.barrier()
 
-    def _barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
+    # -- the policy: when to save, and how a run stops with a checkpoint ----------------------------
+    def save_if_due(self, state: TrainState, last: int) -> bool:
+        """Publish a finished background save, and save when checkpoint.every says so or at the
+        last step; whether this step saved."""
+        if self.directory is None:
+            return False
+        every = self.cfg.checkpoint.every
+        self.activity.now("a checkpoint save")
+        self.guarded(self.poll)
+        if (every and state.step % every == 0) or state.step == last:
+            self.save_checked(state)
+            return True
+        return False
 
-    def _all_gather(self, obj):
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
+    def save_checked(self, state: TrainState) -> None:
+        """Save, unless a weight is not finite on some rank (then stop: the last good checkpoint
+        stays the newest)."""
+        finite = all(bool(local_shard(p).isfinite().all()) for part in self.parts for p in part.parameters())
+        if not self.layout.all_true(finite):
+            raise FloatingPointError(f"non-finite weights after step {state.step}; no checkpoint written "
+                                     f"(the last good one stays in {self.cfg.checkpoint.dir})")
+        self.guarded(self.save, state)
+
+    def stop_with_checkpoint(self, signum: int, state: TrainState, saved: bool) -> None:
+        """Write the checkpoint of this step (unless it just saved), publish it, and end the run
+        with StoppedBySignal."""
+        folder = None
+        if self.directory is not None:
+            if not saved:
+                self.save_checked(state)
+            self.wait()
+            folder = str(self.directory / checkpoint_name(state.step))
+        raise StoppedBySignal(signal.Signals(signum).name, state.step, folder)
+
+    def finish(self) -> None:
+        """Publish the save in flight at the end of a run."""
+        self.activity.now("the last checkpoint save")
+        self.guarded(self.wait)
+
+    def guarded(self, checkpoint_op, *args) -> None:
+        """A checkpoint operation whose failure (a CheckpointError: a full disk, a lost file)
+        stops the run, or with checkpoint.on_error='continue' is said in one line and training
+        goes on."""
+        try:
+            checkpoint_op(*args)
+        except CheckpointError as e:
+            if self.cfg.checkpoint.on_error != "continue":
+                raise
+            if self.rank == 0:
+                print(f"loom train: {e}; training goes on (checkpoint.on_error='continue')", file=sys.stderr, flush=True)
 
     # -- save ------------------------------------------------------------------------------
     def save(self, state: TrainState) -> None:
         """Write the checkpoint of step `state.step` (in the background when async)."""
-        assert self.directory is not None
         self.wait()  # one save in flight at a time
         t0 = time.perf_counter()
         final = self.directory / checkpoint_name(state.step)
@@ -205,7 +151,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
-        self._barrier()
+        self.layout.barrier()
         torch.save(rng_state(self.device), tmp / "rng" / f"rank-{self.rank:05d}.pt")
         tensors = {"model": self._saved_model_state(), "optimizer": optimizer_state(self.parts, self.optimizers)}
         manifest = self._manifest(state)
@@ -218,9 +164,9 @@ class Checkpointer:
                 # DCP copies the tensors to host memory before it returns, then writes in a
                 # thread (collectives on its own group) while training modifies the parameters.
                 future = dcp.async_save(tensors, storage_writer=writer, process_group=self.async_group,
-                                        no_dist=not self.distributed)
+                                        no_dist=not self.layout.distributed)
             else:
-                dcp.save(tensors, storage_writer=writer, no_dist=not self.distributed)
+                dcp.save(tensors, storage_writer=writer, no_dist=not self.layout.distributed)
         self.pending = _PendingSave(state.step, tmp, final, manifest, future, t0)
         self.timings.append({"step": state.step, "blocking_s": time.perf_counter() - t0})
         if future is None:
@@ -258,11 +204,9 @@ class Checkpointer:
         """Publish a finished background save (call between steps on every rank)."""
         if self.pending is None or self.pending.future is None:
             return
-        done = torch.tensor([int(self.pending.future.done())], device=self.device)  # NCCL: on the GPU
-        if self.distributed:  # every rank must agree, or the publish collectives would not match;
-            # on the default group: the background writer owns the async one
-            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-        if done.item():
+        # Every rank must agree, or the publish collectives would not match (on the default group:
+        # the background writer owns the async one).
+        if self.layout.all_true(self.pending.future.done()):
             self._publish()
 
     def wait(self) -> None:
@@ -279,14 +223,14 @@ class Checkpointer:
             with self._failing_as(p.final):
                 p.future.result()  # waits; re-raises a failed background write
         mine = sorted(p.tmp.glob(f"__{self.rank}_*.distcp")) + [p.tmp / "rng" / f"rank-{self.rank:05d}.pt"]
-        gathered = self._all_gather({str(f.relative_to(p.tmp)): file_record(f) for f in mine})
+        gathered = self.layout.all_gather_object({str(f.relative_to(p.tmp)): file_record(f) for f in mine})
         if self.rank == 0:
             files = {k: v for part in gathered for k, v in part.items()}
             files[".metadata"] = file_record(p.tmp / ".metadata")
             # The same step saved again (a resumed run) replaces the older folder whole.
             publish_folder(p.tmp, p.final, {**p.manifest, "files": files})
             self._prune()
-        self._barrier()
+        self.layout.barrier()
         if self.timings and self.timings[-1]["step"] == p.step:
             self.timings[-1]["total_s"] = time.perf_counter() - p.started
 
@@ -338,7 +282,7 @@ class Checkpointer:
         if "optimizer" in manifest["contents"]:
             tensors["optimizer"] = optimizer_state(self.parts, self.optimizers)
         self._checked(lambda: dcp.load(tensors, storage_reader=safe_reader(path), planner=safe_planner(),
-                                       no_dist=not self.distributed))
+                                       no_dist=not self.layout.distributed))
         set_model_state(self.parts, model)
         if "optimizer" in tensors:
             load_optimizer_state(self.parts, self.optimizers, tensors["optimizer"])
@@ -366,7 +310,7 @@ class Checkpointer:
         self._checked(lambda: check_files(path, manifest, checksums=True, part=(self.rank, self.world)))
         model = {k: v for k, v in model_state(self.parts).items() if not is_adapter(k)}
         self._checked(lambda: dcp.load({"model": model}, storage_reader=safe_reader(path), planner=safe_planner(),
-                                       no_dist=not self.distributed))
+                                       no_dist=not self.layout.distributed))
         set_model_state(self.parts, model)
 
     def _checked(self, fn) -> None:
@@ -379,6 +323,6 @@ class Checkpointer:
             raise
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             error = one_line(e)
-        errors = [e for e in self._all_gather(error) if e]
+        errors = [e for e in self.layout.all_gather_object(error) if e]
         if errors:
             raise CheckpointError(errors[0])

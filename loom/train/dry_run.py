@@ -1,10 +1,10 @@
 """`loom train --dry-run`: a layout's memory per rank, from the real layout, on a laptop.
 
 For a few representative ranks of the job (the first, a middle and the last pipeline stage),
-this process joins torch's fake process group as that rank of the full world, builds the model
-on meta and lays it out exactly as a run would (`parallelize`: pipeline split, CP, TP,
-recompute, FSDP units), then allocates its shards as fake tensors (nothing is allocated) and
-reads off, per rank:
+this process joins torch's fake process group as that rank of the full world (Layout.fake) and
+builds the model with the builder every run uses (loom.parallel.build: converters, then pipeline
+split, CP, TP, EP, recompute, FSDP units), then allocates its shards as fake tensors (nothing is
+allocated) and reads off, per rank:
 - parameters, gradients and AdamW states: the bytes of this rank's shards (fp32), plus the
   unsharded fp32 gradients that parallel.zero=1 (and zero-bubble schedules) accumulate;
 - FSDP's gathered parameters: the units gathered at once (all of them under zero=1 or a
@@ -17,7 +17,6 @@ No data, checkpoint or accelerator is needed.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,12 +24,12 @@ import torch
 from torch import nn
 
 from loom.metrics.memory import LiveTensorBytes
-from loom.models.transformer import build_model
-from loom.parallel.apply import parallelize
+from loom.parallel.build import build_parallel_model
 from loom.parallel.dims import ParallelDims
 from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
 from loom.parallel.init import local_shard, local_shard_bytes
-from loom.train.settings import DTYPES
+from loom.parallel.layout import Layout
+from loom.settings import DTYPES
 
 FSDP_AXES = ("dp_shard_cp", "dp_replicate", "expert_fsdp")  # the mesh axes FSDP shards over
 
@@ -75,19 +74,6 @@ def representative_ranks(dims: ParallelDims) -> list[tuple[str, int]]:
         kinds.append(("middle stage", dims.pp // 2))
     kinds.append(("last stage", dims.pp - 1))
     return [(kind, r * per_stage) for kind, r in kinds]
-
-
-@contextlib.contextmanager
-def fake_process_group(rank: int, world: int):
-    """This process as `rank` of a `world`-rank job whose collectives do nothing."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _is_fsdp_sharded(p: torch.Tensor) -> bool:
@@ -240,23 +226,17 @@ def measure_rank(cfg, model_cfg, dims: ParallelDims, kind: str, rank: int, trace
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     compute = DTYPES[cfg.train.dtype]
-    with fake_process_group(rank, dims.world_size):
-        mesh = dims.build_mesh("cpu")
-        model = build_model(model_cfg, "meta")
-        lora = cfg.lora.spec(model_cfg)
-        if lora is not None:
-            from loom.models.lora import apply_lora
-
-            apply_lora(model, lora)
-        modules, stage_ids = parallelize(model, dims, mesh, cfg.parallel, cfg.train.recompute, compute)
+    with Layout.fake(dims, rank) as layout:
+        # The same builder as a run (converters included), stopped before it allocates.
+        built = build_parallel_model(cfg, layout, torch.device("cpu"), materialize=False)
+        modules, stage_ids = built.parts, built.stage_ids
         with FakeTensorMode(allow_non_fake_inputs=True):
             for module in modules:
                 module.to_empty(device="cpu")
             params, grads, optim = state_bytes(modules, dims, cfg.parallel)
             row = RankMemory(kind, rank, stage_ids, params, grads, optim,
                              gathered_bytes(modules, dims, cfg.parallel.zero, compute))
-            pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
-            row.in_flight = in_flight_per_stage(modules, stage_ids, dims, cfg, pp_group)
+            row.in_flight = in_flight_per_stage(modules, stage_ids, dims, cfg, layout.group("pp"))
             if not trace:
                 return row
             try:

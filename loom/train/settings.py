@@ -8,10 +8,9 @@ import torch
 from loom.models.converters import KERNEL_CHOICES, loom_kernels_unavailable
 from loom.models.fp8 import FP8_INSTALL, FP8_RECIPES, torchao_missing
 from loom.models.transformer import ModelConfig
-from loom.settings import need, one_of
-from loom.train.recompute import RECOMPUTE_MODES
+from loom.settings import DTYPES, need, one_of
+from loom.parallel.recompute import RECOMPUTE_MODES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 NONFINITE = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -81,8 +81,3 @@ def need_ints(hf: dict, source: str, *keys: str) -> None:
     for key in keys:
         need(isinstance(hf.get(key), int), source, f"no integer {key!r}")
 
-
-def loom_param_names(cfg: ModelConfig) -> list[str]:
-    from loom.models.transformer import build_model
-
-    return [n for n, _ in build_model(cfg, "meta").named_parameters()]

@@ -16,16 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.models.attention import TORCH_ATTENTION, AttentionKernel
+from loom.kernels.attention import TORCH_ATTENTION, AttentionKernel
 from loom.parallel.context.allgather import allgather_attention
 from loom.parallel.context.group import CPGroup
 from loom.parallel.context.ring import ring_attention
-from loom.parallel.context.sharding import all_spans, shard_index, shard_sequence
+from loom.parallel.context.sharding import all_spans, shard_batch, shard_index, shard_sequence
 from loom.parallel.context.ulysses import ulysses_attention
 
 COMMS = {"p2p": ring_attention, "allgather": allgather_attention, "a2a": ulysses_attention}
 
-__all__ = ["ContextParallelAttention", "apply_context_parallel", "shard_index", "shard_sequence"]
+__all__ = ["ContextParallelAttention", "apply_context_parallel", "shard_batch", "shard_index", "shard_sequence"]
 
 
 class ContextParallelAttention(nn.Module):

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from loom.kernels.attention import TORCH_ATTENTION, AttentionKernel
 from loom.models.attention import (
-    TORCH_ATTENTION,
-    AttentionKernel,
     Span,
     new_accumulators,
     plan_tiles,

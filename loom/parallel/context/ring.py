@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from loom.kernels.attention import TORCH_ATTENTION, AttentionKernel
 from loom.models.attention import (
-    TORCH_ATTENTION,
-    AttentionKernel,
     Span,
     new_accumulators,
     plan_tiles,

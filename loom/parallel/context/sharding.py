@@ -53,3 +53,15 @@ def unshard_sequence(parts: list[torch.Tensor], load_balance: bool) -> torch.Ten
     out = torch.empty((parts[0].shape[0], seq_len, *parts[0].shape[2:]), dtype=parts[0].dtype)
     out[:, order] = torch.cat(parts, dim=1)
     return out
+
+
+def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None, rank: int, cp: int,
+                load_balance: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This cp rank's share of a batch of whole sequences: inputs, labels [B, S] -> [B, S / cp],
+    with their global positions [B, S / cp] (positions [B, S], or None for 0..S-1): RoPE and the
+    attention masks see where each local token sits in the whole sequence."""
+    b, s = inputs.shape
+    idx = shard_index(rank, cp, s, load_balance, inputs.device)
+    if positions is None:
+        positions = torch.arange(s, device=inputs.device).expand(b, s)
+    return inputs[:, idx], labels[:, idx], positions[:, idx]

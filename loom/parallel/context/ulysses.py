@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from loom.models.attention import TORCH_ATTENTION, AttentionKernel, Span, plan_tiles, tiled_attention
+from loom.kernels.attention import TORCH_ATTENTION, AttentionKernel
+from loom.models.attention import Span, plan_tiles, tiled_attention
 from loom.parallel.context.group import CPGroup
 
 
