@@ -18,10 +18,10 @@ from loom.train.trainer import Trainer
 
 def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     params = {}
-    for name, p in trainer.named_parameters():
+    for name, p in trainer.model.named_parameters():
         t = p.full_tensor() if hasattr(p, "full_tensor") else p
         params[name] = t.detach().cpu().clone()
-    if trainer.pp:  # each pipeline rank holds some stages: collect them all
+    if trainer.layout.pp_enabled:  # each pipeline rank holds some stages: collect them all
         import torch.distributed as dist
 
         parts = [None] * dist.get_world_size()

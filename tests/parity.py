@@ -2,7 +2,9 @@
 
 In-process (world size 1) it is the reference; under torchrun it is one rank of a layout:
     torchrun --nproc-per-node N tests/parity.py OUT.pt CASE=--a.b=1,--c.d=2 CASE2=...
-Rank 0 saves {case: {"losses": [...], "grads": {name: full tensor after step 1}}}.
+Rank 0 saves {case: {"losses": [...], "grads": {name: full tensor after step 1}, ...}}, or
+{case: {"error": one line}} for a case that failed (on every rank alike), so that one failing
+case does not hide the others.
 """
 from __future__ import annotations
 
@@ -67,10 +69,10 @@ def init_checksums(trainer) -> dict:
     from loom.models.init import BLOCK_ELEMENTS
 
     crcs = {}
-    for name, p in trainer.named_parameters():
+    for name, p in trainer.model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
         crcs[name] = zlib.crc32(full.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    if trainer.pp:
+    if trainer.layout.pp_enabled:
         import torch.distributed as dist
 
         parts = [None] * dist.get_world_size()
@@ -78,7 +80,7 @@ def init_checksums(trainer) -> dict:
         crcs = {k: v for part in parts for k, v in part.items()}
         if trainer.model_cfg.tie_embeddings and "output.weight" in crcs:  # the last stage's copy
             assert crcs.pop("output.weight") == crcs["tok_embeddings.weight"], "tied copies start apart"
-    return {"crc32": crcs, "peak_bytes": trainer.init_peak_bytes, "shard_bytes": trainer.shard_bytes,
+    return {"crc32": crcs, "peak_bytes": trainer.model.init_peak_bytes, "shard_bytes": trainer.model.shard_bytes,
             "block_bytes": 4 * BLOCK_ELEMENTS}
 
 
@@ -88,7 +90,7 @@ def recording_fp8_input_scales(trainer, scales: dict):
     cast with where it arrives cast (context parallelism casts it before the linear), else the
     scale torchao will compute from it (its own function)."""
     handles = []
-    for part in trainer.parts:
+    for part in trainer.model.parts:
         for name, module in part.named_modules():
             if type(module).__name__ != "Float8Linear":
                 continue
@@ -118,19 +120,21 @@ def run_case(overrides: list[str], steps: int) -> dict:
     rss_growth = peak_resident_bytes() - rss_before
     init = {**init_checksums(trainer), "rss_growth_bytes": rss_growth}
     fp8_scales: dict[str, float] = {}
+    engine, data = trainer.engine, trainer.data
     with recording_fp8_input_scales(trainer, fp8_scales):
-        loss = trainer.forward_backward(trainer.micro_batches(0))
+        loss = engine.forward_backward(data.micro_batches(0))
     grads = gathered_grads(trainer)
-    losses = [trainer.mean_over_data_ranks(loss)]
-    trainer.optimizer_step(cfg.train.lr)
+    losses = [trainer.layout.mean_over_data_ranks(loss)]
+    engine.clip_gradients()
+    engine.apply_gradients(cfg.train.lr)
     collectives: dict[str, int] = {}
     for step in range(1, steps):
         # The second step's collectives, per rank: the first runs pipeline schedules' shape inference.
         with counting_fsdp_collectives(collectives) if step == 1 else contextlib.nullcontext():
-            losses.append(trainer.train_step(trainer.micro_batches(step), cfg.train.lr)[0])
+            losses.append(engine.train_step(data.micro_batches(step), cfg.train.lr)[0])
     grads_after = {}
-    if trainer.lora is not None:  # LoRA's A has no gradient at step 1 (B starts at zero): again now
-        trainer.forward_backward(trainer.micro_batches(steps))
+    if trainer.model.lora is not None:  # LoRA's A has no gradient at step 1 (B starts at zero): again now
+        engine.forward_backward(data.micro_batches(steps))
         grads_after = gathered_grads(trainer)
     return {"losses": losses, "grads": grads, "grads_after": grads_after, "collectives": collectives, "init": init,
             "fp8_scales": fp8_scales, "trainer": trainer}
@@ -139,12 +143,12 @@ def run_case(overrides: list[str], steps: int) -> dict:
 def gathered_grads(trainer) -> dict:
     """{full-model name: full gradient} of every trainable parameter, on every rank."""
     grads = {}
-    for name, p in trainer.named_parameters():
+    for name, p in trainer.model.named_parameters():
         if not p.requires_grad:  # frozen (LoRA's base)
             continue
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.detach().float().cpu().clone()
-    if trainer.pp:  # each pipeline rank holds some stages: collect them all
+    if trainer.layout.pp_enabled:  # each pipeline rank holds some stages: collect them all
         import torch.distributed as dist
 
         parts = [None] * dist.get_world_size()
@@ -174,18 +178,26 @@ def warm_up() -> None:
 
 
 def main() -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
     warm_up()
     out, cases = sys.argv[1], sys.argv[2:]
-    results, trainer = {}, None
+    results = {}
     for case in cases:
         name, _, args = case.partition("=")
-        r = run_case(args.split(","), steps=case_steps(name))
-        trainer = r.pop("trainer")
+        try:
+            r = run_case(args.split(","), steps=case_steps(name))
+        except Exception as e:  # noqa: BLE001 - reported as this case's result
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        r.pop("trainer")
         results[name] = r
-    if trainer.rank == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         torch.save(results, out)
-    trainer.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -300,12 +300,12 @@ def test_second_sigterm_stops_at_once_and_leaves_published_checkpoints(dataset, 
     # cannot end before the second signal arrives (two signals sent at once may arrive as one).
     env = _injected(tmp_path, """
 import time
-import loom.train.trainer as t
-stop = t.Trainer.stop_by_signal
+import loom.train.checkpoint as c
+stop = c.Checkpointer.stop_with_checkpoint
 def slow_stop(self, *a):
     time.sleep(60)
     return stop(self, *a)
-t.Trainer.stop_by_signal = slow_stop""")
+c.Checkpointer.stop_with_checkpoint = slow_stop""")
     proc = subprocess.Popen([sys.executable, "-m", "loom", "train", "--quiet", "--nproc", "2", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     deadline = time.time() + 300
@@ -391,12 +391,12 @@ def test_an_unexpected_worker_error_is_one_line_with_its_traceback_in_a_file(dat
 
     env = _injected(tmp_path, """
 import loom.train.trainer as t
-step = t.Trainer.train_step
-def broken(self, batches, lr):
-    if self.state.step == 2:
+step = t.Trainer.train_one_step
+def broken(self, step_number, *a):
+    if step_number == 3:
         raise ZeroDivisionError('injected in step 3')
-    return step(self, batches, lr)
-t.Trainer.train_step = broken""")
+    return step(self, step_number, *a)
+t.Trainer.train_one_step = broken""")
     run = tmp_path / "run"
     args = common(dataset, tmp_path, steps=5)[2:] + ["--parallel.dp_shard=2", "--parallel.pp=1",
                                                       f"--metrics.jsonl={run}/m.jsonl", f"--checkpoint.dir={run}/ck"]

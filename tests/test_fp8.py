@@ -41,7 +41,7 @@ def test_fp8_loss_tracks_bf16_over_100_steps():
                                  f"--train.fp8={fp8}", "--metrics.plot="])
         trainer = Trainer(cfg, validate(cfg), progress=False)
         t = cfg.train
-        curves[fp8] = [trainer.train_step(trainer.micro_batches(s), lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.steps))[0]
+        curves[fp8] = [trainer.engine.train_step(trainer.data.micro_batches(s), lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.steps))[0]
                        for s in range(t.steps)]
     rel = [abs(a - b) / b for a, b in zip(curves["tensorwise"], curves["none"])]
     assert max(rel) < 0.10, max(rel)

@@ -37,7 +37,7 @@ def test_base_stays_bit_identical_and_only_adapters_train(sft_dataset, base, tmp
     cfg = load_config(None, [a for a in args if a != "--quiet"])
     trainer = Trainer(cfg, validate(cfg), progress=False)
     trainer.train()
-    params = dict(trainer.named_parameters())
+    params = dict(trainer.model.named_parameters())
     adapters = {n for n in params if n.endswith((".lora_a", ".lora_b"))}
     assert len(adapters) == 2 * 7 * 2  # 7 projections x 2 blocks
     base_tensors = load_model_tensors(base, [n for n in params if n not in adapters], checkpoint_tensor_shapes(base))
@@ -45,7 +45,7 @@ def test_base_stays_bit_identical_and_only_adapters_train(sft_dataset, base, tmp
         assert torch.equal(params[name].detach(), want), name  # never moved
         assert not params[name].requires_grad
     assert all(params[n].abs().max() > 0 for n in adapters if n.endswith("lora_b"))  # B left zero
-    state = trainer.optimizers[0].state
+    state = trainer.engine.optimizers[0].state
     held = {id(p) for p in state}
     assert held == {id(params[n]) for n in adapters}  # AdamW keeps moments of adapters only
     saved = checkpoint_tensor_shapes(tmp_path / "ck" / "step-00000003")
@@ -92,8 +92,8 @@ def test_base_held_in_bf16_changes_no_number(sft_dataset, base, tmp_path):
                    f"--lora.base_dtype={dtype}", f"--checkpoint.init_from={base}")[1:]
         cfg = load_config(None, [a for a in args if a != "--quiet"])
         trainer = Trainer(cfg, validate(cfg), progress=False)
-        losses[dtype] = [trainer.train_step(trainer.micro_batches(step), 1e-2)[0] for step in range(3)]
-        held = {n: p.dtype for n, p in trainer.named_parameters()}
+        losses[dtype] = [trainer.engine.train_step(trainer.data.micro_batches(step), 1e-2)[0] for step in range(3)]
+        held = {n: p.dtype for n, p in trainer.model.named_parameters()}
     assert losses["bfloat16"] == losses["float32"]
     assert held["layers.0.attention.wq.weight"] == torch.bfloat16 and held["layers.0.attention.wq.lora_a"] == torch.float32
     assert held["tok_embeddings.weight"] == held["layers.0.attention_norm.weight"] == torch.float32

@@ -23,8 +23,8 @@ def make_trainer(dataset, tmp_path, *extra):
 def test_overfits_a_tiny_batch(dataset, tmp_path):
     trainer = make_trainer(dataset, tmp_path, "--train.weight_decay=0", "--train.micro_batch=4",
                            "--train.global_batch=4")
-    batch = trainer.micro_batches(0)
-    losses = [trainer.train_step(batch, lr=3e-3)[0] for _ in range(120)]
+    batch = trainer.data.micro_batches(0)
+    losses = [trainer.engine.train_step(batch, lr=3e-3)[0] for _ in range(120)]
     assert losses[0] > 4.0  # about ln(300) at init
     assert losses[-1] < 0.3, losses[-10:]
 
@@ -33,9 +33,9 @@ def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
     grads = {}
     for mb in (8, 2):
         trainer = make_trainer(dataset, tmp_path, f"--train.micro_batch={mb}", "--train.global_batch=8")
-        batches = trainer.micro_batches(0)
+        batches = trainer.data.micro_batches(0)
         assert len(batches) == 8 // mb
-        loss = sum(trainer.forward_loss(b) / len(batches) for b in batches)
+        loss = sum(trainer.engine.forward_loss(b) / len(batches) for b in batches)
         loss.backward()
         grads[mb] = [p.grad.clone() for p in trainer.model.parameters()]
     for a, b in zip(grads[8], grads[2]):
@@ -87,14 +87,14 @@ def test_bf16_tracks_fp32(dataset, tmp_path, recompute):
     for dtype in ("float32", "bfloat16"):
         trainer = make_trainer(dataset, tmp_path, f"--train.dtype={dtype}", f"--train.recompute={recompute}",
                                "--train.micro_batch=4", "--train.global_batch=4")
-        losses[dtype] = [trainer.train_step(trainer.micro_batches(s), lr=1e-3)[0] for s in range(4)]
+        losses[dtype] = [trainer.engine.train_step(trainer.data.micro_batches(s), lr=1e-3)[0] for s in range(4)]
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 master weights
     for a, b in zip(losses["float32"], losses["bfloat16"]):
         assert b == pytest.approx(a, rel=1e-2)
 
 
 def test_clip_grad_norm_matches_torch():
-    from loom.train.trainer import clip_grad_norm
+    from loom.train.optim import clip_grad_norm
 
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -117,12 +117,12 @@ def test_bert_trains_on_masked_lm_targets(dataset, tmp_path):
     trainer = make_trainer(dataset, tmp_path, "--model.name=tiny-bert", "--train.steps=30", "--train.lr=3e-3",
                            "--train.warmup_steps=3", "--train.eval_every=0", "--train.eval_batches=4",
                            "--metrics.plot=")
-    spec = trainer.masking
+    spec = trainer.data.masking
     assert spec is not None and trainer.model_cfg.causal is False
     # Masking statistics over many sequences, and the same masks for the same sequences.
-    idx = np.arange(min(200, trainer.train_data.n_sequences))
-    batch = trainer.train_data.batch(idx, False, spec)
-    raw, _ = trainer.train_data.sequences(idx)
+    idx = np.arange(min(200, trainer.data.train.n_sequences))
+    batch = trainer.data.train.batch(idx, False, spec)
+    raw, _ = trainer.data.train.sequences(idx)
     chosen = batch.labels != -100
     assert 0.12 < chosen.float().mean().item() < 0.18
     assert torch.equal(batch.labels[chosen], raw[chosen])  # the label is the original token
@@ -131,7 +131,7 @@ def test_bert_trains_on_masked_lm_targets(dataset, tmp_path):
     kept = (batch.inputs == raw) & chosen
     assert 0.72 < masked.sum() / chosen.sum() < 0.88 and 0.05 < kept.sum() / chosen.sum() < 0.2
     assert torch.equal((batch.inputs != raw), chosen & ~kept)  # only chosen tokens change
-    again = trainer.train_data.batch(idx[::-1].copy(), False, spec)
+    again = trainer.data.train.batch(idx[::-1].copy(), False, spec)
     assert torch.equal(again.labels.flip(0), batch.labels)
     summary = trainer.train()
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5, summary
@@ -141,11 +141,11 @@ def test_a_run_faster_than_the_calibrated_peak_reports_no_mfu_and_discards_the_p
     """A stale calibration (here 1 FLOP/s): no row and no summary shows an MFU (never above
     100%), the summary says the peak is stale, and the cached calibration is dropped."""
     from loom.metrics.meter import Peak
-    from loom.train import trainer as trainer_module
+    from loom.train import report as report_module
 
     forgotten = []
-    monkeypatch.setattr(trainer_module, "device_peak", lambda device, dtype, fp8=False: Peak(1.0, "cpu matmul calibration (test)"))
-    monkeypatch.setattr(trainer_module, "forget_cpu_peak", forgotten.append)
+    monkeypatch.setattr(report_module, "device_peak", lambda device, dtype, fp8=False: Peak(1.0, "cpu matmul calibration (test)"))
+    monkeypatch.setattr(report_module, "forget_cpu_peak", forgotten.append)
     trainer = make_trainer(dataset, tmp_path, "--train.steps=3", "--train.eval_every=0", "--metrics.log_every=1",
                            "--metrics.plot=")
     summary = trainer.train()

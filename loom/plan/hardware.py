@@ -188,39 +188,6 @@ def _total_memory_gib() -> float:
 
 
 # -- gloo link calibration -----------------------------------------------------------------------
-def _link_worker(rank: int, port: int, out: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    big, small = torch.zeros(4 * 1024 * 1024), torch.zeros(1)  # 16 MB, 4 B
-
-    def exchange(t: torch.Tensor) -> None:
-        if rank == 0:
-            dist.send(t, 1)
-            dist.recv(t, 1)
-        else:
-            dist.recv(t, 0)
-            dist.send(t, 0)
-
-    for _ in range(3):
-        exchange(big)
-        exchange(small)
-    t0 = time.perf_counter()
-    for _ in range(200):
-        exchange(small)
-    latency = (time.perf_counter() - t0) / 400
-    t0 = time.perf_counter()
-    for _ in range(8):
-        exchange(big)
-    per_transfer = (time.perf_counter() - t0) / 16
-    if rank == 0:
-        Path(out).write_text(json.dumps({"gbps": big.numel() * 4 / max(per_transfer - latency, 1e-9) / 1e9,
-                                         "latency_s": latency}))
-    dist.destroy_process_group()
-
-
 def cpu_calibration(cache: Path | None = None) -> dict:
     """{"matmul_flops", "copy_gbps", "gbps", "latency_s"}: one thread's fp32 matmul rate and memory
     bandwidth, and a gloo send/recv between two local processes; measured once on an idle machine
@@ -242,6 +209,7 @@ def _measure_cpu() -> dict:
     import torch.multiprocessing as mp
 
     from loom.metrics.meter import measure_matmul_flops
+    from loom.parallel.collectives import gloo_link_worker
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -254,6 +222,6 @@ def _measure_cpu() -> dict:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "link.json")
-        mp.start_processes(_link_worker, args=(port, out), nprocs=2, start_method="spawn")
+        mp.start_processes(gloo_link_worker, args=(port, out), nprocs=2, start_method="spawn")
         link = json.loads(Path(out).read_text())
     return {"matmul_flops": flops, "copy_gbps": _copy_gbps(), **link}

@@ -261,7 +261,7 @@ class Checkpointer:
             "model": model_fields(self.model_cfg),
             "model_name": cfg.model.name,
             "data": {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in DATA_KEYS},
-            "layout": self.layout,
+            "layout": self.layout.degrees(),
             "dtype": cfg.train.dtype,
             "train_curve": list(state.train_curve),  # copies: training goes on during an async save
             "val_curve": list(state.val_curve),
