@@ -16,6 +16,7 @@ training: `Trainer.train()` of the tiny model in one process (2 threads) for --s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -28,8 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loom.config import load_config, validate  # noqa: E402
-from loom.train.checkpoint import Checkpointer, TrainState  # noqa: E402
 from loom.models.transformer import init_model  # noqa: E402
+from loom.parallel.layout import Layout  # noqa: E402
+from loom.train.checkpoint import Checkpointer, TrainState  # noqa: E402
 from loom.train.optim import build_optimizer  # noqa: E402
 
 
@@ -53,9 +55,10 @@ def bench_io(models: list[str], repeats: int) -> None:
         try:
             cfg, model_cfg, net, opt = _setup(model, root / "ck")
             n_params = sum(p.numel() for p in net.parameters())
-            layout = {"world_size": 1}
-            sync = Checkpointer(cfg, model_cfg, [net], [opt], torch.device("cpu"), layout)
-            asyn = Checkpointer(cfg, model_cfg, [net], [opt], torch.device("cpu"), layout, async_save=True)
+            layout = Layout.single("cpu")
+            async_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_save=True))
+            sync = Checkpointer(cfg, model_cfg, [net], [opt], layout)
+            asyn = Checkpointer(async_cfg, model_cfg, [net], [opt], layout)
             saves, blocks, totals, loads = [], [], [], []
             step = 0
             for _ in range(repeats):
@@ -71,7 +74,7 @@ def bench_io(models: list[str], repeats: int) -> None:
                 totals.append(time.perf_counter() - t0)
                 fresh_net = init_model(model_cfg, torch.device("cpu"), 1)
                 fresh_opt = build_optimizer(fresh_net, cfg.train)
-                loader = Checkpointer(cfg, model_cfg, [fresh_net], [fresh_opt], torch.device("cpu"), layout)
+                loader = Checkpointer(cfg, model_cfg, [fresh_net], [fresh_opt], layout)
                 t0 = time.perf_counter()
                 loader.load(root / "ck" / f"step-{step:08d}")
                 loads.append(time.perf_counter() - t0)

@@ -62,9 +62,9 @@ def balance(aux: float, steps: int) -> float:
     trainer = Trainer(cfg, validate(cfg), progress=False)
     ratios = []
     for step in range(steps):
-        trainer.train_step(trainer.micro_batches(step), cfg.train.lr)
+        trainer.engine.train_step(trainer.data.micro_batches(step), cfg.train.lr)
         if step >= steps - 10:
-            for layer in trainer.moe_layers:
+            for layer in trainer.model.moe_layers():
                 counts = layer.last_counts.double()
                 ratios.append((counts.max() / counts.mean()).item())
     return statistics.mean(ratios)

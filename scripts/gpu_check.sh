@@ -10,7 +10,7 @@
 #   5. bf16 and FP8 (tensorwise) throughput of Llama 3 8B's shape cut to 8 layers at seq 8192:
 #      median tokens/s, model TFLOP/s and MFU of steps 3 onward, peak memory, and the planner's
 #      predicted memory for the same layout beside it; Mixtral 8x7B cut to 2 layers in bf16;
-#   6. a table of every check.
+#   6. a table of every check, then the figures of the training runs that passed.
 # Usage: scripts/gpu_check.sh [--cpu] [OUTPUT_DIR]   (python3 must have torch, with CUDA unless
 # --cpu, and torchao for the FP8 runs; loom runs from this checkout, nothing is installed).
 # --cpu: the same checks on the CPU at toy sizes (a smoke test of this script, run by the suite).
@@ -60,14 +60,15 @@ check() {  # check NAME SECONDS COMMAND...: its log's tail, and a row of the tab
   return "$status"
 }
 
-train_check() {  # train_check NAME SECONDS ARGS...: a one-device run; its figures join the table
+RUNS=()  # the train_checks that passed: their figures join the table at the end, in one process
+train_check() {  # train_check NAME SECONDS ARGS...: a one-device run, its overrides kept beside its metrics
   local name=$1 limit=$2
   shift 2
   local args=(--train.device="$DEVICE" --parallel.dp_shard=1 --parallel.pp=1 --train.eval_every=0
     --metrics.log_every=1 --metrics.plot= --metrics.jsonl="$OUT_DIR/$name.jsonl" --train.seq_len="$SEQ"
     --train.micro_batch=1 "$@")
-  check "$name" "$limit" $PY -m loom train --quiet "${args[@]}" &&
-    $PY scripts/gpu_check_figures.py "$OUT_DIR/$name.jsonl" "${args[@]}" | tee -a "$OUT_DIR/table.txt"
+  printf '%s\n' "${args[@]}" >"$OUT_DIR/$name.args"
+  check "$name" "$limit" $PY -m loom train --quiet "${args[@]}" && RUNS+=("$OUT_DIR/$name.jsonl")
 }
 
 if [ "$DEVICE" = cuda ]; then
@@ -100,6 +101,10 @@ train_check llama3_8b_8_layers_fp8 200 "${LLAMA[@]}" --train.dtype=bfloat16 --tr
   --train.global_batch=4 --train.steps="$STEPS" --train.recompute=selective
 train_check mixtral_8x7b_2_layers 160 "${MIXTRAL[@]}" --train.dtype=bfloat16 --train.global_batch=4 \
   --train.steps="$STEPS"
+if [ "${#RUNS[@]}" -gt 0 ]; then
+  echo "=== figures"
+  $PY scripts/gpu_check_figures.py "${RUNS[@]}" | tee -a "$OUT_DIR/table.txt"
+fi
 echo "=== summary ($DEVICE)"
 cat "$OUT_DIR/table.txt"
 echo "=== $failed check(s) failed; logs in $OUT_DIR"

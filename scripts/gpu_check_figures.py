@@ -1,8 +1,11 @@
-"""One line of scripts/gpu_check.sh's table for a training run: the medians of steps 3 onward
+"""A line of scripts/gpu_check.sh's table for each training run: the medians of steps 3 onward
 (tokens/s per device, model TFLOP/s, MFU and the peak it is against), the peak memory, and on a
 GPU the planner's predicted memory for the same layout beside it.
 
-    python scripts/gpu_check_figures.py RUN.jsonl [the run's --section.key=value overrides]
+    python scripts/gpu_check_figures.py RUN.jsonl [RUN2.jsonl ...]
+
+Each run's --section.key=value overrides are read from RUN.args beside it (one per line), as
+gpu_check.sh writes them: one process for all runs (each costs an import of torch and loom).
 """
 from __future__ import annotations
 
@@ -39,7 +42,12 @@ def planned_gib(overrides: list[str]) -> str:
 
 
 def main() -> None:
-    path, overrides = sys.argv[1], sys.argv[2:]
+    for path in sys.argv[1:]:
+        overrides = Path(path).with_suffix(".args").read_text().splitlines()
+        print(figures_line(path, overrides))
+
+
+def figures_line(path: str, overrides: list[str]) -> str:
     rows = [json.loads(line) for line in open(path)]
     late = [r for r in rows if r["step"] >= 3] or rows
 
@@ -48,11 +56,11 @@ def main() -> None:
         return statistics.median(values) if values else None
 
     mfu = median("mfu")
-    print(f"  {Path(path).stem}: {median('tokens_per_s_per_device'):,.0f} tokens/s, "
-          f"{median('tflops_per_device'):.1f} model TFLOP/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} "
-          f"(peak: {rows[0].get('peak_source', '?')}), peak memory "
-          f"{max(r['peak_memory_bytes'] for r in rows) / 2**30:.1f} GiB ({planned_gib(overrides)}), "
-          f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    return (f"  {Path(path).stem}: {median('tokens_per_s_per_device'):,.0f} tokens/s, "
+            f"{median('tflops_per_device'):.1f} model TFLOP/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} "
+            f"(peak: {rows[0].get('peak_source', '?')}), peak memory "
+            f"{max(r['peak_memory_bytes'] for r in rows) / 2**30:.1f} GiB ({planned_gib(overrides)}), "
+            f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 
 from loom.config import load_config, validate
 from loom.train.trainer import Trainer
+from parity import Layouts
 
 
 def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -32,10 +33,12 @@ def full_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
     return params
 
 
-def run_job(overrides: list[str]) -> tuple[dict, Trainer]:
+def run_job(overrides: list[str], layouts=None) -> tuple[dict, Trainer]:
+    """layouts: a parity.Layouts shared by a launch's jobs (one mesh per layout), or None."""
     cfg = load_config(None, overrides)
     world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-    trainer = Trainer(cfg, validate(cfg, world_size=world), progress=False)
+    layout = layouts.of(cfg) if layouts is not None else None
+    trainer = Trainer(cfg, validate(cfg, world_size=world), progress=False, layout=layout)
     out = {"loaded": full_parameters(trainer), "loaded_val": trainer.validation_loss()}
     trainer.train()
     out["curve"] = list(trainer.state.train_curve)
@@ -46,10 +49,10 @@ def run_job(overrides: list[str]) -> tuple[dict, Trainer]:
 def main() -> None:
     torch.set_num_threads(1)
     out, jobs = sys.argv[1], sys.argv[2:]
-    results, trainer = {}, None
-    for job in jobs:
+    results, trainer, layouts = {}, None, Layouts()
+    for job in jobs:  # in order: a job may resume the checkpoint of one before it
         name, _, args = job.partition("=")
-        results[name], trainer = run_job(args.split(","))
+        results[name], trainer = run_job(args.split(","), layouts)
     if trainer.rank == 0:
         torch.save(results, out)
     trainer.close()

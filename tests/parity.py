@@ -15,6 +15,8 @@ import sys
 import torch
 
 from loom.config import load_config, validate
+from loom.parallel.dims import ParallelDims
+from loom.parallel.layout import Layout
 from loom.train.trainer import Trainer
 
 # Steps a parity case trains: the first one's gradients and every step's loss are compared, so
@@ -111,12 +113,29 @@ def recording_fp8_input_scales(trainer, scales: dict):
             h.remove()
 
 
-def run_case(overrides: list[str], steps: int) -> dict:
+class Layouts:
+    """One Layout per degrees, shared by the cases of those degrees: every mesh makes process
+    groups, and an idle gloo group still costs CPU (its threads wake), so a launch of 40 cases
+    should not make 40 meshes. (Their groups cannot be destroyed safely: torch's DTensor caches
+    take meshes of one shape for equal, whatever their groups.)"""
+
+    def __init__(self):
+        self.layouts: dict[ParallelDims, Layout] = {}
+
+    def of(self, cfg) -> Layout:
+        dims = ParallelDims.from_section(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
+        if dims not in self.layouts:
+            self.layouts[dims] = Layout.join(cfg.parallel, dims.world_size, torch.device("cpu"), cfg.train.timeout_s)
+        return self.layouts[dims]
+
+
+def run_case(overrides: list[str], steps: int, layouts: Layouts | None = None) -> dict:
     cfg = load_config(None, overrides)
     world = os.environ.get("WORLD_SIZE")
     model_cfg = validate(cfg, world_size=int(world) if world else None)
     rss_before = resident_bytes()
-    trainer = Trainer(cfg, model_cfg, progress=False)
+    layout = layouts.of(cfg) if layouts is not None else None
+    trainer = Trainer(cfg, model_cfg, progress=False, layout=layout)
     rss_growth = peak_resident_bytes() - rss_before
     init = {**init_checksums(trainer), "rss_growth_bytes": rss_growth}
     fp8_scales: dict[str, float] = {}
@@ -183,12 +202,15 @@ def main() -> None:
     torch.set_num_threads(1)
     warm_up()
     out, cases = sys.argv[1], sys.argv[2:]
-    results = {}
+    results, layouts = {}, Layouts()
     for case in cases:
         name, _, args = case.partition("=")
         try:
-            r = run_case(args.split(","), steps=case_steps(name))
+            r = run_case(args.split(","), steps=case_steps(name), layouts=layouts)
         except Exception as e:  # noqa: BLE001 - reported as this case's result
+            if os.environ.get("TRACE") and os.environ.get("RANK") == "0":
+                import traceback
+                traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
         r.pop("trainer")

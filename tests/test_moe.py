@@ -1,6 +1,5 @@
 """The mixture-of-experts layer (loom/models/moe.py) against a reference written token by token,
 its capacity, auxiliary losses and their gradients, and tiny-moe in the trainer."""
-import dataclasses
 import math
 
 import pytest

@@ -234,7 +234,21 @@ def needed_cases(items) -> dict[int, list[str]]:
         if item.originalname == "test_fsdp_collectives_follow_parallel_zero":
             for world, names in ZERO_CASES.items():
                 wanted.setdefault(world, set()).update(names)
-    return {world: [n for n in LAYOUTS[world] if n in names] for world, names in wanted.items()}
+    return {world: launch_order(world, [n for n in LAYOUTS[world] if n in names]) for world, names in wanted.items()}
+
+
+def launch_order(world: int, names: list[str]) -> list[str]:
+    """Cases of the same degrees one after another (they share one Layout: parity.Layouts, and
+    DTensor's sharding decisions are cached per mesh); a big_* case first, as its resident-set
+    growth is measured."""
+    from loom.config import load_config
+    from loom.parallel.dims import ParallelDims
+
+    def degrees(name: str) -> tuple:
+        cfg = load_config(None, MODEL + LAYOUTS[world][name])
+        return tuple(ParallelDims.from_section(cfg.parallel, world).degrees().values())
+
+    return sorted(names, key=lambda name: (not name.startswith("big"), degrees(name)))
 
 
 @pytest.fixture(scope="module")

@@ -191,3 +191,60 @@ def test_a_collective_timeout_is_recognised_through_chained_errors(tmp_path):
     assert activity.where() == "before the first step (start-up)"
     activity.now("validation", step=7)
     assert activity.where() == "in step 7 (validation)"
+
+
+def wandb_records(run_file) -> list:
+    """The records of an offline W&B run file (run-<id>.wandb): wandb's own protobuf Records in
+    LevelDB's log framing (a 7-byte file header; 32 KiB blocks of chunks, each with a 7-byte
+    header: CRC, length, type 1 full / 2 first / 3 middle / 4 last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, parts, records = run_file.read_bytes(), 7, [], []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            records.append(record)
+            parts = []
+    return records
+
+
+def test_wandb_sink_records_the_metrics_rows_offline(dataset, tmp_path, monkeypatch, capsys):
+    """metrics.wandb='project/run' with W&B offline: the run is named so, holds the run's config,
+    every logged row's numeric entries at its step (nested ones flattened) and the final losses;
+    the console shows loom's lines only. A bad name is one line before anything starts."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    args = ["train", *MICRO, f"--data.path={dataset}", "--train.seq_len=32", "--train.steps=4", "--train.micro_batch=2",
+            "--train.global_batch=4", "--metrics.log_every=2", f"--metrics.jsonl={run}/m.jsonl", "--metrics.plot=",
+            "--metrics.wandb=loom-tests/tiny-run", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert not [line for line in out.splitlines() if line.lower().startswith("wandb")]
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (meta.project, meta.display_name) == ("loom-tests", "tiny-run")
+    assert '"seq_len"' in meta.config.SerializeToString().decode(errors="replace")
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    rows = [json.loads(line) for line in open(run / "m.jsonl")]
+    assert [h["_step"] for h in history] == [r["step"] for r in rows] == [1, 2, 4]
+    for h, row in zip(history, rows):
+        assert h["loss"] == pytest.approx(row["loss"]) and h["tokens_per_s"] == pytest.approx(row["tokens_per_s"])
+    summary = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update if item.key}
+    assert summary["final_loss"] == pytest.approx(rows[-1]["loss"])
+    assert main(args[:-2] + ["--metrics.wandb=a/b/c", "--quiet"]) == 2
+    assert "metrics.wandb='a/b/c' must be 'project' or 'project/run'" in capsys.readouterr().err

@@ -96,7 +96,9 @@ class WandbSink(MetricSink):
 
         project, _, name = target.partition("/")
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, name=name or None, dir=folder, config=config)
+        # Silent, and not capturing the console: the run's own log lines and summary are loom's.
+        self.run = wandb.init(project=project, name=name or None, dir=folder, config=config,
+                              settings=wandb.Settings(silent=True, console="off"))
 
     def write(self, row: dict) -> None:
         self.run.log(scalars(row), step=row["step"])

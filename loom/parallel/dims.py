@@ -132,12 +132,15 @@ class LayoutMesh:
             return self._flat[name]
         return self.root[name]
 
+    def groups(self) -> list:
+        """Every process group of the mesh and its flattened axes, once each."""
+        return list({id(g): g for mesh in (self.root, *self._flat.values()) for g in mesh.get_all_groups()}.values())
+
     def set_timeout(self, timeout: timedelta) -> None:
         """Every process group of the layout waits at most `timeout` in a collective: the groups
         a mesh makes take torch's default (30 min on gloo), not the world group's. Wraps torch's
         private per-group setter here and nowhere else."""
         from torch.distributed.distributed_c10d import _set_pg_timeout
 
-        groups = {id(g): g for mesh in (self.root, *self._flat.values()) for g in mesh.get_all_groups()}
-        for group in groups.values():
+        for group in self.groups():
             _set_pg_timeout(timeout, group)

@@ -28,18 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from loom.parallel.dims import LayoutMesh, ParallelDims
 from loom.parallel.expert import expert_modules
-
-ZERO_MODES = (3, 1)
-
-
-def keeps_units_gathered(zero: int, pp: int) -> bool:
-    """Whether every FSDP unit stays gathered through a step's micro-batches."""
-    return zero == 1 or pp > 1
-
-
-def accumulates_unsharded_grads(zero: int, pp: int, pp_schedule: str) -> bool:
-    """Whether gradients accumulate unsharded (fp32) over a step's micro-batches, reduced once."""
-    return zero == 1 or (pp > 1 and pp_schedule == "zero-bubble")
+from loom.parallel.zero import keeps_units_gathered
 
 
 def holds_tied_ends(model: nn.Module) -> bool:

@@ -1,13 +1,13 @@
 """The [parallel] section's checks, before anything starts: each names the setting, its value and
 what is allowed. The allowed values live with the code that implements them (schedules in
-pipeline.py, CP comm variants in context/, ZeRO modes in fsdp.py)."""
+pipeline.py, CP comm variants in context/, ZeRO modes in zero.py)."""
 from __future__ import annotations
 
 from loom.models.transformer import ModelConfig
 from loom.parallel.context import COMMS
 from loom.parallel.context.sharding import chunk_count
 from loom.parallel.dims import ParallelDims
-from loom.parallel.fsdp import ZERO_MODES
+from loom.parallel.zero import ZERO_MODES
 from loom.parallel.pipeline import MULTI_STAGE, SCHEDULES
 from loom.settings import need, one_of
 

@@ -41,7 +41,7 @@ import torch
 from loom.metrics.flops import param_counts
 from loom.models.loss import chunk_tokens
 from loom.models.transformer import ModelConfig
-from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
+from loom.parallel.zero import accumulates_unsharded_grads, keeps_units_gathered
 from loom.parallel.pipeline import stage_layers
 from loom.plan.hardware import GIB, HardwareSpec
 

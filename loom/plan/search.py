@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from loom.models.transformer import ModelConfig
 from loom.models.registry import UnknownModelError, get_model_config
-from loom.parallel.fsdp import ZERO_MODES
+from loom.parallel.zero import ZERO_MODES
 from loom.plan.hardware import GIB, HardwareSpec, PlanError
 from loom.plan.memory import Layout, MemoryBreakdown, capacity_bytes, memory_breakdown
 from loom.plan.timing import Throughput, TimeBreakdown, step_time, throughput

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from loom.metrics.flops import flops_per_token
 from loom.models.transformer import ModelConfig
-from loom.parallel.fsdp import accumulates_unsharded_grads, keeps_units_gathered
+from loom.parallel.zero import accumulates_unsharded_grads, keeps_units_gathered
 from loom.plan.hardware import HardwareSpec
 from loom.plan.memory import (DTYPE_BYTES, WEIGHT_GATHER_BYTES, Layout, active_block_matrices, device_layers,
                               expert_params, stage_params)

@@ -26,7 +26,8 @@ from torch import nn
 from loom.metrics.memory import LiveTensorBytes
 from loom.parallel.build import build_parallel_model
 from loom.parallel.dims import ParallelDims
-from loom.parallel.fsdp import accumulates_unsharded_grads, fsdp_units, keeps_units_gathered
+from loom.parallel.fsdp import fsdp_units
+from loom.parallel.zero import accumulates_unsharded_grads, keeps_units_gathered
 from loom.parallel.init import local_shard, local_shard_bytes
 from loom.parallel.layout import Layout
 from loom.settings import DTYPES

@@ -19,7 +19,8 @@ from loom.models.attention import document_positions
 from loom.models.loss import IGNORE_INDEX
 from loom.parallel.build import ParallelModel
 from loom.parallel.context import shard_batch
-from loom.parallel.fsdp import accumulates_unsharded_grads, set_micro_batch
+from loom.parallel.fsdp import set_micro_batch
+from loom.parallel.zero import accumulates_unsharded_grads
 from loom.parallel.layout import Layout
 from loom.parallel.pipeline import PipelineDriver, tied_copy
 from loom.settings import DTYPES

@@ -40,12 +40,15 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Single process, or one rank of a torchrun job (WORLD_SIZE > 1) with the configured layout."""
 
-    def __init__(self, cfg: Config, model_cfg: ModelConfig, progress: bool = True):
+    def __init__(self, cfg: Config, model_cfg: ModelConfig, progress: bool = True, layout: Layout | None = None):
+        """layout: the job's Layout of cfg.parallel, or None to join it here (WORLD_SIZE ranks)."""
         self.cfg, self.model_cfg = cfg, model_cfg
         self.activity = Activity()  # what this rank is doing, for the line a collective's timeout gives
         t = cfg.train
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.layout = Layout.join(cfg.parallel, world_size, resolve_device(t.device), t.timeout_s)
+        if layout is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            layout = Layout.join(cfg.parallel, world_size, resolve_device(t.device), t.timeout_s)
+        self.layout = layout
         self.rank = self.layout.rank
         self.progress = progress and self.rank == 0
         torch.manual_seed(t.seed)
