@@ -384,10 +384,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="loom", description="Train Llama models at long context with 4D parallelism.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
+def add_train_command(sub) -> None:
+    """`loom train`'s arguments."""
     train = sub.add_parser(
         "train",
         help="train a model (default: the embedded tiny demo on the Python stdlib)",
@@ -405,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "process, allocating nothing, and print the memory of each kind of rank")
     train.add_argument("--world", type=int, help="with --dry-run: ranks of the job (default: the layout's size)")
 
+
+def add_prepare_command(sub) -> None:
+    """`loom prepare`'s arguments."""
     prep = sub.add_parser("prepare", help="tokenize a folder of .txt/.jsonl files into a token dataset")
     prep.add_argument("--input", help="a folder (or file) of .txt and .jsonl documents")
     prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json")
@@ -421,11 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sft: every token carries loss (default: only the answers)")
     prep.add_argument("--quiet", action="store_true")
 
+
+def add_flops_command(sub) -> None:
+    """`loom flops`'s arguments."""
     flops = sub.add_parser("flops", help="parameters and model FLOPs per token of a named model")
     flops.add_argument("--model", required=True)
     flops.add_argument("--seq-len", type=int, required=True)
     flops.add_argument("--json", action="store_true")
 
+
+def add_convert_command(sub) -> None:
+    """`loom convert`'s arguments."""
     conv = sub.add_parser("convert", help="import a Hugging Face Llama folder, or export a loom checkpoint to one",
                           description="Hugging Face Llama (config.json + safetensors) <-> loom checkpoint.")
     way = conv.add_mutually_exclusive_group(required=True)
@@ -440,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export: dtype of the written weights (default bfloat16, as published)")
     conv.add_argument("--max-shard-gb", type=float, default=5.0, help="export: largest safetensors file")
 
+
+def add_plan_command(sub) -> None:
+    """`loom plan`'s arguments."""
     pl = sub.add_parser("plan", help="predict memory and throughput of layouts on a GPU cluster (or this CPU)",
                         description="Rank every valid layout by predicted tokens/s per device, or evaluate one "
                                     "(give --tp, --cp, --pp and --micro-batch).")
@@ -467,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus-per-node", type=int, help="override")
     pl.add_argument("--peak-tflops", type=float, help="override: dense TFLOP/s per device in --dtype")
 
+
+def add_bench_command(sub) -> None:
+    """`loom bench`'s arguments."""
     be = sub.add_parser("bench", help="sweep a grid of layouts on this machine through torchrun; tables and plots",
                         description="Run every layout of a grid file for a few steps each (loom train --nproc N) "
                                     "and write results.csv, results.md and PNG plots.")
@@ -480,6 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--compare-only", action="store_true",
                     help="compare the sweep already in --out with the planner, without running it again")
     be.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="loom", description="Train Llama models at long context with 4D parallelism.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_train_command(sub)
+    add_prepare_command(sub)
+    add_flops_command(sub)
+    add_convert_command(sub)
+    add_plan_command(sub)
+    add_bench_command(sub)
     return parser
 
 

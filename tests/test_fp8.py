@@ -1,6 +1,9 @@
 """FP8 training (torchao.float8, emulated on CPU): which linears convert, the loss curve against
 bf16's, the peak MFU is measured against, and torchao's absence as one line. Its layouts are in
 the parity suite (test_parallel) and its exact resume in test_checkpoint."""
+import sys
+from pathlib import Path
+
 import torch
 
 from loom.cli import main
@@ -26,27 +29,19 @@ def test_the_blocks_projections_convert_and_the_ends_stay_bf16():
     assert {n for n, m in model.named_modules() if isinstance(m, Float8Linear)} == set(converted)
 
 
-def test_fp8_loss_tracks_bf16_over_100_steps():
-    """The embedded default's model and corpus, 100 steps of 4 x 128 tokens in one process: the
-    FP8 (tensorwise) curve against bf16's, step by step. Measured (seeds 0 and 1, tensorwise and
-    rowwise): at most 4.9% apart at any step, 0.7-1.2% on average; asserted with 2x margin."""
-    from loom.data.stdlib import builtin_dataset
+def test_fp8_loss_tracks_bf16():
+    """The embedded default's model and corpus, 30 steps of 4 x 128 tokens in one process: the
+    FP8 (tensorwise) curve against bf16's, step by step. Measured here: at most 0.72% apart at
+    any step, 0.14% on average (over 100 steps, benchmarks/fp8_loss_curve.py: at most 3.3-8.5%,
+    0.6-1.2% on average, seeds 0 and 1, both recipes); asserted with a margin for other CPUs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fp8_loss_curve import loss_curve, relative_differences
 
-    torch.manual_seed(0)
-    curves = {}
-    for fp8 in ("none", "tensorwise"):
-        cfg = load_config(None, ["--parallel.dp_shard=1", "--parallel.pp=1", f"--data.path={builtin_dataset(progress=False)}",
-                                 "--train.seq_len=128", "--train.global_batch=4", "--train.micro_batch=4",
-                                 "--train.steps=100", "--train.warmup_steps=10", "--train.dtype=bfloat16",
-                                 f"--train.fp8={fp8}", "--metrics.plot="])
-        trainer = Trainer(cfg, validate(cfg), progress=False)
-        t = cfg.train
-        curves[fp8] = [trainer.engine.train_step(trainer.data.micro_batches(s), lr_at(s, t.lr, t.min_lr, t.warmup_steps, t.steps))[0]
-                       for s in range(t.steps)]
-    rel = [abs(a - b) / b for a, b in zip(curves["tensorwise"], curves["none"])]
-    assert max(rel) < 0.10, max(rel)
-    assert sum(rel) / len(rel) < 0.025, sum(rel) / len(rel)
-    assert sum(curves["tensorwise"][-10:]) / 10 < curves["tensorwise"][0] - 2.5  # it learns: 9.5 -> ~6
+    bf16, fp8 = loss_curve("none", 30), loss_curve("tensorwise", 30)
+    rel = relative_differences(fp8, bf16)
+    assert max(rel) < 0.05, max(rel)
+    assert sum(rel) / len(rel) < 0.01, sum(rel) / len(rel)
+    assert sum(fp8[-5:]) / 5 < fp8[0] - 1.5  # it learns: 9.5 -> ~7.2
 
 
 def test_the_peak_of_an_fp8_run(monkeypatch):

@@ -172,16 +172,22 @@ def write_dataset(
         for split in ("train", "val"):
             np.save(tmp / f"{split}.docs.npy", np.asarray(starts[split], dtype=np.int64))
         tokenizer.save(str(tmp / "tokenizer.json"))
-        meta = {
-            "vocab_size": vocab,
-            "dtype": np.dtype(dtype).name,
-            "eos_id": eos,
-            "val_fraction": val_fraction,
-            "source": source,
-            "splits": {s: {"tokens": sizes[s], "documents": len(starts[s]), "max_token": largest[s]}
-                       for s in ("train", "val")},
-            # What a run checks before using the files (loom.data.integrity).
-            "files": {name: file_record(tmp / name) for s in ("train", "val") for name in split_files(s)},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        splits = {s: {"tokens": sizes[s], "documents": len(starts[s]), "max_token": largest[s]} for s in ("train", "val")}
+        meta = _dataset_meta(tmp, vocab, dtype, eos, val_fraction, source, splits)
+    return meta
+
+
+def _dataset_meta(folder: Path, vocab: int, dtype, eos: int, val_fraction: float, source: str, splits: dict) -> dict:
+    """meta.json of a token dataset whose files are written in `folder`: written, and returned."""
+    meta = {
+        "vocab_size": vocab,
+        "dtype": np.dtype(dtype).name,
+        "eos_id": eos,
+        "val_fraction": val_fraction,
+        "source": source,
+        "splits": splits,
+        # What a run checks before using the files (loom.data.integrity).
+        "files": {name: file_record(folder / name) for s in ("train", "val") for name in split_files(s)},
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta

@@ -139,54 +139,15 @@ def _rates(layout: Layout, spec: HardwareSpec) -> tuple[float, float, float]:
 
 
 def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreakdown:
-    eff = spec.efficiency
-    e = DTYPE_BYTES[layout.dtype]
-    block_rate, output_rate, attention_rate = _rates(layout, spec)
-    share = 1.0 if spec.cores is None else min(1.0, spec.cores / layout.world)  # CPU cores per rank
-    t = layout.local_tokens
-    tp, cp, pp = layout.tp, layout.cp, layout.pp
-    matrices = active_block_matrices(cfg)  # FLOPs: a token's experts only
-    routed = cfg.moe_top_k * expert_params(cfg) // max(1, cfg.moe_experts)  # of which not tensor-parallel
-    hk = cfg.n_kv_heads * cfg.head_dim
-    passes = 4 if layout.recompute == "full" else 3  # forward, backward (2x), recompute
-    n_stages = pp * layout.pp_virtual_stages
+    """One optimizer step's time, by part, on the pipeline rank that paces it."""
+    pp = layout.pp
     layers = device_layers(cfg, layout)
-
-    per_stage = []  # (matmul, attention, overhead, tp, cp) seconds per micro-batch on each pp rank
-    for r in range(pp):
-        n = len(layers[r])
-        mm_s = n * 2 * t * ((matrices - routed) / tp + routed / layout.sp) * passes / (block_rate * share)
-        if r == (n_stages - 1) % pp:  # holds the last stage: the output layer
-            mm_s += 6 * t * cfg.vocab_size * cfg.dim / tp / (output_rate * share)
-        # Causal flash attention does half of QK^T and AV; bidirectional (BERT) all of it.
-        attn_fwd = (2 if cfg.causal else 4) * t * layout.seq_len * cfg.n_heads * cfg.head_dim / tp
-        attn_flops = n * attn_fwd * (3.5 + (1.0 if layout.recompute == "full" else 0.0))
-        attn_s = attn_flops / (attention_rate * share)
-        over_s = n * (passes - 1) * eff.layer_overhead_s / share  # forward, backward (, recompute)
-        traffic = elementwise_bytes_per_token(cfg, layout) + fp8_cast_bytes_per_token(cfg, layout)
-        over_s += n * t * traffic / (spec.memory_gbps * 1e9 * eff.memory * share)
-        tp_s = 0.0
-        if tp > 1:
-            nbytes = 8 * (tp - 1) / tp * t * cfg.dim * e
-            tp_s = n * (_transfer_s(spec, nbytes, tp, count=8 * (tp - 1))
-                        + (passes - 1) * eff.tp_layer_overhead_s / share)
-        cp_s = 0.0
-        if cp > 1:
-            kv = t * 2 * hk / tp
-            nbytes = (cp - 1) * kv * e * 2 + cp * kv * 4
-            comm = n * _transfer_s(spec, nbytes, tp * cp, count=3 * cp - 2)
-            cp_s = comm - eff.cp_overlap * min(comm, attn_s)
-            cp_s += n * (passes - 1) * (cp - 1) * eff.cp_step_overhead_s / share
-        ep_s = 0.0
-        if layout.ep > 1:
-            ep, exchanges = layout.ep, 6 if layout.recompute == "full" else 4
-            nbytes = exchanges * (ep - 1) / ep * t / layout.sp * cfg.moe_top_k * cfg.dim * e
-            ep_s = n * _transfer_s(spec, nbytes, tp * ep, count=exchanges * (ep - 1))
-        per_stage.append((mm_s, attn_s, over_s, tp_s, cp_s, ep_s))
-
+    # (matmul, attention, overhead, tp, cp, ep) seconds per micro-batch on each pp rank
+    per_stage = [_stage_time(cfg, layout, spec, r, len(layers[r])) for r in range(pp)]
     pp_s = 0.0
     if pp > 1:
-        pp_s = _transfer_s(spec, 2 * t * cfg.dim * e / layout.sp, layout.world, count=2)
+        pp_s = _transfer_s(spec, 2 * layout.local_tokens * cfg.dim * DTYPE_BYTES[layout.dtype] / layout.sp,
+                           layout.world, count=2)
     slot = max(sum(x) for x in per_stage) + pp_s  # the slowest stage paces the pipeline
     slowest = max(range(pp), key=lambda r: sum(per_stage[r]))
     mm_s, attn_s, over_s, tp_s, cp_s, ep_s = (x * layout.n_micro for x in per_stage[slowest])
@@ -196,24 +157,72 @@ def step_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec) -> TimeBreak
         if layout.pp_schedule == "zero-bubble":
             extra /= 3
         bubble = extra * slot
-
     params = stage_params(cfg, layout)[slowest]  # on one device of the tp group, before FSDP
-    shard = layout.dp * cp
-    dp_s = 0.0
-    if shard > 1:
-        gathers = 1 if keeps_units_gathered(layout.zero, pp) else 2 * layout.n_micro
-        reduces = 1 if accumulates_unsharded_grads(layout.zero, pp, layout.pp_schedule) else layout.n_micro
-        # Experts travel over their own FSDP group: E / ep of them, over shard / ep ranks.
-        experts = len(layers[slowest]) * expert_params(cfg)
-        moved = (params - experts) * (shard - 1) / shard + experts / layout.ep * (1 - layout.ep / shard)
-        gather = gathers * moved * WEIGHT_GATHER_BYTES.get(layout.dtype, e)  # FP8: block matrices as float8
-        reduce = reduces * moved * 4
-        ops = (gathers + reduces) * (len(layers[slowest]) + 2)  # per unit: blocks, embedding, norm + output
-        comm = _transfer_s(spec, gather + reduce, tp * cp * layout.dp, count=ops * (shard - 1))
-        compute = mm_s + attn_s + over_s
-        dp_s = comm - eff.dp_overlap * min(comm, compute) + ops * eff.fsdp_block_overhead_s / share
-    optimizer_s = params / shard * OPTIMIZER_BYTES_PER_PARAM / (spec.memory_gbps * 1e9 * share)
+    dp_s = _data_parallel_time(cfg, layout, spec, params, len(layers[slowest]), mm_s + attn_s + over_s)
+    share = _core_share(layout, spec)
+    optimizer_s = params / (layout.dp * layout.cp) * OPTIMIZER_BYTES_PER_PARAM / (spec.memory_gbps * 1e9 * share)
     return TimeBreakdown(mm_s, attn_s, over_s, tp_s, cp_s, pp_s * layout.n_micro, bubble, dp_s, optimizer_s, ep_s)
+
+
+def _core_share(layout: Layout, spec: HardwareSpec) -> float:
+    """The share of a device one rank has: 1 on GPUs, the CPU cores per rank on a CPU."""
+    return 1.0 if spec.cores is None else min(1.0, spec.cores / layout.world)
+
+
+def _stage_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, r: int, n: int) -> tuple[float, ...]:
+    """(matmul, attention, overhead, tp, cp, ep) seconds of one micro-batch on pp rank r, which
+    holds n layers."""
+    eff, e, share = spec.efficiency, DTYPE_BYTES[layout.dtype], _core_share(layout, spec)
+    block_rate, output_rate, attention_rate = _rates(layout, spec)
+    t, tp, cp = layout.local_tokens, layout.tp, layout.cp
+    matrices = active_block_matrices(cfg)  # FLOPs: a token's experts only
+    routed = cfg.moe_top_k * expert_params(cfg) // max(1, cfg.moe_experts)  # of which not tensor-parallel
+    passes = 4 if layout.recompute == "full" else 3  # forward, backward (2x), recompute
+    mm_s = n * 2 * t * ((matrices - routed) / tp + routed / layout.sp) * passes / (block_rate * share)
+    if r == (layout.pp * layout.pp_virtual_stages - 1) % layout.pp:  # holds the last stage: the output layer
+        mm_s += 6 * t * cfg.vocab_size * cfg.dim / tp / (output_rate * share)
+    # Causal flash attention does half of QK^T and AV; bidirectional (BERT) all of it.
+    attn_fwd = (2 if cfg.causal else 4) * t * layout.seq_len * cfg.n_heads * cfg.head_dim / tp
+    attn_s = n * attn_fwd * (3.5 + (1.0 if layout.recompute == "full" else 0.0)) / (attention_rate * share)
+    over_s = n * (passes - 1) * eff.layer_overhead_s / share  # forward, backward (, recompute)
+    traffic = elementwise_bytes_per_token(cfg, layout) + fp8_cast_bytes_per_token(cfg, layout)
+    over_s += n * t * traffic / (spec.memory_gbps * 1e9 * eff.memory * share)
+    tp_s = 0.0
+    if tp > 1:
+        nbytes = 8 * (tp - 1) / tp * t * cfg.dim * e
+        tp_s = n * (_transfer_s(spec, nbytes, tp, count=8 * (tp - 1)) + (passes - 1) * eff.tp_layer_overhead_s / share)
+    cp_s = 0.0
+    if cp > 1:
+        kv = t * 2 * cfg.n_kv_heads * cfg.head_dim / tp
+        nbytes = (cp - 1) * kv * e * 2 + cp * kv * 4
+        comm = n * _transfer_s(spec, nbytes, tp * cp, count=3 * cp - 2)
+        cp_s = comm - eff.cp_overlap * min(comm, attn_s) + n * (passes - 1) * (cp - 1) * eff.cp_step_overhead_s / share
+    ep_s = 0.0
+    if layout.ep > 1:
+        ep, exchanges = layout.ep, 6 if layout.recompute == "full" else 4
+        nbytes = exchanges * (ep - 1) / ep * t / layout.sp * cfg.moe_top_k * cfg.dim * e
+        ep_s = n * _transfer_s(spec, nbytes, tp * ep, count=exchanges * (ep - 1))
+    return mm_s, attn_s, over_s, tp_s, cp_s, ep_s
+
+
+def _data_parallel_time(cfg: ModelConfig, layout: Layout, spec: HardwareSpec, params: float, n: int,
+                        compute_s: float) -> float:
+    """FSDP's gathers and reduce-scatters of a step on the pacing rank (params of its stage, n
+    layers), less what overlaps with compute_s."""
+    shard, pp = layout.dp * layout.cp, layout.pp
+    if shard == 1:
+        return 0.0
+    eff, e = spec.efficiency, DTYPE_BYTES[layout.dtype]
+    gathers = 1 if keeps_units_gathered(layout.zero, pp) else 2 * layout.n_micro
+    reduces = 1 if accumulates_unsharded_grads(layout.zero, pp, layout.pp_schedule) else layout.n_micro
+    # Experts travel over their own FSDP group: E / ep of them, over shard / ep ranks.
+    experts = n * expert_params(cfg)
+    moved = (params - experts) * (shard - 1) / shard + experts / layout.ep * (1 - layout.ep / shard)
+    gather = gathers * moved * WEIGHT_GATHER_BYTES.get(layout.dtype, e)  # FP8: block matrices as float8
+    reduce = reduces * moved * 4
+    ops = (gathers + reduces) * (n + 2)  # per unit: blocks, embedding, norm + output
+    comm = _transfer_s(spec, gather + reduce, layout.tp * layout.cp * layout.dp, count=ops * (shard - 1))
+    return comm - eff.dp_overlap * min(comm, compute_s) + ops * eff.fsdp_block_overhead_s / _core_share(layout, spec)
 
 
 @dataclass(frozen=True)
