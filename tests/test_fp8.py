@@ -11,8 +11,6 @@ from loom.config import load_config, validate
 from loom.metrics import meter
 from loom.models.fp8 import apply_fp8
 from loom.models.transformer import build_model
-from loom.train.schedule import lr_at
-from loom.train.trainer import Trainer
 
 
 def test_the_blocks_projections_convert_and_the_ends_stay_bf16():
