@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 # The torchao release checked against that torch (FP8 training, an optional extra).
 TORCHAO_PIN ?= torchao==0.18.0
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# A subset for between commits (about a minute): tests marked `fast`.
+test-fast: setup
+	$(PY) -m pytest -q -m fast tests
 
 bench: setup
 	$(PY) benchmarks/vs_transformers.py

@@ -52,62 +52,88 @@ def test_single_process_continues_exactly(dataset, tmp_path, asynchronous):
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000006", "step-00000009", "step-00000012"]
 
 
-def test_four_ranks_continue_exactly_and_reshard(dataset, tmp_path):
-    """One 4-rank launch: dp_shard=2 x tp=2 stops after step 6 and resumes exactly, in fp32 and
-    with FP8 (tensorwise, whose weight scales are set again from the loaded weights); a checkpoint
-    saved under tp=2 x pp=2 loads under dp_shard=4, and (in this process) into a single process:
-    the same weights bit for bit, the same validation loss, and training goes on alike."""
-    args = common(dataset, tmp_path, CONTINUATION_STEPS)
+@pytest.fixture(scope="module")
+def four_ranks(dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """One 4-rank launch for every 4-rank checkpoint test of this module: dp_shard=2 x tp=2 stops
+    after step 6 and resumes (fp32, and FP8 tensorwise); checkpoints saved under tp=2 x pp=2 (Llama,
+    and tiny GPT-3 with its tied embedding) load under dp_shard=4; tiny-moe saved under ep=4 loads
+    under dp_shard=2 x tp=2 x ep=2. Returns (its folder, {job: results})."""
+    tmp = tmp_path_factory.mktemp("four_ranks")
+    args = common(dataset, tmp, CONTINUATION_STEPS)
     jobs = {f"dp2tp2_{k}": v + ["--parallel.dp_shard=2", "--parallel.tp=2"]
-            for k, v in continuation_jobs(args, tmp_path / "ck_dp2tp2").items()}
+            for k, v in continuation_jobs(args, tmp / "ck_dp2tp2").items()}
     jobs.update({f"fp8_{k}": v + ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.dtype=bfloat16",
                                   "--train.fp8=tensorwise"]
-                 for k, v in continuation_jobs(args, tmp_path / "ck_fp8").items()})
-    saved = tmp_path / "ck_tp2pp2"
-    jobs["tp2pp2_save"] = common(dataset, tmp_path, steps=9) + [
-        "--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={saved}", "--train.stop_at=6"]
-    jobs["dp4_load"] = common(dataset, tmp_path, steps=9) + [
-        "--parallel.dp_shard=4", f"--checkpoint.dir={tmp_path}/ck_dp4",
-        f"--checkpoint.resume={saved}/step-00000006"]
-    # A tied family (tiny GPT-3): the last pipeline stage's copy of the embedding is saved as the
-    # embedding, so the checkpoint loads into layouts (and a process) without the copy.
-    gpt3 = ["--model.name=tiny-gpt3"]
-    jobs["gpt3_tp2pp2_save"] = common(dataset, tmp_path, steps=9) + gpt3 + [
-        "--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={tmp_path}/ck_gpt3", "--train.stop_at=6"]
-    jobs["gpt3_dp4_load"] = common(dataset, tmp_path, steps=9) + gpt3 + [
-        "--parallel.dp_shard=4", f"--checkpoint.dir={tmp_path}/ck_gpt3_dp4",
-        f"--checkpoint.resume={tmp_path}/ck_gpt3/step-00000006"]
-    results = launch(4, tmp_path / "out.pt", jobs, tmp_path)
-    for layout in ("dp2tp2_", "fp8_"):
-        assert_exact_continuation({k.removeprefix(layout): v for k, v in results.items() if k.startswith(layout)})
-    gpt3_single = run_in_process({"single": common(dataset, tmp_path, steps=9) + gpt3 + [
-        f"--checkpoint.dir={tmp_path}/ck_gpt3_single", f"--checkpoint.resume={tmp_path}/ck_gpt3/step-00000006"]})
-    for loaded in (results["gpt3_dp4_load"], gpt3_single["single"]):
-        saved_gpt3 = results["gpt3_tp2pp2_save"]["params"]
-        assert loaded["loaded"].keys() == saved_gpt3.keys()
-        for name, p in saved_gpt3.items():
-            assert torch.equal(loaded["loaded"][name], p), name
-        for (s1, a), (s2, b) in zip(loaded["curve"][6:], gpt3_single["single"]["curve"][6:]):
+                 for k, v in continuation_jobs(args, tmp / "ck_fp8").items()})
+    for family, extra in (("llama", []), ("gpt3", ["--model.name=tiny-gpt3"])):
+        jobs[f"{family}_tp2pp2_save"] = common(dataset, tmp, steps=9) + extra + [
+            "--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={tmp}/ck_{family}", "--train.stop_at=6"]
+        jobs[f"{family}_dp4_load"] = common(dataset, tmp, steps=9) + extra + [
+            "--parallel.dp_shard=4", f"--checkpoint.dir={tmp}/ck_{family}_dp4",
+            f"--checkpoint.resume={tmp}/ck_{family}/step-00000006"]
+    moe = common(dataset, tmp, steps=9) + ["--model.name=tiny-moe"]
+    jobs["ep4_save"] = moe + ["--parallel.dp_shard=4", "--parallel.ep=4", f"--checkpoint.dir={tmp}/ck_ep4",
+                              "--train.stop_at=6"]
+    jobs["ep2_load"] = moe + ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2",
+                              f"--checkpoint.dir={tmp}/ck_ep2", f"--checkpoint.resume={tmp}/ck_ep4/step-00000006"]
+    return tmp, launch(4, tmp / "out.pt", jobs, tmp)
+
+
+@pytest.mark.parametrize("layout", ["dp2tp2", "fp8"])
+def test_four_ranks_continue_exactly(four_ranks, layout):
+    """dp_shard=2 x tp=2 stops after step 6 and resumes exactly, in fp32 and with FP8
+    (tensorwise, whose weight scales are set again from the loaded weights)."""
+    _, results = four_ranks
+    assert_exact_continuation({k.removeprefix(f"{layout}_"): v for k, v in results.items()
+                               if k.startswith(f"{layout}_")})
+
+
+def loaded_alike(saved: dict, loaded: list[dict], single: dict) -> None:
+    """Runs that resumed a checkpoint saved at step 6 (`saved`'s) start from its weights bit for
+    bit and go on like the single-process one (parity rule)."""
+    for run in loaded:
+        assert run["loaded"].keys() == saved["params"].keys()
+        for name, p in saved["params"].items():
+            assert torch.equal(run["loaded"][name], p), name
+        assert run["curve"][:6] == saved["curve"]
+        for (s1, a), (s2, b) in zip(run["curve"][6:], single["curve"][6:]):
             assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
-    saved_params = results["tp2pp2_save"]["params"]
-    single = run_in_process({"single_load": common(dataset, tmp_path, steps=9) + [
-        f"--checkpoint.dir={tmp_path}/ck_single", f"--checkpoint.resume={saved}/step-00000006"]})["single_load"]
-    for loaded in (results["dp4_load"], single):
-        assert loaded["loaded"].keys() == saved_params.keys()
-        for name, p in saved_params.items():
-            assert torch.equal(loaded["loaded"][name], p), name
-        assert loaded["curve"][:6] == results["tp2pp2_save"]["curve"]
-    # Outputs: the validation loss of the loaded weights equals the saving layout's at step 6
-    # (the saving run's own later steps are compared against it as the reference).
+
+def test_tp2_pp2_checkpoint_loads_under_dp4_and_in_one_process(dataset, four_ranks):
+    """A checkpoint saved under tp=2 x pp=2 loads under dp_shard=4 and into a single process:
+    the same weights bit for bit, the same validation loss, and training goes on alike."""
     from conftest import assert_rel_close
 
-    assert single["loaded_val"] == pytest.approx(results["dp4_load"]["loaded_val"], rel=1e-5)
-    # Training goes on: steps 7-9 under dp_shard=4 and in one process agree (parity rule).
-    for (s1, a), (s2, b) in zip(results["dp4_load"]["curve"][6:], single["curve"][6:]):
-        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    tmp, results = four_ranks
+    single = run_in_process({"single": common(dataset, tmp, steps=9) + [
+        f"--checkpoint.dir={tmp}/ck_single", f"--checkpoint.resume={tmp}/ck_llama/step-00000006"]})["single"]
+    loaded_alike(results["llama_tp2pp2_save"], [results["llama_dp4_load"], single], single)
+    # The validation loss of the loaded weights is the same under both layouts.
+    assert single["loaded_val"] == pytest.approx(results["llama_dp4_load"]["loaded_val"], rel=1e-5)
     for name, p in single["params"].items():
-        assert_rel_close(results["dp4_load"]["params"][name], p, 1e-4)
+        assert_rel_close(results["llama_dp4_load"]["params"][name], p, 1e-4)
+
+
+def test_tied_embedding_checkpoint_loads_without_the_pipeline_copy(dataset, four_ranks):
+    """A tied family (tiny GPT-3): the last pipeline stage's copy of the embedding is saved as the
+    embedding, so the checkpoint loads into layouts (and a process) without the copy."""
+    tmp, results = four_ranks
+    single = run_in_process({"single": common(dataset, tmp, steps=9) + [
+        "--model.name=tiny-gpt3", f"--checkpoint.dir={tmp}/ck_gpt3_single",
+        f"--checkpoint.resume={tmp}/ck_gpt3/step-00000006"]})["single"]
+    loaded_alike(results["gpt3_tp2pp2_save"], [results["gpt3_dp4_load"], single], single)
+
+
+def test_expert_parallel_checkpoint_reshards_to_any_ep(dataset, four_ranks):
+    """tiny-moe saved under ep=4 (experts split over 4 ranks) loads under dp_shard=2 x tp=2 x
+    ep=2 and in one process: the same weights bit for bit, and training goes on alike."""
+    tmp, results = four_ranks
+    single = run_in_process({"single": common(dataset, tmp, steps=9) + [
+        "--model.name=tiny-moe", f"--checkpoint.dir={tmp}/ck_ep_single",
+        f"--checkpoint.resume={tmp}/ck_ep4/step-00000006"]})["single"]
+    assert any(".experts." in name for name in results["ep4_save"]["params"])
+    loaded_alike(results["ep4_save"], [results["ep2_load"], single], single)
 
 
 def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
@@ -121,31 +147,6 @@ def test_cp2_continues_exactly_with_async_saves(dataset, tmp_path):
     assert_exact_continuation(results, asynchronous=True)
     full = results["uninterrupted"]["curve"]
     for (s1, a), (s2, b) in zip(results["tp2_from_cp2"]["curve"][6:], full[6:]):
-        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
-
-
-def test_expert_parallel_checkpoint_reshards_to_any_ep(dataset, tmp_path):
-    """tiny-moe saved under ep=4 (experts split over 4 ranks) loads under dp_shard=2 x tp=2 x
-    ep=2 and in one process: the same weights bit for bit, and training goes on alike."""
-    moe = common(dataset, tmp_path, steps=9) + ["--model.name=tiny-moe"]
-    saved = tmp_path / "ck_ep4"
-    jobs = {
-        "ep4_save": moe + ["--parallel.dp_shard=4", "--parallel.ep=4", f"--checkpoint.dir={saved}",
-                           "--train.stop_at=6"],
-        "ep2_load": moe + ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2",
-                           f"--checkpoint.dir={tmp_path}/ck_ep2", f"--checkpoint.resume={saved}/step-00000006"],
-    }
-    results = launch(4, tmp_path / "out.pt", jobs, tmp_path)
-    single = run_in_process({"single": moe + [f"--checkpoint.dir={tmp_path}/ck_single",
-                                              f"--checkpoint.resume={saved}/step-00000006"]})["single"]
-    saved_params = results["ep4_save"]["params"]
-    assert any(".experts." in name for name in saved_params)
-    for loaded in (results["ep2_load"], single):
-        assert loaded["loaded"].keys() == saved_params.keys()
-        for name, p in saved_params.items():
-            assert torch.equal(loaded["loaded"][name], p), name
-        assert loaded["curve"][:6] == results["ep4_save"]["curve"]
-    for (s1, a), (s2, b) in zip(results["ep2_load"]["curve"][6:], single["curve"][6:]):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
 

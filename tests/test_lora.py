@@ -140,7 +140,7 @@ def test_peft_export_import_and_merged_export(sft_dataset, tmp_path, capsys):
     peft; the PEFT folder imports back to the same adapters and trains on."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from test_checkpoint import _hf_model
+    from test_hf_convert import _hf_model
 
     from loom.peft import read_adapters
 
