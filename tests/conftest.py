@@ -4,6 +4,13 @@ import torch
 from loom.models.transformer import ModelConfig
 
 
+def pytest_collection_modifyitems(items):
+    """`fast` is every test not marked `slow` (a new test is fast until marked otherwise)."""
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ import torch
 
 from runs import cli_env, common, launch, run_in_process, train_cli
 
+pytestmark = pytest.mark.slow  # launches, forks or long runs: not in `make test-fast`
+
 CONTINUATION_STEPS = 12
 
 

@@ -104,6 +104,7 @@ def test_bad_toml_files(tmp_path, capsys):
         for w in words:
             assert w in err, (name, w, err)
 
+@pytest.mark.slow
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     for args in (["--train.steps=-1"], ["--parallel.tp=3"], ["--bogus"]):

@@ -88,6 +88,7 @@ def test_packed_attention_matches_explicit_mask_forward_and_backward():
     for a, w in zip(got, want):
         assert (a.double() - w).abs().max() < 1e-5
 
+@pytest.mark.slow
 
 def test_cp_attention_variants_match_single_device(tmp_path):
     """p2p, allgather, a2a at cp=2 and cp=4, with and without load balancing, causal and packed:

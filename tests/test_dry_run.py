@@ -12,6 +12,8 @@ from loom.plan.hardware import get_spec
 from loom.plan.memory import Layout, rank_memory
 from loom.train.dry_run import dry_run, peak_live_micro_batches, trace_micro_batch
 
+pytestmark = pytest.mark.slow  # launches, forks or long runs: not in `make test-fast`
+
 ROOT = Path(__file__).parent.parent
 RECIPES = [("llama2_7b.toml", 64), ("llama3_8b.toml", 64), ("llama3_70b.toml", 64), ("llama31_8b_128k.toml", 64),
            ("llama31_405b.toml", 512), ("gpt3_175b.toml", 128), ("nemotron4_340b.toml", 384), ("bert_large.toml", 8),

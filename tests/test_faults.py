@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from runs import (HERE, assert_unchanged, cli_env, common, jsonl_rows, left_running, published_files,
                   train_cli, worker_pids)
+
+pytestmark = pytest.mark.slow  # launches, forks or long runs: not in `make test-fast`
+
 
 def test_killed_worker_restarts_and_resumes(dataset, tmp_path):
     """`loom train --nproc 4 --max-restarts 1`: a worker SIGKILLed after the step-10 checkpoint;

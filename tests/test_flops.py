@@ -119,6 +119,7 @@ def test_cpu_calibration_is_cached(tmp_path, monkeypatch):
     meter.forget_cpu_peak(torch.float32, cache)
     assert json.loads(cache.read_text()) == {}
 
+@pytest.mark.slow
 
 def test_a_calibration_under_load_is_provisional_until_the_machine_is_quiet(tmp_path, monkeypatch):
     """Busy processes started here (one per core) share the cores with the calibration: its

@@ -4,6 +4,7 @@ the parity suite (test_parallel) and its exact resume in test_checkpoint."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from loom.cli import main
@@ -26,6 +27,7 @@ def test_the_blocks_projections_convert_and_the_ends_stay_bf16():
         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
     assert {n for n, m in model.named_modules() if isinstance(m, Float8Linear)} == set(converted)
 
+@pytest.mark.slow
 
 def test_fp8_loss_tracks_bf16():
     """The embedded default's model and corpus, 30 steps of 4 x 128 tokens in one process: the

@@ -5,6 +5,7 @@ import torch
 
 from runs import common
 
+
 def _hf_model(transformers, dtype=torch.float32):
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
@@ -129,6 +130,7 @@ print(json.dumps({"grew": grew, "largest": largest, "total": total}))
 """
 
 
+@pytest.mark.slow
 def test_hugging_face_import_streams_one_tensor_at_a_time(tmp_path):
     """Importing a 302 MB (bf16) model grows the process by about its largest tensor (16 MB), not
     by the model; the checkpoint holds every tensor."""

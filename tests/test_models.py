@@ -368,6 +368,7 @@ def test_bf16_model_as_accurate_with_widened_kernels(monkeypatch, micro_cfg):
     assert 0 < max(widened) <= 1.2 * max(native) and max(native) < 0.05
     assert sum(widened) <= 1.2 * sum(native)
 
+@pytest.mark.slow
 
 def test_compiled_blocks_match_eager(micro_cfg):
     """train.compile compiles each block; the compiled model computes the eager loss and

@@ -15,6 +15,8 @@ import torch
 from conftest import assert_rel_close
 from parity import case_steps
 
+pytestmark = pytest.mark.slow  # launches, forks or long runs: not in `make test-fast`
+
 HERE = Path(__file__).parent
 # Two blocks: every layout's collectives run per block, so the suite's time goes with the depth.
 # Layouts of 4 pipeline stages (2 ranks x 2 virtual stages) take 4 blocks (FOUR_BLOCKS).

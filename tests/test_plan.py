@@ -176,6 +176,7 @@ def test_bad_grids_are_one_line(tmp_path, capsys):
         code, _, err = _cli(["bench", "--grid", str(good), *flags], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, (flags, err)
 
+@pytest.mark.slow
 
 def test_bench_sweeps_layouts_and_records_failures(dataset, tmp_path):
     """Two runnable layouts (one process; cp=2 on 2 ranks) and one loom refuses (tp=3): a CSV, the
@@ -287,6 +288,7 @@ def test_moe_memory_and_time_under_expert_parallelism_by_hand():
     assert t4.ep_comm == pytest.approx(4 * 2 * per_layer)  # 4 layers, 2 micro-batches
     assert t4.dp_comm < t1.dp_comm  # experts gathered over one rank (dp x cp / ep = 1): not moved at all
 
+@pytest.mark.slow
 
 def test_plan_searches_expert_parallelism(capsys):
     args = ["plan", "--model", "mixtral-8x7b", "--gpus", "64", "--gpu", "h100-sxm", "--seq-len", "65536",
@@ -330,6 +332,7 @@ def test_fp8_plans_gemms_at_the_fp8_peak_and_attention_at_bf16s():
     with pytest.raises(Exception, match="--dtype='fp8' has no peak for a100-80gb"):
         step_time(cfg, dataclasses.replace(short, dtype="fp8"), get_spec("a100"))
 
+@pytest.mark.slow
 
 def test_fp8_plan_reproduces_nemos_long_sequence_curve_with_cp():
     """benchmarks/long_sequence_cp.py (in-sample: two constants fitted to the 4K and 1M rows):
