@@ -408,15 +408,22 @@ class OutputLayer(nn.Module):
         return linear_cross_entropy(h, self.projection(), labels, self.bias, self.softmax_cross_entropy, loss_tokens)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """A lookup table [num, dim], uninitialized like every parameter here (init_weights, or
+    loom.parallel.init for shards, fills it): nn.Embedding's own normal_ init would also cost a
+    second on the meta device, where torch runs it through its Python reference ops."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class Transformer(nn.Module):
     """tokens [B, L] -> logits [B, L, V], or with labels [B, L] -> mean loss (fp32 scalar)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
-        self.type_embeddings = nn.Embedding(cfg.token_types, cfg.dim) if cfg.token_types else None
+        self.tok_embeddings = embedding(cfg.vocab_size, cfg.dim)
+        self.pos_embeddings = embedding(cfg.max_seq_len, cfg.dim) if cfg.positions == "learned" else None
+        self.type_embeddings = embedding(cfg.token_types, cfg.dim) if cfg.token_types else None
         self.embed_norm = make_norm(cfg) if cfg.norm_position == "post" else None
         # A dict keyed by layer index, so that a pipeline stage can drop layers and keep the
         # parameter names (and so checkpoints) of the full model.
