@@ -110,7 +110,13 @@ class WandbSink(MetricSink):
             self.run.summary["final_val_loss"] = val_curve[-1][1]
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() can return before W&B's service has written the run's last records; teardown
+        # waits for it. Its atexit hook would too, but torchrun workers leave by os._exit
+        # (loom.train.worker_exit), and an in-process caller reads the files at once.
+        wandb.teardown()
 
 
 class LossPlotSink(MetricSink):

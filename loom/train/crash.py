@@ -31,10 +31,17 @@ def tell_torchrun(line: str, error: BaseException) -> None:
     """Under torchrun, write `line` into its error file for this worker, which torchrun reads
     into the failure it reports (its own record's format) and loom.launch prints."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        with open(error_file, "w") as f:
-            json.dump({"message": {"message": line, "extraInfo": {
-                "py_callstack": "".join(traceback.format_exception(error)), "timestamp": str(int(time.time()))}}}, f)
+    if not error_file:
+        return
+    record = {"message": {"message": line, "extraInfo": {
+        "py_callstack": "".join(traceback.format_exception(error)), "timestamp": str(int(time.time()))}}}
+    # Written beside and renamed over: torchrun SIGTERMs the surviving workers once one fails and
+    # then parses every error file; a worker stopped mid-write would leave it empty, and torchrun's
+    # agent itself would die on the JSON error (seen in CI when a killed rank's peers crashed).
+    partial = f"{error_file}.{os.getpid()}.partial"
+    with open(partial, "w") as f:
+        json.dump(record, f)
+    os.replace(partial, error_file)
 
 
 def error_chain(error: BaseException) -> list[BaseException]:
