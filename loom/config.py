@@ -18,7 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from loom.data.dataset import BUILTIN_STDLIB, check_data_files, check_data_section
+from loom.data.checks import check_data_files, check_data_section
+from loom.data.dataset import BUILTIN_STDLIB
 from loom.models.registry import MODELS, UnknownModelError, get_model_config
 from loom.models.transformer import ModelConfig, check_model_config
 from loom.parallel.settings import check_parallel
@@ -143,6 +144,9 @@ class DataSection:
     # masks (`loom prepare --format sft`, or builtin:python-stdlib-sft), packed by first-fit-
     # decreasing into train.seq_len, each example attending only to itself (loom/data/packing.py).
     format: str = "tokens"
+    # A mixture of datasets, [[weight, path], ...] (weights normalized), sampled as Megatron
+    # blends (loom/data/blend.py); empty: data.path alone. On the command line a JSON list.
+    blend: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,8 @@ def _field_types(section_cls: type) -> dict[str, object]:
 
 def _type_name(tp: object) -> str:
     base = _strip_optional(tp)
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            tuple: "a list"}[base]
 
 
 def _strip_optional(tp: object) -> type:
@@ -263,9 +268,18 @@ def _coerce(key: str, value: object, tp: object, from_cli: bool) -> object:
                 pass
         elif base is str:
             return text
+        elif base is tuple:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key}={value!r} is not a list (a JSON list on the command line)") from None
+            if isinstance(value, list):
+                return tuple(tuple(v) if isinstance(v, list) else v for v in value)
         raise ConfigError(f"{key}={value!r} is not {_type_name(tp)}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is tuple and isinstance(value, (list, tuple)):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}={shown} is not {_type_name(tp)}")

@@ -5,7 +5,7 @@ import pytest
 
 from loom.cli import main
 from loom.data.batch import read_meta
-from loom.data.dataset import BatchSchedule, TokenDataset
+from loom.data.dataset import BatchSchedule, EpochOrder, TokenDataset
 from loom.data.prepare import PrepareError, prepare
 
 
@@ -58,7 +58,7 @@ def test_batches_are_deterministic_for_a_seed(text_corpus, tmp_path):
     root, tok_path, _ = text_corpus
     prepare(root, tok_path, tmp_path / "ds", val_fraction=0.1, progress=False)
     data = TokenDataset(tmp_path / "ds", "train", seq_len=16)
-    a, b, c = (BatchSchedule(data.n_sequences, 4, seed) for seed in (7, 7, 8))
+    a, b, c = (BatchSchedule(EpochOrder(data.n_sequences, seed), 4) for seed in (7, 7, 8))
     steps = range(3 * data.n_sequences // 4)  # several epochs
     seq_a = [a.global_indices(s) for s in steps]
     assert all(np.array_equal(x, b.global_indices(s)) for s, x in zip(steps, seq_a))
@@ -66,7 +66,7 @@ def test_batches_are_deterministic_for_a_seed(text_corpus, tmp_path):
     # Each epoch visits every sequence once; a later step is reproducible on its own.
     first_epoch = np.concatenate(seq_a)[: data.n_sequences]
     assert sorted(first_epoch) == list(range(data.n_sequences))
-    fresh = BatchSchedule(data.n_sequences, 4, 7)
+    fresh = BatchSchedule(EpochOrder(data.n_sequences, 7), 4)
     assert np.array_equal(fresh.global_indices(steps[-1]), seq_a[-1])
     # Data-parallel ranks get disjoint slices that tile the global batch.
     parts = [a.rank_indices(5, r, 2) for r in range(2)]
@@ -164,7 +164,7 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
     meta["splits"]["train"]["max_token"] = 400
     (beyond / "meta.json").write_text(json.dumps(meta))
     before = {f.name: f.read_bytes() for f in beyond.iterdir()}
-    with pytest.raises(ConfigError, match=r"train.bin holds token id 400, beyond model.vocab_size=300"):
+    with pytest.raises(ConfigError, match=r"its train split holds token id 400, beyond model.vocab_size=300"):
         _validate(beyond)
     assert {f.name: f.read_bytes() for f in beyond.iterdir()} == before
     assert main(["prepare", "--verify", str(good)]) == 0

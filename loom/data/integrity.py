@@ -28,12 +28,20 @@ def split_files(split: str) -> tuple[str, str]:
     return f"{split}.bin", f"{split}.docs.npy"
 
 
+def shard_files(meta: dict, split: str) -> list[tuple[str, str]]:
+    """(token file, document starts file) of each shard of a split, in order: shards/NNNNN/...
+    for a dataset prepared in shards (meta "shards": their count), else the split's one pair."""
+    if "shards" not in meta:
+        return [split_files(split)]
+    return [tuple(f"shards/{i:05d}/{name}" for name in split_files(split)) for i in range(meta["shards"])]
+
+
 def check_sizes(path: Path, meta: dict) -> None:
     """Every recorded file has its recorded size (older datasets: each token file holds its
     split's token count)."""
     itemsize = np.dtype(meta["dtype"]).itemsize
     expected = dict((name, rec["bytes"]) for name, rec in meta.get("files", {}).items()) or {
-        split_files(split)[0]: info["tokens"] * itemsize for split, info in meta["splits"].items()}
+        shard_files(meta, split)[0][0]: info["tokens"] * itemsize for split, info in meta["splits"].items()}
     for name, size in expected.items():
         f = path / name
         if not f.is_file():
@@ -43,11 +51,16 @@ def check_sizes(path: Path, meta: dict) -> None:
                                  f"wrote {size:,} (truncated or replaced); prepare the dataset again")
 
 
-def max_token(path: Path, split: str, dtype: str) -> int:
-    """The largest token id in a split's token file, read in chunks."""
-    tokens = np.memmap(path / split_files(split)[0], dtype=np.dtype(dtype), mode="r")
-    step = CHUNK_BYTES // tokens.itemsize
-    return max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=-1)
+def max_token(path: Path, meta: dict, split: str) -> int:
+    """The largest token id in a split's token files, read in chunks."""
+    top = -1
+    for name, _ in shard_files(meta, split):
+        if (path / name).stat().st_size == 0:
+            continue
+        tokens = np.memmap(path / name, dtype=np.dtype(meta["dtype"]), mode="r")
+        step = CHUNK_BYTES // tokens.itemsize
+        top = max([top] + [int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)])
+    return top
 
 
 def verify(path: Path, meta: dict) -> dict[str, int]:
@@ -58,10 +71,10 @@ def verify(path: Path, meta: dict) -> dict[str, int]:
         if file_record(path / name)["crc32"] != rec["crc32"]:
             raise IntegrityError(f"data.path={str(path)!r}: {name} does not match the checksum loom prepare "
                                  f"recorded (its bytes changed); prepare the dataset again")
-    largest = {split: max_token(path, split, meta["dtype"]) for split in meta["splits"]}
+    largest = {split: max_token(path, meta, split) for split in meta["splits"]}
     for split, info in meta["splits"].items():
         if "max_token" in info and largest[split] != info["max_token"]:
-            raise IntegrityError(f"data.path={str(path)!r}: {split_files(split)[0]} holds token id "
+            raise IntegrityError(f"data.path={str(path)!r}: its {split} split holds token id "
                                  f"{largest[split]:,}, but loom prepare recorded {info['max_token']:,} as its largest")
     return largest
 
@@ -70,7 +83,7 @@ def verified_max_tokens(path: Path, meta: dict, cache: Path) -> dict[str, int]:
     """verify() once per machine and dataset state (its files' sizes and modification times),
     remembered in `cache`; the sizes are checked every time."""
     check_sizes(path, meta)
-    names = sorted({*meta.get("files", {}), *(split_files(s)[0] for s in meta["splits"])})
+    names = sorted({*meta.get("files", {}), *(shard_files(meta, s)[0][0] for s in meta["splits"])})
     stamp = {n: [(path / n).stat().st_size, (path / n).stat().st_mtime_ns] for n in names}
     key = str(path.resolve())
     known = read_json_table(cache).get(key, {})

@@ -124,6 +124,11 @@ class LossPlotSink(MetricSink):
 
     def __init__(self, path: str, title: str):
         self.path, self.title = path, title
+        self.by_source: dict[str, list[tuple[int, float]]] = {}  # a blend's validation loss per source
+
+    def write(self, row: dict) -> None:
+        for name, loss in (row.get("val_loss_by_source") or {}).items():
+            self.by_source.setdefault(name, []).append((row["step"], loss))
 
     def finish(self, train_curve: Curve, val_curve: Curve) -> None:
         import matplotlib
@@ -136,6 +141,8 @@ class LossPlotSink(MetricSink):
             ax.plot(*zip(*train_curve), label="train loss", lw=1.2)
         if val_curve:
             ax.plot(*zip(*val_curve), "o-", label="validation loss", lw=1.2)
+        for name, curve in self.by_source.items():
+            ax.plot(*zip(*curve), "s--", label=f"validation: {name}", lw=1, ms=3)
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_title(self.title)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from loom.data.batch import Batch
-from loom.data.dataset import BatchSchedule, open_splits
+from loom.data.dataset import BatchSchedule, EpochOrder, open_splits
 
 
 class TrainingBatches:
@@ -21,10 +21,16 @@ class TrainingBatches:
         t = cfg.train
         self.cfg, self.dp_rank, self.dp, self.cp = cfg, dp_rank, dp, cp
         self.sft = cfg.data.format == "sft"
-        self.train, self.val = open_splits(cfg.data.path, t.seq_len, progress=progress,
-                                           data_format=cfg.data.format, seed=t.seed)
+        self.blend = None
+        if cfg.data.blend:
+            self.blend, self.vals = open_blend(cfg.data, t.seq_len, t.seed, progress)
+            self.train, self.val = self.blend, self.vals[0]
+            self.schedule = BatchSchedule(self.blend.order, t.global_batch)
+        else:
+            self.train, self.val = open_splits(cfg.data.path, t.seq_len, progress=progress,
+                                               data_format=cfg.data.format, seed=t.seed, tokenizer=cfg.data.tokenizer)
+            self.schedule = BatchSchedule(EpochOrder(self.train.n_sequences, t.seed), t.global_batch)
         self.masking = self._masking(model_cfg)
-        self.schedule = BatchSchedule(self.train.n_sequences, t.global_batch, t.seed)
         self.n_micro = t.global_batch // dp // t.micro_batch  # per data rank and step
         self.tokens_per_step = t.global_batch * t.seq_len
 
@@ -64,16 +70,41 @@ class TrainingBatches:
         tokens = self.train.answer_tokens(self.schedule.global_indices(step))
         return max(tokens, 1) / (self.n_micro * self.dp * self.cp)
 
-    def validation_batches(self) -> Iterator[tuple[Batch, float]]:
-        """(batch, weight) over the first train.eval_batches micro-batches of the validation
-        split: batches weigh by their sequences, or for fine-tuning by their answer tokens (the
-        validation loss is then the mean over all of them)."""
+    def validation_sets(self) -> dict[str, Iterator[tuple[Batch, float]]]:
+        """The validation batches of each source ({"": ...} without a blend), see validation_batches."""
+        if self.blend is None:
+            return {"": self.validation_batches(self.val)}
+        return {name: self.validation_batches(val) for name, val in zip(self.blend.names, self.vals)}
+
+    def validation_batches(self, val=None) -> Iterator[tuple[Batch, float]]:
+        """(batch, weight) over the first train.eval_batches micro-batches of a validation split
+        (the run's, or a blend source's `val`): batches weigh by their sequences, or for
+        fine-tuning by their answer tokens (the validation loss is then the mean over all)."""
+        val = self.val if val is None else val
         mb = self.cfg.train.micro_batch
-        n = min(self.cfg.train.eval_batches * mb, self.val.n_sequences)
+        n = min(self.cfg.train.eval_batches * mb, val.n_sequences)
         for i in range(0, n, mb):
             idx = np.arange(i, min(i + mb, n))
-            batch = self.val.batch(idx, self.cfg.data.pack_documents, self.masking)
-            yield batch, (self.val.answer_tokens(idx) if self.sft else len(batch.inputs))
+            batch = val.batch(idx, self.cfg.data.pack_documents, self.masking)
+            yield batch, (val.answer_tokens(idx) if self.sft else len(batch.inputs))
+
+    def state(self, step: int) -> dict | None:
+        """Where the data stream stands after `step` steps, for a checkpoint: a blend's samples
+        drawn from each source (its rule is sequential); None where a step number says it all."""
+        if self.blend is None:
+            return None
+        at = step * self.cfg.train.global_batch
+        return {"blend_samples": at, "blend_drawn": self.blend.drawn_at(at)}
+
+    def restore(self, state: dict | None) -> None:
+        if self.blend is not None and state and "blend_drawn" in state:
+            self.blend.sequence.restore(state["blend_samples"], state["blend_drawn"])
+
+    def samples_by_source(self, step: int) -> dict[str, int] | None:
+        """Samples each blend source gave the run's first `step` steps (None without a blend)."""
+        if self.blend is None:
+            return None
+        return dict(zip(self.blend.names, self.blend.drawn_at(step * self.cfg.train.global_batch)))
 
     @property
     def attention_len(self) -> float:
@@ -86,3 +117,14 @@ class TrainingBatches:
     def packing_efficiency(self) -> float | None:
         """The share of packed slots holding example tokens (fine-tuning), else None."""
         return self.train.efficiency if self.sft else None
+
+
+def open_blend(data, seq_len: int, seed: int, progress: bool):
+    """data.blend's sources as one BlendedDataset of their train splits, and their validation
+    splits in the blend's order."""
+    from loom.data.blend import BlendedDataset
+
+    splits = [open_splits(path, seq_len, progress=progress, tokenizer=data.tokenizer) for _, path in data.blend]
+    names = [path for _, path in data.blend]
+    blend = BlendedDataset(names, [w for w, _ in data.blend], [train for train, _ in splits], seed)
+    return blend, [val for _, val in splits]

@@ -26,7 +26,7 @@ from torch import nn
 
 from loom.parallel.init import local_shard
 from loom.parallel.layout import Layout
-from loom.train.checkpoint_files import (DATA_KEYS, DELETING_PREFIX, FORMAT, SINGLE_PROCESS_WARNING, TMP_PREFIX,
+from loom.train.checkpoint_files import (DATA_KEYS, DATA_ORDER, DELETING_PREFIX, FORMAT, SINGLE_PROCESS_WARNING, TMP_PREFIX,
                                          CheckpointError, check_files, check_same_model, checkpoint_name, disk_full,
                                          file_record, lora_fields, model_fields, one_line, publish_folder, published,
                                          read_manifest, safe_planner, safe_reader)
@@ -44,6 +44,9 @@ class TrainState:
     step: int = 0
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    # Where the data stream stands after `step`, where it cannot be recomputed cheaply (a blend's
+    # per-source counts: TrainingBatches.state); None otherwise.
+    data_state: dict | None = None
 
 
 @dataclass
@@ -260,7 +263,8 @@ class Checkpointer:
             "contents": ["model", "optimizer", "train", "rng"],
             "model": model_fields(self.model_cfg),
             "model_name": cfg.model.name,
-            "data": {f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in DATA_KEYS},
+            "data": {**{f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in DATA_KEYS}, "data.order": DATA_ORDER},
+            "data_state": state.data_state,
             "layout": self.layout.degrees(),
             "dtype": cfg.train.dtype,
             "train_curve": list(state.train_curve),  # copies: training goes on during an async save
@@ -295,7 +299,7 @@ class Checkpointer:
         if "train" not in manifest["contents"]:
             return TrainState()
         return TrainState(manifest["step"], [tuple(x) for x in manifest["train_curve"]],
-                          [tuple(x) for x in manifest["val_curve"]])
+                          [tuple(x) for x in manifest["val_curve"]], manifest.get("data_state"))
 
     def load_weights(self, path: str | Path) -> None:
         """The model weights of checkpoint `path` as this run's starting point (a base for LoRA,

@@ -40,9 +40,12 @@ _NAME = re.compile(r"^step-(\d{8})$")
 TMP_PREFIX, DELETING_PREFIX = ".tmp-", ".deleting-"
 SINGLE_PROCESS_WARNING = "torch.distributed is disabled"  # DCP's, when there is no process group
 # A checkpoint continues the same run only with the same data stream; these settings define it.
-DATA_KEYS = (("data", "path"), ("data", "format"), ("data", "pack_documents"), ("train", "seq_len"),
-             ("train", "global_batch"), ("train", "seed"))
-DATA_KEYS_ADDED = {"data.format": "tokens"}  # what checkpoints written before a key was added had
+DATA_KEYS = (("data", "path"), ("data", "format"), ("data", "pack_documents"), ("data", "blend"),
+             ("train", "seq_len"), ("train", "global_batch"), ("train", "seed"))
+# What checkpoints written before a key was added had (data.order: how samples are ordered,
+# which is not a setting; before keyed permutations each epoch was a materialized one).
+DATA_KEYS_ADDED = {"data.format": "tokens", "data.blend": [], "data.order": "epoch-permutation"}
+DATA_ORDER = "keyed-permutation"  # loom.data.permutation
 
 
 class CheckpointError(ValueError):

@@ -87,16 +87,19 @@ class StepTimes:
 
     all: list[float] = field(default_factory=list)
     window: list[float] = field(default_factory=list)
+    data_window: list[float] = field(default_factory=list)  # of which waiting for the step's batches
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, data_wait: float = 0.0) -> None:
         self.all.append(seconds)
         self.window.append(seconds)
+        self.data_window.append(data_wait)
 
-    def take_window(self) -> float:
-        """The mean step time since the last row, which starts a new window."""
+    def take_window(self) -> tuple[float, float]:
+        """The mean step time and data wait since the last row, which starts a new window."""
         mean = sum(self.window) / len(self.window)
-        self.window = []
-        return mean
+        wait = sum(self.data_window) / len(self.data_window)
+        self.window, self.data_window = [], []
+        return mean, wait
 
     def steady(self) -> float:
         """The mean step time after the first steps, which pay for allocation and warm-up."""
@@ -134,8 +137,9 @@ class RunReport:
         """The run's wall time counts from here (after the start's validation)."""
         self.started = time.perf_counter()
 
-    def step_done(self, loss: float, seconds: float) -> None:
-        self.times.add(seconds)
+    def step_done(self, loss: float, seconds: float, data_wait: float = 0.0) -> None:
+        """A step of `seconds`, `data_wait` of them spent reading its batches."""
+        self.times.add(seconds, data_wait)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}")
 
@@ -154,9 +158,12 @@ class RunReport:
         return (step % self.cfg.metrics.log_every == 0 or step == last or val_loss is not None
                 or step == self.start + 1)
 
-    def log(self, step: int, lr: float, loss: float, grad_norm: float, val_loss: float | None) -> None:
-        """One metrics row over the steps since the last (a collective: every rank calls it)."""
-        m = self.meter.step(self.times.take_window())
+    def log(self, step: int, lr: float, loss: float, grad_norm: float, val_loss: float | None,
+            val_by_source: dict[str, float] | None = None) -> None:
+        """One metrics row over the steps since the last (a collective: every rank calls it);
+        val_by_source: a blend's validation loss per source, at a validation step."""
+        step_time, data_wait = self.times.take_window()
+        m = self.meter.step(step_time)
         row = {
             "step": step,
             "loss": loss if math.isfinite(loss) else None,  # JSON has no NaN
@@ -170,11 +177,15 @@ class RunReport:
             "peak_memory_bytes": self.peak_memory(),
             "step_time_s": m.step_time_s,
             "val_loss": val_loss,
+            "data_wait_s": data_wait,
             **self.moe_statistics(),
+            **self.blend_figures(step, val_by_source),
         }
         if step == 1:
             row = {**row, "layout": self.layout.degrees(), "flops_convention": FLOPS_CONVENTION,
                    "peak_source": self.meter.peak.source}
+            if self.batches.blend is not None:
+                row["blend"] = [[w, name] for w, name in zip(self.batches.blend.weights, self.batches.blend.names)]
         for sink in self.sinks:
             sink.write(row)
         if self.sinks:
@@ -183,6 +194,13 @@ class RunReport:
     def peak_memory(self) -> int:
         """The largest peak memory over all ranks (a collective)."""
         return self.layout.max(peak_memory_bytes(self.layout.device))
+
+    def blend_figures(self, step: int, val_by_source: dict[str, float] | None) -> dict:
+        """A blend's samples so far from each source, and its validation loss per source."""
+        drawn = self.batches.samples_by_source(step)
+        if drawn is None:
+            return {}
+        return {"samples_by_source": drawn, **({"val_loss_by_source": val_by_source} if val_by_source else {})}
 
     def moe_statistics(self) -> dict:
         """The last micro-batch's routing over every MoE layer of every rank ({} for a dense

@@ -3,10 +3,11 @@
 The folder format they read is loom.train.checkpoint_files."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from loom.settings import SettingError, need, one_of
-from loom.train.checkpoint_files import (DATA_KEYS, DATA_KEYS_ADDED, CheckpointError, check_base, check_files,
+from loom.train.checkpoint_files import (DATA_KEYS, DATA_KEYS_ADDED, DATA_ORDER, CheckpointError, check_base, check_files,
                                          check_same_model, lora_fields, newest, published, read_manifest)
 
 
@@ -21,8 +22,13 @@ def check_compatible(path: str | Path, manifest: dict, cfg, model_cfg) -> None:
                               f"allowed: the [lora] settings it was saved with")
     if "train" in manifest["contents"]:
         data = manifest.get("data", {})
+        order = data.get("data.order", DATA_KEYS_ADDED["data.order"])
+        if order != DATA_ORDER:
+            raise CheckpointError(f"checkpoint {path} ordered its samples by {order}, this loom by {DATA_ORDER}: "
+                                  f"resuming would not continue the same data stream; allowed: "
+                                  f"checkpoint.init_from={str(path)!r} (its weights, a new data stream)")
         for section, key in DATA_KEYS:
-            now = getattr(getattr(cfg, section), key)
+            now = json.loads(json.dumps(getattr(getattr(cfg, section), key)))  # a blend's tuples as JSON lists
             then = data.get(f"{section}.{key}", DATA_KEYS_ADDED.get(f"{section}.{key}"))
             if then != now:
                 raise CheckpointError(

@@ -65,6 +65,8 @@ class Trainer:
             self.checkpointer.load_weights(base)
         if self.resumed_from is not None:
             self.state = self.checkpointer.load(self.resumed_from)
+            self.data.restore(self.state.data_state)
+        self.val_by_source: dict[str, float] | None = None
         self.model.refresh_fp8_scales()
 
     def close(self, together: bool = True) -> None:
@@ -72,7 +74,13 @@ class Trainer:
         self.layout.close(together)
 
     def validation_loss(self) -> float:
-        return self.engine.validation_loss(self.data.validation_batches())
+        """The validation loss; for a blend, the blend's weighted mean of its sources' losses
+        (each kept in self.val_by_source for the metrics row)."""
+        losses = {name: self.engine.validation_loss(batches) for name, batches in self.data.validation_sets().items()}
+        if self.data.blend is None:
+            return losses[""]
+        self.val_by_source = losses
+        return sum(w * losses[name] for w, name in zip(self.data.blend.weights, self.data.blend.names))
 
     def train(self) -> dict:
         """Train from self.state.step to train.steps (or train.stop_at); returns the summary."""
@@ -100,7 +108,9 @@ class Trainer:
         lr = lr_at(step - 1, t.lr, t.min_lr, t.warmup_steps, t.steps)
         self.activity.now("forward and backward", step)
         t0 = time.perf_counter()
-        loss, grad_norm = self.engine.train_step(self.data.micro_batches(step - 1), lr)
+        batches = self.data.micro_batches(step - 1)
+        data_wait = time.perf_counter() - t0
+        loss, grad_norm = self.engine.train_step(batches, lr)
         if self.layout.device.type == "cuda":
             torch.cuda.synchronize(self.layout.device)
         seconds = time.perf_counter() - t0
@@ -108,15 +118,16 @@ class Trainer:
             self.nonfinite(step, loss, grad_norm, report)
         self.state.step = step
         self.state.train_curve.append((step, loss))
-        report.step_done(loss, seconds)
-        val_loss = None
+        report.step_done(loss, seconds, data_wait)
+        val_loss, self.val_by_source = None, None
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
             self.activity.now("validation")
             val_loss = self.validation_loss()
             self.state.val_curve.append((step, val_loss))
         if report.due(step, last, val_loss):
             self.activity.now("the metrics of the step")
-            report.log(step, lr, loss, grad_norm, val_loss)
+            report.log(step, lr, loss, grad_norm, val_loss, self.val_by_source)
+        self.state.data_state = self.data.state(step)
         saved = self.checkpointer.save_if_due(self.state, last)
         self.activity.now("the check for a stop signal")
         signum = self.layout.max(self.stop_requests.signum)  # any rank's, so all stop after this step
