@@ -165,13 +165,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.format == "sft":
         return prepare_sft_command(args)
     try:
-        meta = prepare(args.input, args.tokenizer, args.output, args.val_fraction, progress=not args.quiet)
+        meta = prepare(args.input, args.tokenizer, args.output, args.val_fraction, progress=not args.quiet,
+                       text_key=args.text_key, eos_token=args.eos_token, bos_token=args.bos_token,
+                       workers=args.workers, output_format=args.output_format)
     except PrepareError as e:
         return fail("loom prepare", str(e))
     sp = meta["splits"]
+    bos = "" if meta.get("bos_id") is None else f", each document opened by token {meta['bos_id']}"
+    if args.output_format == "megatron":
+        print(f"wrote {args.output}.bin and {args.output}.idx: {sp['train']['tokens']:,} tokens in "
+              f"{sp['train']['documents']:,} documents, vocabulary {meta['vocab_size']:,}{bos}")
+        return 0
     print(f"wrote {args.output}: train {sp['train']['tokens']:,} tokens in {sp['train']['documents']:,} "
           f"documents, validation {sp['val']['tokens']:,} tokens in {sp['val']['documents']:,} documents, "
-          f"vocabulary {meta['vocab_size']:,}")
+          f"vocabulary {meta['vocab_size']:,}{bos}")
     return 0
 
 
@@ -406,10 +413,19 @@ def add_train_command(sub) -> None:
 
 def add_prepare_command(sub) -> None:
     """`loom prepare`'s arguments."""
-    prep = sub.add_parser("prepare", help="tokenize a folder of .txt/.jsonl files into a token dataset")
-    prep.add_argument("--input", help="a folder (or file) of .txt and .jsonl documents")
-    prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json")
-    prep.add_argument("--output", help="the dataset folder to create")
+    prep = sub.add_parser("prepare", help="tokenize documents (.txt, .jsonl[.gz|.zst], .parquet) into a token dataset")
+    prep.add_argument("--input", help="a folder (or file) of .txt, .jsonl, .jsonl.gz, .jsonl.zst and .parquet "
+                                      "documents, or a `datasets` save_to_disk folder")
+    prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json, or a model folder holding one")
+    prep.add_argument("--output", help="the dataset folder to create (--output-format megatron: the prefix of "
+                                       "PREFIX.bin and PREFIX.idx)")
+    prep.add_argument("--output-format", default="loom", help="loom (a dataset folder) or megatron (.bin + .idx)")
+    prep.add_argument("--text-key", default="text", help="the JSON field or parquet column holding the text")
+    prep.add_argument("--eos-token", help="the token ending every document (default: the tokenizer's "
+                                          "tokenizer_config.json, or a known end-of-text name)")
+    prep.add_argument("--bos-token", help="a token starting every document (default: tokenizer_config.json's, "
+                                          "where it adds one)")
+    prep.add_argument("--workers", type=int, default=1, help="processes tokenizing shards of the input")
     prep.add_argument("--verify", metavar="DATASET",
                       help="check a prepared dataset instead: file sizes, checksums, largest token ids")
     prep.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")

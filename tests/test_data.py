@@ -8,6 +8,16 @@ from loom.data.batch import read_meta
 from loom.data.dataset import BatchSchedule, EpochOrder, TokenDataset
 from loom.data.prepare import PrepareError, prepare
 
+SHARD = "shards/00000/"  # the one shard of the small test corpus
+
+
+def split_tokens(folder, split: str):
+    """(tokens [T], document starts [D]) of a prepared dataset's split, over all its shards."""
+    from loom.data.dataset import open_stream
+
+    stream, _ = open_stream(folder, split)
+    starts = np.concatenate([np.asarray(span.starts) + off for span, off in zip(stream.spans, stream.offsets)])
+    return stream.read(0, len(stream)), starts
 
 def test_prepare_writes_documents_with_boundaries(text_corpus, tmp_path):
     from tokenizers import Tokenizer
@@ -23,8 +33,7 @@ def test_prepare_writes_documents_with_boundaries(text_corpus, tmp_path):
     eos = meta["eos_id"]
     texts = set(docs)
     for split in ("train", "val"):
-        tokens = np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
-        starts = np.load(out / f"{split}.docs.npy")
+        tokens, starts = split_tokens(out, split)
         assert len(tokens) == sp[split]["tokens"] and starts[0] == 0
         ends = list(starts[1:]) + [len(tokens)]
         for s, e in zip(starts, ends):
@@ -48,10 +57,10 @@ def test_prepare_is_atomic_and_refuses_bad_input(text_corpus, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--tokenizer=" in err
     out = tmp_path / "ds"
     assert main(["prepare", "--input", str(root), "--tokenizer", str(tok_path), "--output", str(out), "--quiet"]) == 0
-    before = (out / "train.bin").read_bytes()
+    before = split_tokens(out, "train")[0].tobytes()
     assert main(["prepare", "--input", str(root), "--tokenizer", str(tok_path), "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert (out / "train.bin").read_bytes() == before  # nothing overwritten
+    assert split_tokens(out, "train")[0].tobytes() == before  # nothing overwritten
 
 
 def test_batches_are_deterministic_for_a_seed(text_corpus, tmp_path):
@@ -74,7 +83,7 @@ def test_batches_are_deterministic_for_a_seed(text_corpus, tmp_path):
     inputs, labels = data.sequences(a.global_indices(0))
     assert inputs.shape == labels.shape == (4, 16)
     assert np.array_equal(inputs[:, 1:], labels[:, :-1])
-    tokens = np.fromfile(tmp_path / "ds" / "train.bin", dtype=read_meta(tmp_path / "ds")["dtype"])
+    tokens = split_tokens(tmp_path / "ds", "train")[0]
     i = int(a.global_indices(0)[0])
     assert inputs[0].tolist() == tokens[i * 16 : i * 16 + 16].tolist()
 
@@ -114,10 +123,10 @@ def _validate(path, *extra):
 
 def test_prepare_records_sizes_checksums_and_largest_tokens(dataset):
     meta = read_meta(dataset)
-    assert set(meta["files"]) == {"train.bin", "val.bin", "train.docs.npy", "val.docs.npy"}
-    tokens = np.fromfile(dataset / "train.bin", dtype=meta["dtype"])
+    assert set(meta["files"]) == {SHARD + f for f in ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy")}
+    tokens = np.fromfile(dataset / SHARD / "train.bin", dtype=meta["dtype"])
     assert meta["splits"]["train"]["max_token"] == int(tokens.max())
-    assert meta["files"]["train.bin"]["bytes"] == tokens.nbytes
+    assert meta["files"][SHARD + "train.bin"]["bytes"] == tokens.nbytes
 
 
 def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path, monkeypatch, capsys):
@@ -137,8 +146,8 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
     assert verified == [good]  # read once, then remembered
 
     truncated = _copy(dataset, tmp_path / "truncated")
-    data = (truncated / "train.bin").read_bytes()
-    (truncated / "train.bin").write_bytes(data[: len(data) * 6 // 10])
+    data = (truncated / SHARD / "train.bin").read_bytes()
+    (truncated / SHARD / "train.bin").write_bytes(data[: len(data) * 6 // 10])
     with pytest.raises(ConfigError, match=rf"train.bin is {len(data) * 6 // 10:,} bytes, but loom prepare wrote "
                                           rf"{len(data):,} \(truncated or replaced\)"):
         _validate(truncated)
@@ -146,9 +155,9 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
         TokenDataset(truncated, "train", 32)
 
     changed = _copy(dataset, tmp_path / "changed")
-    tokens = np.fromfile(changed / "val.bin", dtype=read_meta(changed)["dtype"])
+    tokens = np.fromfile(changed / SHARD / "val.bin", dtype=read_meta(changed)["dtype"])
     tokens[3] = (tokens[3] + 1) % 300
-    tokens.tofile(changed / "val.bin")
+    tokens.tofile(changed / SHARD / "val.bin")
     with pytest.raises(ConfigError, match="val.bin does not match the checksum loom prepare recorded"):
         _validate(changed)
     assert main(["prepare", "--verify", str(changed)]) == 2
@@ -157,16 +166,16 @@ def test_damaged_datasets_are_refused_in_one_line_before_a_run(dataset, tmp_path
     # Ids beyond the vocabulary in a file whose records agree (written by another tool).
     beyond = _copy(dataset, tmp_path / "beyond")
     meta = read_meta(beyond)
-    tokens = np.fromfile(beyond / "train.bin", dtype=meta["dtype"])
+    tokens = np.fromfile(beyond / SHARD / "train.bin", dtype=meta["dtype"])
     tokens[7] = 400
-    tokens.tofile(beyond / "train.bin")
-    meta["files"]["train.bin"] = file_record(beyond / "train.bin")
+    tokens.tofile(beyond / SHARD / "train.bin")
+    meta["files"][SHARD + "train.bin"] = file_record(beyond / SHARD / "train.bin")
     meta["splits"]["train"]["max_token"] = 400
     (beyond / "meta.json").write_text(json.dumps(meta))
-    before = {f.name: f.read_bytes() for f in beyond.iterdir()}
+    before = {f: f.read_bytes() for f in beyond.rglob("*") if f.is_file()}
     with pytest.raises(ConfigError, match=r"its train split holds token id 400, beyond model.vocab_size=300"):
         _validate(beyond)
-    assert {f.name: f.read_bytes() for f in beyond.iterdir()} == before
+    assert {f: f.read_bytes() for f in beyond.rglob("*") if f.is_file()} == before
     assert main(["prepare", "--verify", str(good)]) == 0
     assert "sizes and checksums as prepared" in capsys.readouterr().out
 

@@ -112,11 +112,12 @@ class MegatronWriter:
         self.sizes = open(self.scratch / "sizes.i32", "wb")
         self.n_seq = 0
 
-    def add_document(self, tokens: np.ndarray) -> None:
-        """One document as one sequence (Megatron's `preprocess_data` without sentence splitting)."""
-        self.bin.write(np.asarray(tokens, dtype=self.dtype).tobytes())
-        self.sizes.write(np.int32(len(tokens)).tobytes())
-        self.n_seq += 1
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents back to back (tokens [sum(lengths)], lengths [D]), each one sequence
+        (Megatron's `preprocess_data` without sentence splitting)."""
+        self.bin.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self.sizes.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        self.n_seq += len(lengths)
 
     def close(self) -> None:
         self.bin.close()

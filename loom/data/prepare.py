@@ -1,67 +1,45 @@
-"""Text files -> a prepared token dataset (see loom.data.dataset for the format)."""
+"""`loom prepare`: documents -> a prepared token dataset (format: loom.data.dataset), or a
+Megatron indexed dataset (--output-format megatron).
+
+    inputs     find the files, check what can be checked, cut them into shards (loom.data.inputs)
+    tokenizer  its tokenizer.json and the BOS/EOS around documents (loom.data.special_tokens)
+    shards     tokenized by --workers processes, each written atomically (loom.data.shards) into
+               .NAME.partial/, which a rerun with the same arguments continues
+    manifest   meta.json over the shards; the folder is renamed to NAME when complete
+"""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from loom.data.inputs import PrepareError, Shard, check_inputs, find_inputs, plan_shards
 from loom.data.integrity import split_files
+from loom.data.shards import SPLITS, ShardSpec, is_validation, write_shard
+from loom.data.special_tokens import DocumentTokens, document_tokens, load_tokenizer
 from loom.files import file_record
 
-EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
-
-
-class PrepareError(ValueError):
-    pass
-
-
-def find_text_files(root: Path) -> list[Path]:
-    if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
-
-
-def iter_documents(files: Iterable[Path], root: Path) -> Iterator[tuple[str, str]]:
-    """(document id, text) for every .txt file and every line of every .jsonl file."""
-    for path in files:
-        rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise PrepareError(
-                            f"{path}:{n + 1} is not a JSON object with a 'text' field"
-                        ) from None
-                    yield f"{rel}:{n}", text
-        else:
-            yield rel, path.read_text(encoding="utf-8", errors="replace")
-
-
-def is_validation(doc_id: str, val_fraction: float) -> bool:
-    """Deterministic held-out choice by a hash of the document's id (stable across runs)."""
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
-    return h / 2**64 < val_fraction
+OUTPUT_FORMATS = ("loom", "megatron")
+__all__ = ["PrepareError", "is_validation", "prepare", "write_dataset"]
 
 
 def find_eos(tokenizer) -> int:
+    """The end-of-document id of a tokenizer (the first of EOS_CANDIDATES it has)."""
+    from loom.data.special_tokens import EOS_CANDIDATES
+
     for name in EOS_CANDIDATES:
         i = tokenizer.token_to_id(name)
         if i is not None:
             return i
-    raise PrepareError(
-        f"the tokenizer has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}"
-    )
+    raise PrepareError(f"the tokenizer has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}")
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -103,25 +81,6 @@ def open_inputs(input_path: Path, tokenizer_path: str | Path, output: Path, val_
         raise PrepareError(f"--tokenizer={str(tokenizer_path)!r} is not a tokenizer.json: {e}") from None
     find_eos(tokenizer)
     return tokenizer
-
-
-def prepare(
-    input_path: str | Path,
-    tokenizer_path: str | Path,
-    output: str | Path,
-    val_fraction: float = 0.01,
-    progress: bool = True,
-) -> dict:
-    """`loom prepare`: every .txt / .jsonl document under input_path -> a dataset at output."""
-    input_path, output = Path(input_path), Path(output)
-    tokenizer = open_inputs(input_path, tokenizer_path, output, val_fraction)
-    files = find_text_files(input_path)
-    if not files:
-        raise PrepareError(f"--input={str(input_path)!r} holds no .txt or .jsonl files")
-    return write_dataset(
-        iter_documents(files, input_path), tokenizer, output, val_fraction,
-        source=str(input_path), progress=progress,
-    )
 
 
 def write_dataset(
@@ -191,3 +150,164 @@ def _dataset_meta(folder: Path, vocab: int, dtype, eos: int, val_fraction: float
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def check_arguments(input_path: Path, output: Path, val_fraction: float, workers: int, output_format: str) -> None:
+    """One-line errors for the arguments, before anything is read."""
+    from loom.settings import SettingError, one_of
+
+    if not input_path.exists():
+        raise PrepareError(f"--input={str(input_path)!r}: no such file or folder")
+    try:
+        one_of("--output-format", output_format, OUTPUT_FORMATS)
+    except SettingError as e:
+        raise PrepareError(str(e)) from None
+    taken = [output] if output_format == "loom" else [Path(f"{output}.bin"), Path(f"{output}.idx")]
+    for path in taken:
+        if path.exists():
+            raise PrepareError(f"--output={str(output)!r}: {path} already exists; allowed: a new path")
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"--val-fraction={val_fraction} must be in [0, 1)")
+    if workers < 1:
+        raise PrepareError(f"--workers={workers} must be at least 1")
+
+
+def prepare(input_path: str | Path, tokenizer_path: str | Path, output: str | Path, val_fraction: float = 0.01,
+            progress: bool = True, *, text_key: str = "text", eos_token: str | None = None,
+            bos_token: str | None = None, workers: int = 1, output_format: str = "loom") -> dict:
+    """`loom prepare`: every document under input_path -> a dataset at output (a folder, or with
+    output_format='megatron' the prefix of a .bin + .idx pair, all documents in one file)."""
+    input_path, output = Path(input_path), Path(output)
+    check_arguments(input_path, output, val_fraction, workers, output_format)
+    tokenizer, tokenizer_file = load_tokenizer(tokenizer_path)
+    tokens = document_tokens(tokenizer, tokenizer_file, eos_token, bos_token)
+    files = find_inputs(input_path)
+    if not files:
+        raise PrepareError(f"--input={str(input_path)!r} holds no .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet "
+                           f"files (nor a `datasets` save_to_disk folder)")
+    check_inputs(files, text_key)
+    shards = plan_shards(files, input_path)
+    megatron = output_format == "megatron"
+    vocab = tokenizer.get_vocab_size()
+    spec = ShardSpec(str(tokenizer_file.resolve()), text_key, 0.0 if megatron else val_fraction, tokens,
+                     np.dtype(token_dtype(vocab)).name)
+    work = resumable_folder(output, spec, shards)
+    try:
+        records = run_shards(shards, spec, work / "shards", workers, progress)
+    except PrepareError:  # bad input: nothing is kept (an interrupt keeps the finished shards)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if megatron:
+        return write_megatron(work, output, records, spec, vocab)
+    meta = shards_manifest(work, records, spec, vocab, str(input_path))
+    shutil.copy(tokenizer_file, work / "tokenizer.json")
+    os.replace(work, output)
+    return meta
+
+
+def resumable_folder(output: Path, spec: ShardSpec, shards: list[Shard]) -> Path:
+    """.NAME.partial beside the output: kept from an interrupted run with the same plan (the
+    arguments that decide the bytes, and every input file's size and time), else made anew."""
+    work = output.parent / f".{output.name}.partial"
+    plan = {"spec": asdict(spec), "tokenizer": file_record(Path(spec.tokenizer_file))["crc32"],
+            "shards": [[[p.rel, p.start, p.stop, p.path.stat().st_size, p.path.stat().st_mtime_ns] for p in s.parts]
+                       for s in shards]}
+    plan_file = work / "plan.json"
+    if work.is_dir() and plan_file.is_file() and json.loads(plan_file.read_text()) == json.loads(json.dumps(plan)):
+        return work
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "shards").mkdir(parents=True)
+    plan_file.write_text(json.dumps(plan))
+    return work
+
+
+def finished(shards_dir: Path, number: int) -> dict | None:
+    record = shards_dir / f"{number:05d}" / "shard.json"
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+class Progress:
+    """A bar over the input's bytes, with tokens/s and the ETA."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, desc="tokenizing", leave=False,
+                        disable=not enabled or None, dynamic_ncols=True)
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def add(self, input_bytes: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(input_bytes)
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate / 1e3:,.0f}K tokens/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_shards(shards: list[Shard], spec: ShardSpec, shards_dir: Path, workers: int, progress: bool) -> list[dict]:
+    """Every shard's record, tokenizing those not yet finished (in `workers` processes)."""
+    records = [finished(shards_dir, i) for i in range(len(shards))]
+    pending = [i for i, r in enumerate(records) if r is None]
+    bar = Progress(sum(s.size for s in shards), sum(shards[i].size for i in range(len(shards)) if records[i]), progress)
+    try:
+        if workers == 1 or len(pending) <= 1:
+            for i in pending:
+                records[i] = write_shard(shards[i], i, spec, shards_dir, ShardProgress(bar.add))
+        else:
+            from loom.data.pool import run_in_pool
+
+            for i, record in run_in_pool(pending, shards, spec, shards_dir, workers, bar.add):
+                records[i] = record
+    finally:
+        bar.close()
+    return records
+
+
+class ShardProgress:
+    """Turns a shard's (input bytes read so far, tokens of the batch) into increments."""
+
+    def __init__(self, add):
+        self.add, self.read = add, 0
+
+    def __call__(self, read: int, tokens: int) -> None:
+        self.add(max(0, read - self.read), tokens)
+        self.read = max(self.read, read)
+
+
+def shards_manifest(work: Path, records: list[dict], spec: ShardSpec, vocab: int, source: str) -> dict:
+    """meta.json over the shards: summed counts, every file's size and CRC (from the shards' own
+    records), the tokens around documents."""
+    splits = {s: {"tokens": sum(r["splits"][s]["tokens"] for r in records),
+                  "documents": sum(r["splits"][s]["documents"] for r in records),
+                  "max_token": max(r["splits"][s]["max_token"] for r in records)} for s in SPLITS}
+    meta = {"vocab_size": vocab, "dtype": spec.dtype, "eos_id": spec.tokens.eos, "bos_id": spec.tokens.bos,
+            "val_fraction": spec.val_fraction, "text_key": spec.text_key, "source": source, "splits": splits,
+            "shards": len(records),
+            "files": {f"shards/{i:05d}/{name}": rec for i, r in enumerate(records) for name, rec in r["files"].items()}}
+    (work / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def write_megatron(work: Path, prefix: Path, records: list[dict], spec: ShardSpec, vocab: int) -> dict:
+    """The shards' documents as one Megatron indexed dataset prefix.bin + prefix.idx."""
+    from loom.data.megatron import MegatronWriter
+
+    writer = MegatronWriter(prefix, np.dtype(spec.dtype))
+    try:
+        for i in range(len(records)):
+            folder = work / "shards" / f"{i:05d}"
+            starts = np.load(folder / "train.docs.npy")
+            n = records[i]["splits"]["train"]["tokens"]
+            if n:
+                tokens = np.memmap(folder / "train.bin", dtype=np.dtype(spec.dtype), mode="r")
+                writer.add_documents(tokens, np.diff(np.append(starts, n)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    train = {k: sum(r["splits"]["train"][k] for r in records) for k in ("tokens", "documents")}
+    return {"vocab_size": vocab, "dtype": spec.dtype, "eos_id": spec.tokens.eos, "bos_id": spec.tokens.bos,
+            "output_format": "megatron", "splits": {"train": train, "val": {"tokens": 0, "documents": 0}}}

@@ -1,0 +1,133 @@
+"""One shard of `loom prepare`: its documents tokenized into split files, written atomically.
+
+    shards/NNNNN/train.bin, val.bin          token ids, [bos] + text + eos per document
+    shards/NNNNN/train.docs.npy, val.docs... int64 start of every document
+    shards/NNNNN/shard.json                  counts, largest ids and file records
+
+A shard folder appears only complete (written as .NNNNN.tmp, then renamed), so a killed prepare
+keeps its finished shards and redoes the rest. Memory stays bounded by one batch of documents.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loom.data.inputs import Shard, read_shard
+from loom.data.special_tokens import DocumentTokens
+from loom.files import file_record
+
+BATCH_CHARS = 1 << 20  # text per encode_batch call: enough for the tokenizer's threads, bounded memory
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything that decides a shard's bytes (and so belongs to the resume check)."""
+
+    tokenizer_file: str
+    text_key: str
+    val_fraction: float
+    tokens: DocumentTokens
+    dtype: str
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic held-out choice by a hash of the document's id (stable across runs)."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "little")
+    return h / 2**64 < val_fraction
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(path: str):
+    """The tokenizer of a spec, loaded once per process."""
+    if path not in _TOKENIZERS:
+        from tokenizers import Tokenizer
+
+        _TOKENIZERS[path] = Tokenizer.from_file(path)
+    return _TOKENIZERS[path]
+
+
+class SplitWriter:
+    """A split's token file and document starts, appended a batch at a time."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype):
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.file = open(folder / f"{split}.bin", "wb")
+        self.starts: list[np.ndarray] = []
+        self.tokens, self.documents, self.largest = 0, 0, -1
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents back to back: ids [sum(lengths)], lengths [D]."""
+        if not len(lengths):
+            return
+        self.file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.starts.append(self.tokens + np.cumsum(lengths) - lengths)
+        self.tokens += int(lengths.sum())
+        self.documents += len(lengths)
+        self.largest = max(self.largest, int(ids.max()))
+
+    def close(self) -> dict:
+        self.file.close()
+        np.save(self.folder / f"{self.split}.docs.npy",
+                np.concatenate(self.starts).astype(np.int64) if self.starts else np.zeros(0, np.int64))
+        return {"tokens": self.tokens, "documents": self.documents, "max_token": self.largest}
+
+
+def encode(texts: list[str], spec: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Documents -> (ids [T] int64, lengths [D]) with BOS and EOS around each."""
+    encodings = _tokenizer(spec.tokenizer_file).encode_batch_fast(texts, add_special_tokens=False)
+    t = spec.tokens
+    head, tail = ([t.bos] if t.bos is not None else []), [t.eos]
+    pieces = [head + e.ids + tail for e in encodings]
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    ids = np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=int(lengths.sum()))
+    return ids, lengths
+
+
+def write_shard(shard: Shard, number: int, spec: ShardSpec, shards_dir: Path, report=None) -> dict:
+    """Tokenize `shard` into shards_dir/NNNNN (atomically); returns its shard.json.
+    report(input_bytes, tokens): progress, called after every batch."""
+    final = shards_dir / f"{number:05d}"
+    tmp = shards_dir / f".{number:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writers = {s: SplitWriter(tmp, s, np.dtype(spec.dtype)) for s in SPLITS}
+        batch: list[tuple[str, str]] = []
+        chars, done = 0, 0
+        for doc_id, text, done in read_shard(shard, spec.text_key):
+            batch.append((doc_id, text))
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                _flush(batch, spec, writers, report, done)
+                batch, chars = [], 0
+        _flush(batch, spec, writers, report, done)
+        record = {"input": [[p.rel, p.start, p.stop] for p in shard.parts],
+                  "splits": {s: w.close() for s, w in writers.items()}}
+        record["files"] = {f"{s}.{ext}": file_record(tmp / f"{s}.{ext}") for s in SPLITS for ext in ("bin", "docs.npy")}
+        (tmp / "shard.json").write_text(json.dumps(record, indent=1))
+        os.replace(tmp, final)
+        return record
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _flush(batch: list[tuple[str, str]], spec: ShardSpec, writers: dict, report, done: int) -> None:
+    if not batch:
+        return
+    ids, lengths = encode([text for _, text in batch], spec)
+    val = np.fromiter((is_validation(d, spec.val_fraction) for d, _ in batch), dtype=bool, count=len(batch))
+    for split, chosen in (("train", ~val), ("val", val)):
+        if chosen.any():
+            writers[split].add(ids[np.repeat(chosen, lengths)], lengths[chosen])
+    if report is not None:
+        report(done, int(lengths.sum()))
