@@ -6,14 +6,11 @@ import hashlib
 from pathlib import Path
 
 from loom.data.batch import read_meta
-from loom.data.dataset import BUILTIN_STDLIB, DATA_FORMATS, DataError, dataset_mask_token, megatron_meta, \
+from loom.data.dataset import BUILTIN_CORPORA, BUILTIN_STDLIB, DATA_FORMATS, DataError, dataset_mask_token, megatron_meta, \
     resolve_sft_path, tokenizer_file
 from loom.data.integrity import IntegrityError, verified_max_tokens
 from loom.data.megatron import is_megatron_prefix
 from loom.settings import SettingError, need, one_of
-
-BUILTIN_SOURCES = (BUILTIN_STDLIB,)
-
 
 def blend_sources(d) -> list[str]:
     """The dataset paths a run reads: data.blend's, or data.path."""
@@ -98,7 +95,7 @@ def _check_token_source(path: str, key: str, d, seq_len: int, model) -> dict:
 
 def tokenizer_identity(path: str, d) -> str | None:
     """A digest of a source's tokenizer (its tokenizer.json, or data.tokenizer), None if unknown."""
-    if path == BUILTIN_STDLIB:
+    if path in BUILTIN_CORPORA:
         return "builtin"
     file = tokenizer_file(path, d.tokenizer if is_megatron_prefix(path) else "")
     return hashlib.sha256(file.read_bytes()).hexdigest() if file is not None and file.is_file() else None
@@ -108,7 +105,7 @@ def _check_blend_files(d, seq_len: int, model) -> None:
     """Every source readable and long enough, and all of one tokenizer and vocabulary."""
     metas = {}
     for weight, path in d.blend:
-        if path != BUILTIN_STDLIB:
+        if path not in BUILTIN_CORPORA:
             metas[path] = _check_token_source(path, f"data.blend source {path!r}: data.path", d, seq_len, model)
     tokenizers = {path: tokenizer_identity(path, d) for _, path in d.blend}
     known = {p: t for p, t in tokenizers.items() if t is not None}
@@ -152,7 +149,7 @@ def check_data_files(d, seq_len: int, model, model_name: str) -> None:
         return  # its vocabulary was checked against the model with its token ids
     if d.blend:
         _check_blend_files(d, seq_len, model)
-    elif d.path != BUILTIN_STDLIB:
+    elif d.path not in BUILTIN_CORPORA:
         _check_token_source(d.path, "data.path", d, seq_len, model)
     else:
         from loom.data.stdlib import BUILTIN_VOCAB_SIZE
@@ -163,7 +160,7 @@ def check_data_files(d, seq_len: int, model, model_name: str) -> None:
         from loom.data.mlm import MASK_TOKEN
 
         for path in blend_sources(d):
-            need(path == BUILTIN_STDLIB or dataset_mask_token(path, d.tokenizer) is not None,
+            need(path in BUILTIN_CORPORA or dataset_mask_token(path, d.tokenizer) is not None,
                  f"data.path={path!r}: its tokenizer has no {MASK_TOKEN} token, which masked-LM training of "
                  f"model.name={model_name!r} needs; allowed: a dataset whose tokenizer has {MASK_TOKEN}")
 

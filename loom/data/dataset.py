@@ -24,6 +24,8 @@ from loom.data.permutation import KeyedPermutation
 from loom.data.tokens import LoomSplitFile, TokenStream, megatron_splits
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
+BUILTIN_DOCS = "builtin:python-stdlib-docs"  # the same modules' docstrings, in the same tokenizer
+BUILTIN_CORPORA = (BUILTIN_STDLIB, BUILTIN_DOCS)
 ATTENTION_LEN_WINDOWS = 4096  # windows the packed attention length is measured on (all, if fewer)
 
 
@@ -158,11 +160,19 @@ def open_splits(path: str | Path, seq_len: int, progress: bool = True, data_form
 
         path = resolve_sft_path(path, progress)
         return PackedExamples(path, "train", seq_len, seed), PackedExamples(path, "val", seq_len, seed)
-    if str(path) == BUILTIN_STDLIB:
-        from loom.data.stdlib import builtin_dataset
-
-        path = builtin_dataset(progress=progress)
+    path = resolve_builtin(path, progress)
     return TokenDataset(path, "train", seq_len, tokenizer), TokenDataset(path, "val", seq_len, tokenizer)
+
+
+def resolve_builtin(path: str | Path, progress: bool = True) -> str | Path:
+    """The folder of a builtin corpus (built on first use), or `path` itself."""
+    from loom.data import stdlib
+
+    if str(path) == BUILTIN_STDLIB:
+        return stdlib.builtin_dataset(progress=progress)
+    if str(path) == BUILTIN_DOCS:
+        return stdlib.builtin_docs_dataset(progress=progress)
+    return path
 
 
 def resolve_sft_path(path: str | Path, progress: bool = True) -> Path:

@@ -1,6 +1,8 @@
 """The embedded default corpus `builtin:python-stdlib`: the running Python's own standard
-library sources, tokenized by a byte-level BPE trained on them on first use. Both are cached
-under the user's cache folder; nothing is fetched from the network.
+library sources, tokenized by a byte-level BPE trained on them on first use; and
+`builtin:python-stdlib-docs`, the prose of the same modules (their docstrings) in the same
+tokenizer, a second source for blends. Cached under the user's cache folder; nothing is
+fetched from the network.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from loom.data.dataset import BUILTIN_DOCS
 from loom.data.mlm import MASK_TOKEN
 from loom.data.prepare import write_dataset
 from loom.locks import exclusive_lock
@@ -77,4 +80,42 @@ def builtin_dataset(progress: bool = True) -> Path:
         tokenizer = train_bpe([text for _, text in docs], BUILTIN_VOCAB_SIZE)
         write_dataset(docs, tokenizer, path, VAL_FRACTION, source=f"builtin:python-stdlib ({root})",
                       progress=progress)
+    return path
+
+
+def docstrings(source: str) -> str:
+    """The docstrings of a module, its classes and functions, in source order ("" if none or if
+    the file does not parse)."""
+    import ast
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences in old modules
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+    return "\n\n".join(d for d in found if d)
+
+
+def builtin_docs_dataset(progress: bool = True) -> Path:
+    """Path of the stdlib's docstrings as a dataset in the builtin tokenizer, built if not cached."""
+    from tokenizers import Tokenizer
+
+    base = builtin_dataset(progress)
+    root, files = stdlib_files()
+    path = base.parent / f"{base.name}-docs"
+    if (path / "meta.json").is_file():
+        return path
+    with exclusive_lock(path.parent / f"{path.name}.lock"):
+        if (path / "meta.json").is_file():
+            return path
+        if progress:
+            print(f"loom: building the builtin docstring corpus (once; cached in {path})", file=sys.stderr)
+        docs = [(p.relative_to(root).as_posix(), docstrings(p.read_text(encoding="utf-8", errors="replace")))
+                for p in files]
+        write_dataset([d for d in docs if d[1]], Tokenizer.from_file(str(base / "tokenizer.json")), path,
+                      VAL_FRACTION, source=f"{BUILTIN_DOCS} ({root})", progress=progress)
     return path

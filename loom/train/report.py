@@ -88,9 +88,11 @@ class StepTimes:
     all: list[float] = field(default_factory=list)
     window: list[float] = field(default_factory=list)
     data_window: list[float] = field(default_factory=list)  # of which waiting for the step's batches
+    all_data: list[float] = field(default_factory=list)
 
     def add(self, seconds: float, data_wait: float = 0.0) -> None:
         self.all.append(seconds)
+        self.all_data.append(data_wait)
         self.window.append(seconds)
         self.data_window.append(data_wait)
 
@@ -234,7 +236,18 @@ class RunReport:
             "checkpoint_saves": list(checkpoint_saves),
             "dtype": t.dtype if t.fp8 == "none" else f"{t.dtype} + fp8 {t.fp8}",
             "recompute": t.recompute, "device": str(self.layout.device), "kernels": self.model.kernels,
+            "data_wait_s": sum(self.times.all_data) / max(1, len(self.times.all_data)),
+            **self.blend_summary(last),
         }
+
+    def blend_summary(self, last: int) -> dict:
+        """A blend's sources: weight, samples read and epochs of each over the run's `last` steps."""
+        blend = self.batches.blend
+        if blend is None:
+            return {}
+        samples = last * self.cfg.train.global_batch
+        return {"blend": [{"source": name, "weight": w, "samples": n, "epochs": e} for name, w, n, e in
+                          zip(blend.names, blend.weights, blend.drawn_at(samples), blend.epochs(samples))]}
 
     def trainable_params(self, total: int) -> int:
         """Parameters that train: all of them, or LoRA's adapters (counted from the model config)."""
@@ -277,7 +290,10 @@ def format_summary(s: dict, jsonl: str, plot: str) -> str:
         ("train loss", f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}"
                        + (f" ({s['skipped_steps']} non-finite steps skipped)" if s.get("skipped_steps") else "")),
         ("validation loss", f"{s['initial_val_loss']:.3f} -> {s['final_val_loss']:.3f}"
-                            + (" (answer tokens)" if s.get("packing_efficiency") is not None else "")),
+                            + (" (answer tokens)" if s.get("packing_efficiency") is not None else "")
+                            + (" (the blend's weighted mean)" if s.get("blend") else "")),
+        *[(f"source {b['source']}", f"weight {b['weight']:.3f}: {b['samples']:,} samples, {b['epochs']:.3f} epochs")
+          for b in s.get("blend", [])],
         *([("packing", f"{100 * s['packing_efficiency']:.1f}% of the slots hold example tokens")]
           if s.get("packing_efficiency") is not None else []),
         ("tokens/s (global)", f"{s['tokens_per_s']:,.0f}"),
