@@ -208,3 +208,55 @@ def test_bad_input_is_one_line_naming_the_file_and_leaves_nothing(tokenizer_dir,
         assert code == 2 and err.count("\n") == 0, (name, err)
         assert __import__("re").search(expected, err), (name, err)
         assert not out.exists() and not list(out.parent.glob(".*"))
+
+
+def test_blend_settings_are_checked_in_one_line_before_a_run(tokenizer_dir, dataset, tmp_path, capsys):
+    """data.blend: a weight that is not a positive number, a missing source, a source too small
+    for one sequence, and sources of different tokenizers: each one line, status 2."""
+    other = tmp_path / "other"
+    src = write_formats(tmp_path / "in")["plain.jsonl"]
+    prepare(src, tokenizer_dir, other, val_fraction=0.2, progress=False, text_key="content", eos_token="<|doc_end|>")
+    tiny = tmp_path / "tiny_src"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.txt").write_text("a few words only")
+    (tmp_path / "t" / "b.txt").write_text("and a few more")
+    prepare(tmp_path / "t", tokenizer_dir, tiny, val_fraction=0.5, progress=False, eos_token="<|doc_end|>")
+    base = ["train", "--model.name=tiny", "--model.vocab_size=400", "--parallel.dp_shard=1", "--parallel.pp=1",
+            "--train.seq_len=32", "--quiet"]
+    cases = {
+        f'[[0.5, "{dataset}"], [-1, "{other}"]]': rf"the weight of '{other}' is -1; allowed: a positive number",
+        f'[[0.5, "{dataset}"], ["x", "{other}"]]': r"is 'x'; allowed: a positive number",
+        f'[[0.5, "{dataset}"], [0.5, "{tmp_path}/nowhere"]]': r"nowhere' is not a dataset",
+        f'[[0.5, "{other}"], [0.5, "{tiny}"]]': rf"train.seq_len=32 is longer than the train split of data.blend "
+                                                rf"source '{tiny}'",
+        f'[[0.5, "{dataset}"], [0.5, "{other}"]]': r"data.blend mixes tokenizers",
+        '[0.5, 0.5]': r"each entry must be \[weight, path\]",
+    }
+    for blend, expected in cases.items():
+        assert main([*base, f"--data.blend={blend}"]) == 2, blend
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and __import__("re").search(expected, err), (blend, err)
+    assert main([*base, f"--data.path={dataset}", f'--data.blend=[[1, "{dataset}"]]']) == 2
+    assert "data.path" in capsys.readouterr().err
+
+
+def test_sample_order_is_a_keyed_permutation_never_materialized():
+    """Each epoch is a bijection of [0, n) chosen by (seed, epoch); any index of a 1.8-billion
+    sequence epoch is computed alone (nothing of size n is allocated)."""
+    import tracemalloc
+
+    from loom.data.dataset import EpochOrder
+    from loom.data.permutation import KeyedPermutation
+
+    for n in (1, 2, 3, 7, 64, 1000, 4097):
+        values = KeyedPermutation(n, (5, 0))(np.arange(n))
+        assert sorted(values.tolist()) == list(range(n))
+    a, b = KeyedPermutation(1000, (5, 0))(np.arange(1000)), KeyedPermutation(1000, (5, 1))(np.arange(1000))
+    assert not np.array_equal(a, b) and np.array_equal(a, KeyedPermutation(1000, (5, 0))(np.arange(1000)))
+    order = EpochOrder(1000, seed=3)
+    assert sorted(order(np.arange(1000, 2000)).tolist()) == list(range(1000))  # epoch 1 is whole too
+    tracemalloc.start()
+    big = EpochOrder(1_800_000_000, seed=0)(np.arange(10**9, 10**9 + 64))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(set(big.tolist())) == 64 and (big < 1_800_000_000).all() and peak < 1 << 20

@@ -3,14 +3,18 @@ naming the key, the value and what is allowed."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from loom.data.batch import read_meta
-from loom.data.dataset import BUILTIN_CORPORA, BUILTIN_STDLIB, DATA_FORMATS, DataError, dataset_mask_token, megatron_meta, \
+from loom.data.dataset import BUILTIN_STDLIB, DATA_FORMATS, DataError, dataset_mask_token, megatron_meta, \
     resolve_sft_path, tokenizer_file
 from loom.data.integrity import IntegrityError, verified_max_tokens
 from loom.data.megatron import is_megatron_prefix
+from loom.data.stdlib import BUILTIN_DOCS
 from loom.settings import SettingError, need, one_of
+
+BUILTIN_CORPORA = (BUILTIN_STDLIB, BUILTIN_DOCS)
 
 def blend_sources(d) -> list[str]:
     """The dataset paths a run reads: data.blend's, or data.path."""
@@ -19,7 +23,7 @@ def blend_sources(d) -> list[str]:
 
 def check_blend_section(d) -> None:
     """data.blend: [[weight, path], ...] with positive weights, and data.path left at its default."""
-    shown = f"data.blend={list(map(list, d.blend))!r}"
+    shown = f"data.blend={json.dumps(d.blend)}"
     for entry in d.blend:
         need(isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str),
              f"{shown}: each entry must be [weight, path]; got {entry!r}")

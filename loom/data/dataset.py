@@ -24,8 +24,6 @@ from loom.data.permutation import KeyedPermutation
 from loom.data.tokens import LoomSplitFile, TokenStream, megatron_splits
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
-BUILTIN_DOCS = "builtin:python-stdlib-docs"  # the same modules' docstrings, in the same tokenizer
-BUILTIN_CORPORA = (BUILTIN_STDLIB, BUILTIN_DOCS)
 ATTENTION_LEN_WINDOWS = 4096  # windows the packed attention length is measured on (all, if fewer)
 
 
@@ -170,7 +168,7 @@ def resolve_builtin(path: str | Path, progress: bool = True) -> str | Path:
 
     if str(path) == BUILTIN_STDLIB:
         return stdlib.builtin_dataset(progress=progress)
-    if str(path) == BUILTIN_DOCS:
+    if str(path) == stdlib.BUILTIN_DOCS:
         return stdlib.builtin_docs_dataset(progress=progress)
     return path
 

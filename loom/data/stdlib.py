@@ -12,13 +12,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from loom.data.dataset import BUILTIN_DOCS
 from loom.data.mlm import MASK_TOKEN
 from loom.data.prepare import write_dataset
 from loom.locks import exclusive_lock
 from loom.files import cache_dir
 
 BUILTIN_VOCAB_SIZE = 8192
+BUILTIN_DOCS = "builtin:python-stdlib-docs"  # the same modules' docstrings, in the same tokenizer
 VAL_FRACTION = 0.02
 EOS = "<|endoftext|>"
 # Test suites and bundled tools are skipped: they are large, repetitive and full of odd strings.

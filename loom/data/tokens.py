@@ -57,15 +57,14 @@ class MegatronRange(TokenSpan):
 
 
 def megatron_splits(prefix: str | Path) -> tuple[MegatronRange, MegatronRange]:
-    """(train, validation) of a Megatron dataset: validation holds the documents that start at or
-    after 99% of its tokens (at least its last document), train the ones before."""
+    """(train, validation) of a Megatron dataset: validation holds its last documents, from the
+    one holding the token at 99% of the dataset on (so at least 1% of its tokens), train the
+    ones before. (Megatron splits by its own `--split`; loom needs one held-out split.)"""
     index = MegatronIndex(prefix)
     n = index.n_documents
-    cut_token = int(len(index.tokens) * (1 - MEGATRON_VAL_FRACTION))
+    cut_token = min(int(len(index.tokens) * (1 - MEGATRON_VAL_FRACTION)), max(len(index.tokens) - 1, 0))
     cut = int(index.document_of(np.array([cut_token]))[0]) if len(index.tokens) else 0
-    cut = min(max(cut, 0), n - 1) if n else 0
-    if cut < n - 1 and int(index.document_start(np.array([cut]))[0]) < cut_token:
-        cut += 1  # the document holding the cut point stays in train
+    cut = min(max(cut, 0), max(n - 1, 0))
     return MegatronRange(index, 0, cut), MegatronRange(index, cut, n)
 
 
