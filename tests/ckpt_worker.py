@@ -8,6 +8,7 @@ the end}}.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
@@ -52,7 +53,7 @@ def main() -> None:
     results, trainer, layouts = {}, None, Layouts()
     for job in jobs:  # in order: a job may resume the checkpoint of one before it
         name, _, args = job.partition("=")
-        results[name], trainer = run_job(args.split(","), layouts)
+        results[name], trainer = run_job(re.split(r",(?=--)", args), layouts)  # values may hold commas
     if trainer.rank == 0:
         torch.save(results, out)
     trainer.close()

@@ -55,7 +55,7 @@ def test_single_process_continues_exactly(dataset, tmp_path, asynchronous):
 
 
 @pytest.fixture(scope="module")
-def four_ranks(dataset, tmp_path_factory) -> tuple[Path, dict]:
+def four_ranks(dataset, small_source, tmp_path_factory) -> tuple[Path, dict]:
     """One 4-rank launch for every 4-rank checkpoint test of this module: dp_shard=2 x tp=2 stops
     after step 6 and resumes (fp32, and FP8 tensorwise); checkpoints saved under tp=2 x pp=2 (Llama,
     and tiny GPT-3 with its tied embedding) load under dp_shard=4; tiny-moe saved under ep=4 loads
@@ -78,7 +78,57 @@ def four_ranks(dataset, tmp_path_factory) -> tuple[Path, dict]:
                               "--train.stop_at=6"]
     jobs["ep2_load"] = moe + ["--parallel.dp_shard=2", "--parallel.tp=2", "--parallel.ep=2",
                               f"--checkpoint.dir={tmp}/ck_ep2", f"--checkpoint.resume={tmp}/ck_ep4/step-00000006"]
+    blend = blend_args(dataset, small_source)
+    jobs["blend_tp2pp2_save"] = blend + ["--parallel.tp=2", "--parallel.pp=2", f"--checkpoint.dir={tmp}/ck_blend",
+                                         "--train.stop_at=6", f"--metrics.jsonl={tmp}/blend.jsonl"]
+    jobs["blend_dp4_load"] = blend + ["--parallel.dp_shard=4", f"--checkpoint.dir={tmp}/ck_blend",
+                                      f"--metrics.jsonl={tmp}/blend.jsonl"]
     return tmp, launch(4, tmp / "out.pt", jobs, tmp)
+
+
+@pytest.fixture(scope="module")
+def small_source(text_corpus, tmp_path_factory) -> Path:
+    """A small dataset in the test dataset's tokenizer (12 of its documents), which a blend reads
+    for several epochs."""
+    import shutil
+
+    from loom.data.prepare import prepare
+
+    root, tok, _ = text_corpus
+    corpus = tmp_path_factory.mktemp("small_corpus")
+    for text in sorted((root / "a").glob("*.txt"))[:12]:
+        shutil.copy(text, corpus / text.name)
+    small = tmp_path_factory.mktemp("small") / "ds"
+    prepare(corpus, tok, small, val_fraction=0.25, progress=False)
+    return small
+
+
+def blend_args(dataset, small) -> list[str]:
+    """9 steps on a 0.6 / 0.4 blend of the test dataset and the small source."""
+    args = [a for a in common(dataset, "unused", steps=9) if not a.startswith(("--data.path=", "--metrics.jsonl="))]
+    return args + [f'--data.blend=[[0.6, "{dataset}"], [0.4, "{small}"]]']
+
+
+def test_a_blend_resumed_under_another_layout_continues_the_run(four_ranks, dataset, small_source, tmp_path):
+    """A blend saved after step 6 under tp=2 x pp=2 and resumed under dp_shard=4 (with the
+    per-source counts its checkpoint holds) gives every loss of an uninterrupted one-process run
+    (fp32 parity); its metrics count each source's samples, and the small source ran epochs."""
+    tmp, results = four_ranks
+    single = run_in_process({"blend": blend_args(dataset, small_source) + [f"--metrics.jsonl={tmp_path}/m.jsonl"]})
+    expected = dict(single["blend"]["curve"])
+    saved, resumed = results["blend_tp2pp2_save"]["curve"], results["blend_dp4_load"]["curve"]
+    assert [s for s, _ in saved] == list(range(1, 7)) and [s for s, _ in resumed] == list(range(1, 10))
+    for step, loss in resumed:
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
+    manifest = json.loads((tmp / "ck_blend" / "step-00000006" / "loom.json").read_text())
+    assert manifest["data_state"] == {"blend_samples": 48, "blend_drawn": [29, 19]}
+    rows = [json.loads(line) for line in open(tmp / "blend.jsonl")]
+    assert rows[0]["blend"] == [[0.6, str(dataset)], [0.4, str(small_source)]]
+    assert rows[-1]["step"] == 9 and rows[-1]["samples_by_source"] == {str(dataset): 43, str(small_source): 29}
+    assert set(rows[-1]["val_loss_by_source"]) == {str(dataset), str(small_source)}
+    from loom.data.dataset import TokenDataset
+
+    assert TokenDataset(small_source, "train", 32).n_sequences < 29  # so it was read for more than an epoch
 
 
 @pytest.mark.parametrize("layout", ["dp2tp2", "fp8"])
