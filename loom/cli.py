@@ -43,9 +43,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if not under_torchrun:
         from loom.parallel.dims import ParallelDims
 
-        try:  # in this process, before any worker: builds the builtin corpus once, checks sizes
-            open_splits(cfg.data.path, cfg.train.seq_len, progress=not args.quiet, data_format=cfg.data.format,
-                        seed=cfg.train.seed)
+        try:  # in this process, before any worker: builds the builtin corpora once, checks sizes
+            for path in [p for _, p in cfg.data.blend] or [cfg.data.path]:
+                open_splits(path, cfg.train.seq_len, progress=not args.quiet, data_format=cfg.data.format,
+                            seed=cfg.train.seed, tokenizer=cfg.data.tokenizer)
         except DataError as e:
             return fail(prog, str(e))
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +83,20 @@ class SplitWriter:
 
 
 def encode(texts: list[str], spec: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (ids [T] int64, lengths [D]) with BOS and EOS around each."""
+    """Documents -> (ids [T], lengths [D]) with BOS and EOS around each, ids in spec.dtype."""
     encodings = _tokenizer(spec.tokenizer_file).encode_batch_fast(texts, add_special_tokens=False)
-    t = spec.tokens
-    head, tail = ([t.bos] if t.bos is not None else []), [t.eos]
-    pieces = [head + e.ids + tail for e in encodings]
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    ids = np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=int(lengths.sum()))
-    return ids, lengths
+    bos, eos = spec.tokens.bos, spec.tokens.eos
+    flat: list[int] = []
+    lengths = np.empty(len(encodings), dtype=np.int64)
+    extra = 1 + (bos is not None)
+    for d, e in enumerate(encodings):  # one Python list per document is the tokenizer's API
+        ids = e.ids
+        if bos is not None:
+            flat.append(bos)
+        flat.extend(ids)
+        flat.append(eos)
+        lengths[d] = len(ids) + extra
+    return np.array(flat, dtype=np.dtype(spec.dtype)), lengths
 
 
 def write_shard(shard: Shard, number: int, spec: ShardSpec, shards_dir: Path, report=None) -> dict:
@@ -101,15 +108,17 @@ def write_shard(shard: Shard, number: int, spec: ShardSpec, shards_dir: Path, re
     tmp.mkdir(parents=True)
     try:
         writers = {s: SplitWriter(tmp, s, np.dtype(spec.dtype)) for s in SPLITS}
-        batch: list[tuple[str, str]] = []
-        chars, done = 0, 0
-        for doc_id, text, done in read_shard(shard, spec.text_key):
-            batch.append((doc_id, text))
-            chars += len(text)
-            if chars >= BATCH_CHARS:
-                _flush(batch, spec, writers, report, done)
-                batch, chars = [], 0
-        _flush(batch, spec, writers, report, done)
+        # The tokenizer (which releases the GIL and uses every core) encodes one batch while this
+        # thread reads, parses and writes the next and the last: their Python work overlaps it.
+        with ThreadPoolExecutor(max_workers=1) as encoder:
+            pending = None
+            for batch, done in batches(read_shard(shard, spec.text_key)):
+                submitted = encoder.submit(encode, [text for _, text in batch], spec), batch, done
+                if pending is not None:
+                    _write(pending, spec, writers, report)
+                pending = submitted
+            if pending is not None:
+                _write(pending, spec, writers, report)
         record = {"input": [[p.rel, p.start, p.stop] for p in shard.parts],
                   "splits": {s: w.close() for s, w in writers.items()}}
         record["files"] = {f"{s}.{ext}": file_record(tmp / f"{s}.{ext}") for s in SPLITS for ext in ("bin", "docs.npy")}
@@ -121,13 +130,26 @@ def write_shard(shard: Shard, number: int, spec: ShardSpec, shards_dir: Path, re
         raise
 
 
-def _flush(batch: list[tuple[str, str]], spec: ShardSpec, writers: dict, report, done: int) -> None:
-    if not batch:
-        return
-    ids, lengths = encode([text for _, text in batch], spec)
+def batches(documents):
+    """(documents, input bytes read) in batches of about BATCH_CHARS of text."""
+    batch, chars, done = [], 0, 0
+    for doc_id, text, done in documents:
+        batch.append((doc_id, text))
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch, done
+            batch, chars = [], 0
+    if batch:
+        yield batch, done
+
+
+def _write(pending, spec: ShardSpec, writers: dict, report) -> None:
+    """An encoded batch to its splits (each document by its id's hash), then the progress."""
+    future, batch, done = pending
+    ids, lengths = future.result()
     val = np.fromiter((is_validation(d, spec.val_fraction) for d, _ in batch), dtype=bool, count=len(batch))
     for split, chosen in (("train", ~val), ("val", val)):
         if chosen.any():
-            writers[split].add(ids[np.repeat(chosen, lengths)], lengths[chosen])
+            writers[split].add(ids if chosen.all() else ids[np.repeat(chosen, lengths)], lengths[chosen])
     if report is not None:
         report(done, int(lengths.sum()))
