@@ -304,6 +304,16 @@ def test_incompatible_resumes_are_refused(saved, tmp_path, capsys):
         code, err = train_cli(base + extra, capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, (extra, err)
     assert _snapshot(ck) == before
+    # A checkpoint of the per-epoch permutations loom drew before keyed ones: its data stream
+    # cannot be continued (its weights can start a run).
+    old = _copy(saved, tmp_path / "old")
+    manifest = json.loads((old / "loom.json").read_text())
+    del manifest["data"]["data.order"]
+    (old / "loom.json").write_text(json.dumps(manifest))
+    code, err = train_cli(base + [f"--checkpoint.resume={old}", "--train.steps=6"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "ordered its samples by epoch-permutation, this loom by keyed-permutation" in err
+    assert f"allowed: checkpoint.init_from='{old}'" in err
 
 
 def test_forged_metadata_is_never_unpickled(saved, tmp_path, capsys):

@@ -75,7 +75,10 @@ class Shard:
 def find_inputs(root: Path) -> list[tuple[Path, str]]:
     """(file, kind) under --input in name order; a save_to_disk folder gives its Arrow files."""
     if root.is_file():
-        return [(root, kind_of(root) or "")]
+        if kind_of(root) is None:
+            raise PrepareError(f"--input={str(root)!r} is not a supported file; allowed: {', '.join(SUFFIXES)} files, "
+                               f"or a folder of them")
+        return [(root, kind_of(root))]
     found: list[tuple[Path, str]] = []
     for folder, subfolders, names in sorted(os.walk(root)):
         arrows = arrow_files(Path(folder))
