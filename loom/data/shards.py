@@ -23,7 +23,8 @@ from loom.data.inputs import Shard, read_shard
 from loom.data.special_tokens import DocumentTokens
 from loom.files import file_record
 
-BATCH_CHARS = 1 << 20  # text per encode_batch call: enough for the tokenizer's threads, bounded memory
+BATCH_CHARS = 1 << 20
+CHUNK_DOCUMENTS = 1 << 20  # document starts copied at a time when a split file is closed  # text per encode_batch call: enough for the tokenizer's threads, bounded memory
 SPLITS = ("train", "val")
 
 
@@ -57,12 +58,14 @@ def _tokenizer(path: str):
 
 
 class SplitWriter:
-    """A split's token file and document starts, appended a batch at a time."""
+    """A split's token file and document starts, appended a batch at a time. The starts go to a
+    scratch file as they come (a single compressed input is one shard of any number of
+    documents) and become the .npy at close, copied in bounded chunks."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype):
         self.folder, self.split, self.dtype = folder, split, dtype
         self.file = open(folder / f"{split}.bin", "wb")
-        self.starts: list[np.ndarray] = []
+        self.starts_file = open(folder / f"{split}.starts.i64", "wb")
         self.tokens, self.documents, self.largest = 0, 0, -1
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
@@ -70,15 +73,25 @@ class SplitWriter:
         if not len(lengths):
             return
         self.file.write(ids.astype(self.dtype, copy=False).tobytes())
-        self.starts.append(self.tokens + np.cumsum(lengths) - lengths)
+        self.starts_file.write((self.tokens + np.cumsum(lengths) - lengths).astype(np.int64).tobytes())
         self.tokens += int(lengths.sum())
         self.documents += len(lengths)
         self.largest = max(self.largest, int(ids.max()))
 
     def close(self) -> dict:
         self.file.close()
-        np.save(self.folder / f"{self.split}.docs.npy",
-                np.concatenate(self.starts).astype(np.int64) if self.starts else np.zeros(0, np.int64))
+        self.starts_file.close()
+        scratch = self.folder / f"{self.split}.starts.i64"
+        out = np.lib.format.open_memmap(self.folder / f"{self.split}.docs.npy", mode="w+", dtype=np.int64,
+                                        shape=(self.documents,))
+        if self.documents:
+            starts = np.memmap(scratch, dtype=np.int64, mode="r")
+            for i in range(0, self.documents, CHUNK_DOCUMENTS):
+                out[i:i + CHUNK_DOCUMENTS] = starts[i:i + CHUNK_DOCUMENTS]
+            del starts
+        out.flush()
+        del out
+        scratch.unlink()
         return {"tokens": self.tokens, "documents": self.documents, "max_token": self.largest}
 
 
