@@ -156,15 +156,46 @@ def cmd_dry_run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from loom.data.prepare import PrepareError, prepare
+    from loom.data.prepare import kept_after_stop
 
     if args.verify:
         return cmd_verify(args.verify)
     missing = [f"--{k}" for k in ("input", "tokenizer", "output") if getattr(args, k) is None]
     if missing:
         return fail("loom prepare", f"{', '.join(missing)} needed (or --verify DATASET to check a prepared one)")
-    if args.format == "sft":
-        return prepare_sft_command(args)
+    if args.format == "sft":  # written into an atomic folder: an interrupt leaves nothing
+        return stoppable("loom prepare", lambda: prepare_sft_command(args), lambda: "nothing was written")
+    return stoppable("loom prepare", lambda: prepare_tokens_command(args),
+                     lambda: kept_after_stop(args.output))
+
+
+def stoppable(prog: str, command, kept) -> int:
+    """Run a tool's command so that SIGINT or SIGTERM ends it with one line saying what was
+    kept (`kept()`), and exit status 128 + the signal (130, 143), without a traceback."""
+    import signal
+
+    class Stopped(BaseException):
+        pass
+
+    def on_signal(signum, frame):
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return command()
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal while the line is written
+        print(f"{prog}: stopped by {signal.Signals(signum).name}; {kept()}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare_tokens_command(args: argparse.Namespace) -> int:
+    """`loom prepare` of documents; prints the counts."""
+    from loom.data.prepare import PrepareError, prepare
+
     try:
         meta = prepare(args.input, args.tokenizer, args.output, args.val_fraction, progress=not args.quiet,
                        text_key=args.text_key, eos_token=args.eos_token, bos_token=args.bos_token,

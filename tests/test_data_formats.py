@@ -152,7 +152,6 @@ def test_workers_and_a_resumed_prepare_write_the_same_bytes(tokenizer_dir, tmp_p
     def stopped_at_five(shard, number, *args):
         calls.append(number)
         if number == 5:
-            (args[1] / ".00005.tmp").mkdir()  # what a kill mid-shard leaves
             raise KeyboardInterrupt
         return real(shard, number, *args)
 
@@ -160,7 +159,8 @@ def test_workers_and_a_resumed_prepare_write_the_same_bytes(tokenizer_dir, tmp_p
     with pytest.raises(KeyboardInterrupt):
         prepare(root, tokenizer_dir, tmp_path / "three", **common)
     partial = tmp_path / ".three.partial"
-    assert sorted(p.name for p in (partial / "shards").iterdir()) == [".00005.tmp", *(f"{i:05d}" for i in range(5))]
+    assert sorted(p.name for p in (partial / "shards").iterdir()) == [f"{i:05d}" for i in range(5)]
+    (partial / "shards" / ".00005.tmp").mkdir()  # what a SIGKILL in the middle of shard 5 leaves
     assert not (tmp_path / "three").exists()
     monkeypatch.setattr(prepare_module, "write_shard", lambda shard, number, *args: calls.append(number) or
                         real(shard, number, *args))
@@ -260,3 +260,37 @@ def test_sample_order_is_a_keyed_permutation_never_materialized():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert len(set(big.tolist())) == 64 and (big < 1_800_000_000).all() and peak < 1 << 20
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_prepare_is_one_line_and_keeps_its_finished_shards(tokenizer_dir, tmp_path, monkeypatch,
+                                                                          capsys, signum):
+    """SIGINT (Ctrl-C) or SIGTERM after 3 shards: one line saying what was kept, exit status 130 or
+    143, no half-written shard; the same command then finishes from there."""
+    import os
+    import signal
+
+    from loom.data import prepare as prepare_module
+
+    monkeypatch.setattr(inputs, "SHARD_BYTES", 2000)
+    root = tmp_path / "in"
+    write_formats(root)
+    real = prepare_module.write_shard
+
+    def interrupted(shard, number, *args):
+        if number == 3:
+            (args[1] / ".00003.tmp").mkdir()  # a shard being written when the signal came
+            os.kill(os.getpid(), getattr(signal, signum))
+        return real(shard, number, *args)
+
+    monkeypatch.setattr(prepare_module, "write_shard", interrupted)
+    args = ["prepare", "--input", str(root), "--tokenizer", str(tokenizer_dir), "--text-key", "content",
+            "--eos-token", "<|doc_end|>", "--output", str(tmp_path / "out"), "--quiet"]
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 128 + getattr(signal, signum) and err.count("\n") == 0, err
+    partial = tmp_path / ".out.partial"
+    assert err.startswith(f"loom prepare: stopped by {signum}; kept 3 finished shard(s) in {partial}"), err
+    assert sorted(p.name for p in (partial / "shards").iterdir()) == ["00000", "00001", "00002"]
+    monkeypatch.setattr(prepare_module, "write_shard", real)
+    assert main(args) == 0 and not partial.exists() and (tmp_path / "out" / "meta.json").is_file()

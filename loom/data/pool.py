@@ -15,8 +15,13 @@ _PROGRESS = None  # the worker's end of the progress queue (set by _start)
 
 
 def _start(progress) -> None:
+    """A worker's set-up: its progress queue; Ctrl-C (sent to the whole process group) is left to
+    the parent, which stops the workers, so that no worker prints a traceback of its own."""
+    import signal
+
     global _PROGRESS
     _PROGRESS = progress
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _work(args: tuple) -> tuple[int, dict]:

@@ -194,8 +194,12 @@ def prepare(input_path: str | Path, tokenizer_path: str | Path, output: str | Pa
     work = resumable_folder(output, spec, shards)
     try:
         records = run_shards(shards, spec, work / "shards", workers, progress)
-    except PrepareError:  # bad input: nothing is kept (an interrupt keeps the finished shards)
+    except PrepareError:  # bad input: nothing is kept
         shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:  # an interrupt: the finished shards stay for the rerun, nothing half-written
+        for tmp in (work / "shards").glob(".*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if megatron:
         return write_megatron(work, output, records, spec, vocab)
@@ -311,3 +315,15 @@ def write_megatron(work: Path, prefix: Path, records: list[dict], spec: ShardSpe
     train = {k: sum(r["splits"]["train"][k] for r in records) for k in ("tokens", "documents")}
     return {"vocab_size": vocab, "dtype": spec.dtype, "eos_id": spec.tokens.eos, "bos_id": spec.tokens.bos,
             "output_format": "megatron", "splits": {"train": train, "val": {"tokens": 0, "documents": 0}}}
+
+
+def kept_after_stop(output: str | Path) -> str:
+    """What an interrupted `loom prepare --output output` left: its finished shards, or nothing."""
+    output = Path(output)
+    work = output.parent / f".{output.name}.partial"
+    done = sorted((work / "shards").glob("[0-9]*")) if work.is_dir() else []
+    if not done:
+        shutil.rmtree(work, ignore_errors=True)
+        return "nothing was written"
+    return (f"kept {len(done)} finished shard(s) in {work} (the same command continues from them; "
+            f"delete the folder to start over)")
