@@ -8,9 +8,10 @@ from pathlib import Path
 
 from loom.data.batch import read_meta
 from loom.data.dataset import BUILTIN_STDLIB, DATA_FORMATS, DataError, dataset_mask_token, megatron_meta, \
-    resolve_sft_path, tokenizer_file
+    open_megatron, resolve_sft_path, tokenizer_file
 from loom.data.integrity import IntegrityError, verified_max_tokens
 from loom.data.megatron import is_megatron_prefix
+from loom.data.tokens import megatron_splits
 from loom.data.stdlib import BUILTIN_DOCS
 from loom.settings import SettingError, need, one_of
 
@@ -54,7 +55,8 @@ def source_meta(path: str, key: str, tokenizer: str = "") -> dict:
     """meta of a prepared folder or a Megatron prefix (`key` names the setting in errors)."""
     if is_megatron_prefix(path):
         try:
-            return megatron_meta(path, tokenizer)
+            index = open_megatron(path)
+            return megatron_meta(index, megatron_splits(index), tokenizer)
         except DataError as e:
             raise SettingError(str(e).replace("data.path", key, 1)) from None
     need(Path(path).is_dir() and (Path(path) / "meta.json").is_file(),
@@ -79,14 +81,12 @@ def _check_integrity(path: Path, meta: dict, model, key: str) -> None:
 
 def _check_token_source(path: str, key: str, d, seq_len: int, model) -> dict:
     """One dataset of documents: readable, both splits longer than a sequence, ids the model covers."""
-    from loom.data.dataset import open_stream
-
     meta = source_meta(path, key, d.tokenizer)
     need(meta.get("format", "tokens") == "tokens",
          f"{key}={path!r} holds fine-tuning examples (`loom prepare --format sft`); allowed: data.format='sft' "
          f"for it, or a dataset of documents (`loom prepare` without --format sft)")
     for split in ("train", "val"):
-        n = len(open_stream(path, split, d.tokenizer)[0]) if is_megatron_prefix(path) else meta["splits"][split]["tokens"]
+        n = meta["splits"][split]["tokens"]
         need(n > seq_len, f"train.seq_len={seq_len} is longer than the {split} split of {key}={path!r} "
                           f"({n:,} tokens); allowed: a source of at least one sequence in each split")
     if not is_megatron_prefix(path):

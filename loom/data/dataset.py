@@ -47,28 +47,34 @@ def dataset_mask_token(path: str | Path, tokenizer: str = "") -> int | None:
     return mask_token_id(file) if file is not None and file.is_file() else None
 
 
-def megatron_meta(prefix: str | Path, tokenizer: str = "") -> dict:
-    """What loom knows of a Megatron dataset: its token dtype, and from `tokenizer` (data.tokenizer)
-    the vocabulary size; the .idx records neither a vocabulary nor an end-of-document id."""
+def open_megatron(prefix: str | Path) -> MegatronIndex:
+    """A Megatron dataset's index, or a one-line DataError naming data.path."""
     try:
-        index = MegatronIndex(prefix)
+        return MegatronIndex(prefix)
     except MegatronFormatError as e:
         raise DataError(f"data.path={str(prefix)!r}: {e}") from None
+
+
+def megatron_meta(index: MegatronIndex, splits: tuple, tokenizer: str = "") -> dict:
+    """What loom knows of a Megatron dataset: its token dtype, its splits' token counts (splits:
+    megatron_splits(index)), and from `tokenizer` (data.tokenizer) the vocabulary size; the .idx
+    records neither a vocabulary nor an end-of-document id."""
     vocab = None
     if tokenizer and Path(tokenizer).is_file():
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_file(str(tokenizer)).get_vocab_size()
     return {"format": "tokens", "source_format": "megatron", "vocab_size": vocab, "dtype": index.dtype.name,
-            "eos_id": None, "documents": index.n_documents, "tokens": len(index.tokens)}
+            "eos_id": None, "splits": {name: {"tokens": len(span.tokens), "documents": span.n_documents}
+                                       for name, span in zip(("train", "val"), splits)}}
 
 
 def open_stream(path: str | Path, split: str, tokenizer: str = "") -> tuple[TokenStream, dict]:
     """A split's token stream and the dataset's meta, for a prepared folder or a Megatron prefix."""
     if is_megatron_prefix(path):
-        meta = megatron_meta(path, tokenizer)
-        train, val = megatron_splits(path)
-        return TokenStream([train if split == "train" else val]), meta
+        index = open_megatron(path)
+        train, val = megatron_splits(index)
+        return TokenStream([train if split == "train" else val]), megatron_meta(index, (train, val), tokenizer)
     path = Path(path)
     meta = read_meta(path)
     if split not in meta["splits"]:

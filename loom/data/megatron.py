@@ -121,8 +121,6 @@ class MappedColumn:
     def __getitem__(self, i: int) -> int:
         return int(self.take(np.array([i % self.length]))[0])
 
-    def __array__(self, dtype=None, copy=None):  # the whole column (tests, tools; never in a run)
-        return self.take(np.arange(self.length)).astype(dtype or np.int64)
 
 
 def random_access(mapped: np.memmap) -> None:

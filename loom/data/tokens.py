@@ -56,11 +56,10 @@ class MegatronRange(TokenSpan):
         return self.index.document_of(np.asarray(positions, dtype=np.int64) + self.lo) - self.first
 
 
-def megatron_splits(prefix: str | Path) -> tuple[MegatronRange, MegatronRange]:
+def megatron_splits(index: MegatronIndex) -> tuple[MegatronRange, MegatronRange]:
     """(train, validation) of a Megatron dataset: validation holds its last documents, from the
     one holding the token at 99% of the dataset on (so at least 1% of its tokens), train the
     ones before. (Megatron splits by its own `--split`; loom needs one held-out split.)"""
-    index = MegatronIndex(prefix)
     n = index.n_documents
     cut_token = min(int(len(index.tokens) * (1 - MEGATRON_VAL_FRACTION)), max(len(index.tokens) - 1, 0))
     cut = int(index.document_of(np.array([cut_token]))[0]) if len(index.tokens) else 0
@@ -104,11 +103,3 @@ class TokenStream:
             at = span == s
             out[at] = self.spans[s].document_of(positions[at] - self.offsets[s]) + self.document_bases[s]
         return out
-
-    def max_token(self) -> int:
-        """The largest token id, read in chunks (a pass over the data: for checks, not training)."""
-        step, top = 1 << 24, -1
-        for span in self.spans:
-            for i in range(0, len(span.tokens), step):
-                top = max(top, int(np.asarray(span.tokens[i:i + step]).max()))
-        return top
