@@ -118,11 +118,13 @@ class BlendedDataset:
     def batch(self, samples: np.ndarray, documents: bool = False, masking=None) -> Batch:
         """Run samples [N] as one Batch [N, S], each row read from its source."""
         src, seq = self.locate(samples)
-        rows: list = [None] * len(src)
+        shape = (len(src), self.seq_len)
+        inputs, labels = torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64)
+        docs = torch.empty(shape, dtype=torch.int64) if documents else None
         for s in np.unique(src):
-            at = np.flatnonzero(src == s)
-            part = self.datasets[s].batch(seq[at], documents, masking)
-            for r, i in enumerate(at):
-                rows[i] = (part.inputs[r], part.labels[r], None if part.documents is None else part.documents[r])
-        inputs, labels, docs = zip(*rows)
-        return Batch(torch.stack(inputs), torch.stack(labels), None if docs[0] is None else torch.stack(docs))
+            at = torch.from_numpy(np.flatnonzero(src == s))
+            part = self.datasets[s].batch(seq[at.numpy()], documents, masking)
+            inputs[at], labels[at] = part.inputs, part.labels
+            if docs is not None:
+                docs[at] = part.documents
+        return Batch(inputs, labels, docs)

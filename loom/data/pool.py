@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from loom.data.inputs import Shard
-from loom.data.shards import ShardSpec, write_shard
+from loom.data.shards import ShardProgress, ShardSpec, write_shard
 
 _PROGRESS = None  # the worker's end of the progress queue (set by _start)
 
@@ -26,12 +26,7 @@ def _start(progress) -> None:
 
 def _work(args: tuple) -> tuple[int, dict]:
     number, shard, spec, shards_dir = args
-    read = [0]
-
-    def report(done: int, tokens: int) -> None:
-        _PROGRESS.put((max(0, done - read[0]), tokens))
-        read[0] = max(read[0], done)
-
+    report = ShardProgress(lambda input_bytes, tokens: _PROGRESS.put((input_bytes, tokens)))
     return number, write_shard(shard, number, spec, shards_dir, report)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from loom.data.inputs import PrepareError, Shard, check_inputs, find_inputs, plan_shards
 from loom.data.integrity import split_files
-from loom.data.shards import SPLITS, ShardSpec, is_validation, write_shard
+from loom.data.shards import SPLITS, ShardProgress, ShardSpec, is_validation, write_shard
 from loom.data.special_tokens import DocumentTokens, document_tokens, load_tokenizer
 from loom.files import file_record
 
@@ -33,13 +33,12 @@ __all__ = ["PrepareError", "is_validation", "prepare", "write_dataset"]
 
 def find_eos(tokenizer) -> int:
     """The end-of-document id of a tokenizer (the first of EOS_CANDIDATES it has)."""
-    from loom.data.special_tokens import EOS_CANDIDATES
+    from loom.data.special_tokens import EOS_CANDIDATES, guessed_eos
 
-    for name in EOS_CANDIDATES:
-        i = tokenizer.token_to_id(name)
-        if i is not None:
-            return i
-    raise PrepareError(f"the tokenizer has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}")
+    eos = guessed_eos(tokenizer)
+    if eos is None:
+        raise PrepareError(f"the tokenizer has none of the end-of-document tokens {', '.join(EOS_CANDIDATES)}")
+    return eos
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -65,20 +64,8 @@ def atomic_folder(output: Path):
 def open_inputs(input_path: Path, tokenizer_path: str | Path, output: Path, val_fraction: float):
     """The checks every `loom prepare` makes of its paths and split (one-line PrepareErrors),
     then the tokenizer, which must have an end-of-document token."""
-    from tokenizers import Tokenizer
-
-    if not input_path.exists():
-        raise PrepareError(f"--input={str(input_path)!r}: no such file or folder")
-    if not Path(tokenizer_path).is_file():
-        raise PrepareError(f"--tokenizer={str(tokenizer_path)!r}: no such file")
-    if output.exists():
-        raise PrepareError(f"--output={str(output)!r} already exists; allowed: a new path")
-    if not 0 <= val_fraction < 1:
-        raise PrepareError(f"--val-fraction={val_fraction} must be in [0, 1)")
-    try:
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    except Exception as e:  # tokenizers raises a bare Exception on a bad file
-        raise PrepareError(f"--tokenizer={str(tokenizer_path)!r} is not a tokenizer.json: {e}") from None
+    check_arguments(input_path, output, val_fraction, workers=1, output_format="loom")
+    tokenizer, _ = load_tokenizer(tokenizer_path)
     find_eos(tokenizer)
     return tokenizer
 
@@ -267,17 +254,6 @@ def run_shards(shards: list[Shard], spec: ShardSpec, shards_dir: Path, workers: 
     finally:
         bar.close()
     return records
-
-
-class ShardProgress:
-    """Turns a shard's (input bytes read so far, tokens of the batch) into increments."""
-
-    def __init__(self, add):
-        self.add, self.read = add, 0
-
-    def __call__(self, read: int, tokens: int) -> None:
-        self.add(max(0, read - self.read), tokens)
-        self.read = max(self.read, read)
 
 
 def shards_manifest(work: Path, records: list[dict], spec: ShardSpec, vocab: int, source: str) -> dict:

@@ -112,6 +112,17 @@ def encode(texts: list[str], spec: ShardSpec) -> tuple[np.ndarray, np.ndarray]:
     return np.array(flat, dtype=np.dtype(spec.dtype)), lengths
 
 
+class ShardProgress:
+    """Turns a shard's (input bytes read so far, tokens of the batch) into increments."""
+
+    def __init__(self, add):
+        self.add, self.read = add, 0
+
+    def __call__(self, read: int, tokens: int) -> None:
+        self.add(max(0, read - self.read), tokens)
+        self.read = max(self.read, read)
+
+
 def write_shard(shard: Shard, number: int, spec: ShardSpec, shards_dir: Path, report=None) -> dict:
     """Tokenize `shard` into shards_dir/NNNNN (atomically); returns its shard.json.
     report(input_bytes, tokens): progress, called after every batch."""

@@ -72,6 +72,11 @@ def _adds_bos(tokenizer, bos: int) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def guessed_eos(tokenizer) -> int | None:
+    """The id of the first of EOS_CANDIDATES the tokenizer has, or None."""
+    return next((i for i in (tokenizer.token_to_id(n) for n in EOS_CANDIDATES) if i is not None), None)
+
+
 def document_tokens(tokenizer, file: Path, eos_token: str | None, bos_token: str | None) -> DocumentTokens:
     """The EOS and BOS ids of documents (see the module's docstring)."""
     config = tokenizer_config(file)
@@ -79,11 +84,10 @@ def document_tokens(tokenizer, file: Path, eos_token: str | None, bos_token: str
     if eos_name:
         eos = _token_id(tokenizer, eos_name, "--eos-token" if eos_token else f"eos_token of {file.parent}", file)
     else:
-        found = [i for i in (tokenizer.token_to_id(n) for n in EOS_CANDIDATES) if i is not None]
-        if not found:
+        eos = guessed_eos(tokenizer)
+        if eos is None:
             raise PrepareError(f"the tokenizer {file} has none of the end-of-document tokens "
                                f"{', '.join(EOS_CANDIDATES)}; name its own with --eos-token")
-        eos = found[0]
     if bos_token:
         return DocumentTokens(eos, _token_id(tokenizer, bos_token, "--bos-token", file))
     bos_name = _token_name(config.get("bos_token"))
