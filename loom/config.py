@@ -270,11 +270,10 @@ def _coerce(key: str, value: object, tp: object, from_cli: bool) -> object:
             return text
         elif base is tuple:
             try:
-                value = json.loads(text)
+                parsed = json.loads(text)
             except json.JSONDecodeError:
                 raise ConfigError(f"{key}={value!r} is not a list (a JSON list on the command line)") from None
-            if isinstance(value, list):
-                return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            return _coerce(key, parsed, tp, from_cli=False)  # then as a TOML value
         raise ConfigError(f"{key}={value!r} is not {_type_name(tp)}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -76,11 +76,10 @@ class TrainingBatches:
             return {"": self.validation_batches(self.val)}
         return {name: self.validation_batches(val) for name, val in zip(self.blend.names, self.vals)}
 
-    def validation_batches(self, val=None) -> Iterator[tuple[Batch, float]]:
+    def validation_batches(self, val) -> Iterator[tuple[Batch, float]]:
         """(batch, weight) over the first train.eval_batches micro-batches of a validation split
         (the run's, or a blend source's `val`): batches weigh by their sequences, or for
         fine-tuning by their answer tokens (the validation loss is then the mean over all)."""
-        val = self.val if val is None else val
         mb = self.cfg.train.micro_batch
         n = min(self.cfg.train.eval_batches * mb, val.n_sequences)
         for i in range(0, n, mb):
